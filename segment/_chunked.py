@@ -1,0 +1,153 @@
+"""The Dask layer: map the pure EM functions of :mod:`segment._em` over chunks and reduce them.
+
+Nothing here knows any formula. Each pass over the data builds one small graph: one task per
+chunk that returns a small dict of float64 statistics, and one task that sums them in chunk
+order, so the result does not depend on the scheduler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+from . import _em
+
+#: Default number of voxels per chunk: big enough that numpy dominates the per-task overhead,
+#: small enough that the (chunk, K) float64 temporaries stay in tens of MB.
+DEFAULT_CHUNK_SIZE = 262_144
+
+
+def as_feature_array(X: Any, chunk_size: int | None = None) -> da.Array:
+    """Wrap ``(N, D)`` features as a Dask array chunked along voxels only."""
+    chunk_size = int(chunk_size or DEFAULT_CHUNK_SIZE)
+    if isinstance(X, da.Array):
+        return X.rechunk((chunk_size, X.shape[1]))
+    return da.from_array(X, chunks=(chunk_size, X.shape[1]), asarray=True)
+
+
+def map_reduce(
+    func: Callable,
+    combine: Callable,
+    arrays: Sequence[da.Array | None],
+    args: tuple = (),
+    compute_kwargs: dict | None = None,
+) -> Any:
+    """Apply ``func(*blocks, *args)`` to aligned row-blocks of ``arrays`` and ``combine`` the list.
+
+    ``None`` entries of ``arrays`` are passed to ``func`` as ``None`` for every block.
+    """
+    present = [a for a in arrays if a is not None]
+    n_blocks = present[0].numblocks[0]
+    block_lists = [[None] * n_blocks if a is None else list(a.to_delayed().ravel()) for a in arrays]
+    func_ = dask.delayed(func, pure=True)
+    parts = [func_(*blocks, *args) for blocks in zip(*block_lists)]
+    total = dask.delayed(combine, pure=True)(parts)
+    return dask.compute(total, **(compute_kwargs or {}))[0]
+
+
+def statistics(
+    X: da.Array,
+    params: tuple[np.ndarray, np.ndarray, np.ndarray],
+    sample_weight: da.Array | None = None,
+    compute_kwargs: dict | None = None,
+) -> _em.Statistics:
+    """One E-step over all chunks, reduced to the summed sufficient statistics."""
+    weights, means, precisions_chol = params
+    return map_reduce(
+        _statistics_block,
+        _em.combine_statistics,
+        [X, sample_weight],
+        (weights, means, precisions_chol),
+        compute_kwargs,
+    )
+
+
+def _statistics_block(X, sample_weight, weights, means, precisions_chol):
+    return _em.chunk_statistics(X, weights, means, precisions_chol, sample_weight)
+
+
+def moments(
+    X: da.Array, sample_weight: da.Array | None = None, compute_kwargs: dict | None = None
+) -> _em.Moments:
+    """Count, mean, variance, extremes and non-finite count of the features, in one pass."""
+    return map_reduce(
+        _em.chunk_moments, _em.combine_moments, [X, sample_weight], (), compute_kwargs
+    )
+
+
+def distinct_rows(
+    X: da.Array, max_distinct: int, compute_kwargs: dict | None = None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Distinct rows of integer-valued features and their counts, or None if there are too many.
+
+    Parameters
+    ----------
+    X : (N, D) Dask array of integer-valued features
+    max_distinct : int
+        Give up (return None) when any chunk or the whole has more distinct rows than this.
+
+    Returns
+    -------
+    values : (M, D) array, sorted rows
+    counts : (M,) float64 array
+    """
+    return map_reduce(_distinct_block, _merge_distinct, [X], (max_distinct,), compute_kwargs)
+
+
+def _distinct_block(X, max_distinct):
+    X = np.asarray(X)
+    if X.dtype.kind in "iub":  # integer rows -> one integer key each, counted by bincount
+        low = X.min(axis=0).astype(np.int64)
+        span = X.max(axis=0).astype(np.int64) - low + 1
+        if np.prod(span.astype(float)) <= 1 << 24:
+            keys = np.ravel_multi_index(tuple((X - low).T.astype(np.intp)), tuple(span))
+            counts = np.bincount(keys)
+            present = np.flatnonzero(counts)
+            if len(present) > max_distinct:
+                return None
+            values = np.stack(np.unravel_index(present, tuple(span)), axis=1) + low
+            return values.astype(X.dtype), counts[present].astype(np.float64)
+    if X.shape[1] == 1:
+        values, counts = np.unique(X[:, 0], return_counts=True)
+        values = values[:, None]
+    else:
+        values, counts = np.unique(X, axis=0, return_counts=True)
+    if len(values) > max_distinct:
+        return None
+    return values, counts.astype(np.float64)
+
+
+def _merge_distinct(parts):
+    if any(part is None for part in parts):
+        return None
+    values = np.concatenate([p[0] for p in parts])
+    counts = np.concatenate([p[1] for p in parts])
+    merged, inverse = np.unique(values, axis=0, return_inverse=True)
+    total = np.zeros(len(merged))
+    np.add.at(total, inverse.ravel(), counts)
+    return merged, total
+
+
+def take_rows(X: da.Array, indices: np.ndarray, compute_kwargs: dict | None = None) -> np.ndarray:
+    """The rows ``X[indices]`` (sorted indices) as a numpy array."""
+    return dask.compute(X[np.sort(indices)], **(compute_kwargs or {}))[0]
+
+
+def map_rows(X: da.Array, func: Callable, n_out: int, dtype, args: tuple = ()) -> da.Array:
+    """Lazy ``func(block, *args)`` over row-blocks, giving an ``(N, n_out)`` Dask array."""
+    return X.map_blocks(
+        _apply,
+        block_func=func,
+        block_args=args,
+        chunks=(X.chunks[0], (n_out,)),
+        dtype=dtype,
+        meta=np.empty((0, 0), dtype=dtype),
+    )
+
+
+def _apply(block, block_func, block_args):
+    return block_func(block, *block_args)

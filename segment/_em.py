@@ -1,0 +1,406 @@
+"""The EM maths of a Gaussian mixture, as small pure functions on numpy arrays.
+
+No I/O, no Dask, no file names. Every function takes the features of *one chunk* (or of all
+voxels) and returns arrays; the Dask layer in :mod:`segment._chunked` only maps them over
+chunks and sums their outputs.
+
+Notation: ``N`` voxels, ``D`` channels, ``K`` components. Features ``X`` are ``(N, D)``.
+Optional non-negative ``sample_weight`` of shape ``(N,)`` counts how many voxels each row
+stands for (the distinct-values fast path fits one row per distinct intensity, weighted by its
+count, which is the same estimator exactly).
+
+Parameters are carried like scikit-learn's ``GaussianMixture``: ``weights`` (K,), ``means``
+(K, D) and the Cholesky factors of the precision matrices ``precisions_chol`` (K, D, D), upper
+triangular with ``precision = precisions_chol @ precisions_chol.T``.
+
+References
+----------
+Dempster, Laird & Rubin (1977), Maximum likelihood from incomplete data via the EM algorithm.
+J. R. Stat. Soc. B 39(1), 1-38.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+import numpy as np
+from scipy import linalg
+
+LOG_2PI = np.log(2.0 * np.pi)
+#: Added to each N_k before dividing, like scikit-learn, so an empty component gives no 0/0.
+EPS = 10.0 * np.finfo(np.float64).eps
+
+
+class Statistics(TypedDict):
+    """Sufficient statistics of one chunk, centred on ``centers`` (the means used in the E-step).
+
+    nk : (K,) sum of responsibilities, N_k = sum_n r_nk
+    sum_centered : (K, D) sum_n r_nk (x_n - c_k)
+    scatter : (K, D, D) S_k = sum_n r_nk (x_n - c_k)(x_n - c_k)^T
+    log_likelihood : float, sum_n log sum_k pi_k N(x_n | mu_k, Sigma_k)
+    n_samples : float, sum of sample weights (number of voxels)
+    """
+
+    nk: np.ndarray
+    sum_centered: np.ndarray
+    scatter: np.ndarray
+    log_likelihood: float
+    n_samples: float
+
+
+# --------------------------------------------------------------------------------------------
+# Covariances and their Cholesky precisions
+# --------------------------------------------------------------------------------------------
+def precision_cholesky(covariances: np.ndarray) -> np.ndarray:
+    """Upper-triangular Cholesky factors of the precision matrices.
+
+    Parameters
+    ----------
+    covariances : (K, D, D) array
+        Symmetric positive-definite covariance matrices.
+
+    Returns
+    -------
+    precisions_chol : (K, D, D) array
+        ``U_k`` such that ``inv(Sigma_k) = U_k @ U_k.T``.
+
+    Raises
+    ------
+    numpy.linalg.LinAlgError
+        If a covariance is not positive definite.
+    """
+    n_components, n_features, _ = covariances.shape
+    precisions_chol = np.empty_like(covariances, dtype=np.float64)
+    for k, covariance in enumerate(covariances):
+        cov_chol = linalg.cholesky(covariance, lower=True)
+        precisions_chol[k] = linalg.solve_triangular(cov_chol, np.eye(n_features), lower=True).T
+    return precisions_chol
+
+
+def covariances_from_precision_cholesky(precisions_chol: np.ndarray) -> np.ndarray:
+    """Invert :func:`precision_cholesky`: ``Sigma_k = inv(U_k U_k^T)``, (K, D, D)."""
+    precisions = precisions_chol @ np.swapaxes(precisions_chol, 1, 2)
+    return np.linalg.inv(precisions)
+
+
+def floor_covariances(covariances: np.ndarray, variance_floor: np.ndarray) -> np.ndarray:
+    """Hold every variance at or above the floor, so no component collapses onto one value.
+
+    With one channel this is ``max(sigma_k^2, floor)``. With D channels the floor is applied to
+    the eigenvalues of each covariance after scaling channel ``d`` by ``1/sqrt(floor_d)``, so
+    every direction keeps a variance of at least the floor of the channels it mixes, whatever
+    the channels' units.
+
+    Parameters
+    ----------
+    covariances : (K, D, D) array
+    variance_floor : (D,) array
+        Positive floor per channel, in squared intensity units.
+
+    Returns
+    -------
+    floored : (K, D, D) array
+    """
+    scale = np.sqrt(np.asarray(variance_floor, dtype=np.float64))
+    if covariances.shape[1] == 1:
+        return np.maximum(covariances, variance_floor[0])
+    whitened = covariances / np.multiply.outer(scale, scale)
+    eigenvalues, eigenvectors = np.linalg.eigh(whitened)
+    eigenvalues = np.maximum(eigenvalues, 1.0)
+    floored = (eigenvectors * eigenvalues[:, None, :]) @ np.swapaxes(eigenvectors, 1, 2)
+    floored = 0.5 * (floored + np.swapaxes(floored, 1, 2))
+    return floored * np.multiply.outer(scale, scale)
+
+
+# --------------------------------------------------------------------------------------------
+# E-step. Arrays over (component, voxel) are stored component-major, (K, N): the reductions
+# over K then run along contiguous rows, several times faster than along a short last axis.
+# --------------------------------------------------------------------------------------------
+#: Voxels per inner block, so that the (K, block) temporaries stay in the CPU cache.
+BLOCK = 8192
+
+
+def estimate_log_gaussian_prob(
+    X: np.ndarray, means: np.ndarray, precisions_chol: np.ndarray
+) -> np.ndarray:
+    """Log density of each voxel under each Gaussian, ``log N(x_n | mu_k, Sigma_k)``.
+
+    Parameters
+    ----------
+    X : (N, D) array
+    means : (K, D) array
+    precisions_chol : (K, D, D) array
+
+    Returns
+    -------
+    log_prob : (K, N) float64 array (component-major)
+    """
+    n_features = means.shape[1]
+    # log det(Sigma_k)^(-1/2), read off the Cholesky diagonal of the precision
+    log_det = np.log(np.diagonal(precisions_chol, axis1=1, axis2=2)).sum(axis=1)
+    if n_features == 1:
+        y = np.subtract(X[:, 0], means[:, :1])  # (K, N): x_n - mu_k
+        y *= precisions_chol[:, 0]
+        log_prob = np.square(y, out=y)
+    else:
+        log_prob = np.empty((means.shape[0], X.shape[0]))
+        for k, (mu, prec_chol) in enumerate(zip(means, precisions_chol)):
+            y = X @ prec_chol - mu @ prec_chol
+            log_prob[k] = np.einsum("nd,nd->n", y, y)
+    log_prob *= -0.5
+    log_prob += (log_det - 0.5 * n_features * LOG_2PI)[:, None]
+    return log_prob
+
+
+def normalize_log_prob(weighted_log_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Responsibilities from ``log pi_k + log N(x_n | k)`` by log-sum-exp, in place.
+
+    A voxel far from every component still gets finite responsibilities that sum to 1
+    (no 0/0, no warning).
+
+    Parameters
+    ----------
+    weighted_log_prob : (K, N) array
+        Overwritten with the responsibilities.
+
+    Returns
+    -------
+    resp : (K, N) array
+        ``r_nk``, the same memory as the input.
+    log_norm : (N,) array
+        ``log p(x_n) = log sum_k pi_k N(x_n | k)``.
+    """
+    peak = weighted_log_prob.max(axis=0)
+    weighted_log_prob -= peak
+    resp = np.exp(weighted_log_prob, out=weighted_log_prob)
+    total = resp.sum(axis=0)
+    resp /= total
+    return resp, np.log(total) + peak
+
+
+def e_step(
+    X: np.ndarray,
+    weights: np.ndarray,
+    means: np.ndarray,
+    precisions_chol: np.ndarray,
+    log_prior: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Responsibilities and per-voxel log-likelihood.
+
+    ``r_nk = pi_k N(x_n | mu_k, Sigma_k) / sum_j pi_j N(x_n | mu_j, Sigma_j)``.
+
+    Parameters
+    ----------
+    X : (N, D) array
+    weights, means, precisions_chol : mixture parameters, (K,), (K, D), (K, D, D)
+    log_prior : (K, N) array, optional
+        Per-voxel log prior replacing ``log pi_k`` (used by a spatial prior).
+
+    Returns
+    -------
+    resp : (K, N) float64 array (component-major)
+    log_norm : (N,) float64 array, ``log p(x_n)``
+    """
+    weighted = estimate_log_gaussian_prob(X, means, precisions_chol)
+    weighted += np.log(weights)[:, None] if log_prior is None else log_prior
+    return normalize_log_prob(weighted)
+
+
+def responsibilities(
+    X: np.ndarray, weights: np.ndarray, means: np.ndarray, precisions_chol: np.ndarray
+) -> np.ndarray:
+    """Responsibilities of a chunk as (N, K) float64, voxel-major for output.
+
+    Single-channel integer data are evaluated once per value in ``[min, max]`` and looked up,
+    which gives the same numbers as the per-voxel E-step at a fraction of the cost.
+    """
+    X = np.asarray(X)
+    if X.dtype.kind in "iu" and X.shape[1] == 1 and len(X):
+        low, high = int(X.min()), int(X.max())
+        if high - low < min(1 << 16, len(X)):
+            grid = np.arange(low, high + 1, dtype=np.float64)[:, None]
+            resp, _ = e_step(grid, weights, means, precisions_chol)
+            return resp.T[X[:, 0].astype(np.intp) - low]
+    out = np.empty((X.shape[0], means.shape[0]))
+    for start in range(0, X.shape[0], BLOCK):
+        block = np.asarray(X[start : start + BLOCK], dtype=np.float64)
+        out[start : start + BLOCK] = e_step(block, weights, means, precisions_chol)[0].T
+    return out
+
+
+def chunk_statistics(
+    X: np.ndarray,
+    weights: np.ndarray,
+    means: np.ndarray,
+    precisions_chol: np.ndarray,
+    sample_weight: np.ndarray | None = None,
+) -> Statistics:
+    """E-step on one chunk, reduced at once to float64 sufficient statistics.
+
+    The second moments are centred on the means used in this E-step (``c_k = means``) and
+    corrected in :func:`m_step`; this avoids the ``E[x^2] - E[x]^2`` cancellation that raw MRI
+    intensities in the thousands would cause.
+
+    Parameters
+    ----------
+    X : (N, D) array
+    weights, means, precisions_chol : mixture parameters, (K,), (K, D), (K, D, D)
+    sample_weight : (N,) array, optional
+        Number of voxels each row stands for (default 1 each).
+
+    Returns
+    -------
+    Statistics
+        Small dict of (K,), (K, D), (K, D, D) arrays and two floats; no N x K array survives.
+    """
+    parts = []
+    for start in range(0, max(X.shape[0], 1), BLOCK):
+        block = np.asarray(X[start : start + BLOCK], dtype=np.float64)
+        resp, log_norm = e_step(block, weights, means, precisions_chol)
+        if sample_weight is None:
+            log_likelihood, n_samples = log_norm.sum(), float(block.shape[0])
+        else:
+            block_weight = np.asarray(sample_weight[start : start + BLOCK], dtype=np.float64)
+            resp *= block_weight
+            log_likelihood, n_samples = log_norm @ block_weight, block_weight.sum()
+        parts.append(_moments(block, resp, means, log_likelihood, n_samples))
+    return combine_statistics(parts)
+
+
+def _moments(
+    X: np.ndarray, resp: np.ndarray, centers: np.ndarray, log_likelihood: float, n_samples: float
+) -> Statistics:
+    """Responsibility-weighted zeroth, first and centred second moments of ``X`` (N, D).
+
+    ``resp`` is (K, N) and is overwritten.
+    """
+    n_components, n_features = centers.shape
+    nk = resp.sum(axis=1)
+    if n_features == 1:
+        diff = np.subtract(X[:, 0], centers[:, :1])  # (K, N)
+        resp *= diff
+        sum_centered = resp.sum(axis=1)[:, None]
+        scatter = np.einsum("kn,kn->k", resp, diff)[:, None, None]
+    else:
+        sum_centered = np.empty((n_components, n_features))
+        scatter = np.empty((n_components, n_features, n_features))
+        for k in range(n_components):
+            diff = X - centers[k]
+            weighted = resp[k, :, None] * diff
+            sum_centered[k] = weighted.sum(axis=0)
+            scatter[k] = weighted.T @ diff
+    return Statistics(
+        nk=nk,
+        sum_centered=sum_centered,
+        scatter=scatter,
+        log_likelihood=float(log_likelihood),
+        n_samples=float(n_samples),
+    )
+
+
+def combine_statistics(parts: list[Statistics]) -> Statistics:
+    """Sum the statistics of several chunks, in the order given (deterministic)."""
+    first, *rest = parts
+    total = {key: np.array(value, dtype=np.float64) for key, value in first.items()}
+    for part in rest:
+        for key in total:
+            total[key] = total[key] + part[key]
+    total["log_likelihood"] = float(total["log_likelihood"])
+    total["n_samples"] = float(total["n_samples"])
+    return Statistics(**total)
+
+
+# --------------------------------------------------------------------------------------------
+# M-step
+# --------------------------------------------------------------------------------------------
+def m_step(
+    stats: Statistics, centers: np.ndarray, variance_floor: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """New weights, means and covariances from summed statistics.
+
+    ``N_k = sum_n r_nk``, ``mu_k = (1/N_k) sum_n r_nk x_n``,
+    ``Sigma_k = (1/N_k) sum_n r_nk (x_n - mu_k)(x_n - mu_k)^T`` (around the *new* means),
+    ``pi_k = N_k / N``, then the variance floor.
+
+    Parameters
+    ----------
+    stats : Statistics
+        Summed over all chunks, centred on ``centers``.
+    centers : (K, D) array
+        The means the statistics were centred on (those of the E-step).
+    variance_floor : (D,) array
+
+    Returns
+    -------
+    weights : (K,) array
+    means : (K, D) array
+    covariances : (K, D, D) array
+    """
+    nk = stats["nk"] + EPS
+    shift = stats["sum_centered"] / nk[:, None]  # mu_k - c_k
+    means = centers + shift
+    covariances = stats["scatter"] / nk[:, None, None] - shift[:, :, None] * shift[:, None, :]
+    weights = nk / nk.sum()
+    return weights, means, floor_covariances(covariances, variance_floor)
+
+
+# --------------------------------------------------------------------------------------------
+# Data summaries (one pass before fitting)
+# --------------------------------------------------------------------------------------------
+class Moments(TypedDict):
+    """Per-channel count, mean, centred sum of squares, extremes and finiteness of a chunk."""
+
+    n: float
+    mean: np.ndarray
+    m2: np.ndarray
+    minimum: np.ndarray
+    maximum: np.ndarray
+    n_nonfinite: int
+
+
+def chunk_moments(X: np.ndarray, sample_weight: np.ndarray | None = None) -> Moments:
+    """Weighted mean, centred sum of squares, min, max and non-finite count of ``X`` (N, D)."""
+    X = np.asarray(X)
+    finite = np.isfinite(X).all(axis=1) if X.dtype.kind == "f" else np.ones(len(X), bool)
+    n_nonfinite = int(len(X) - finite.sum())
+    if n_nonfinite:
+        X = X[finite]
+        sample_weight = None if sample_weight is None else sample_weight[finite]
+    X = X.astype(np.float64, copy=False)
+    w = np.ones(len(X)) if sample_weight is None else np.asarray(sample_weight, np.float64)
+    n = float(w.sum())
+    n_features = X.shape[1]
+    if n == 0:
+        zeros, inf = np.zeros(n_features), np.full(n_features, np.inf)
+        return Moments(n=0.0, mean=zeros, m2=zeros, minimum=inf, maximum=-inf,
+                       n_nonfinite=n_nonfinite)  # fmt: skip
+    mean = w @ X / n
+    m2 = w @ (X - mean) ** 2
+    return Moments(
+        n=n, mean=mean, m2=m2, minimum=X.min(axis=0), maximum=X.max(axis=0),
+        n_nonfinite=n_nonfinite,
+    )  # fmt: skip
+
+
+def combine_moments(parts: list[Moments]) -> Moments:
+    """Merge chunk moments with Chan et al.'s parallel update (no cancellation)."""
+    total = parts[0]
+    for part in parts[1:]:
+        n = total["n"] + part["n"]
+        if part["n"] == 0 or n == 0:
+            mean, m2 = total["mean"], total["m2"]
+        elif total["n"] == 0:
+            mean, m2 = part["mean"], part["m2"]
+        else:
+            delta = part["mean"] - total["mean"]
+            mean = total["mean"] + delta * part["n"] / n
+            m2 = total["m2"] + part["m2"] + delta**2 * total["n"] * part["n"] / n
+        total = Moments(
+            n=n,
+            mean=mean,
+            m2=m2,
+            minimum=np.minimum(total["minimum"], part["minimum"]),
+            maximum=np.maximum(total["maximum"], part["maximum"]),
+            n_nonfinite=total["n_nonfinite"] + part["n_nonfinite"],
+        )
+    return total

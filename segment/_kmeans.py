@@ -1,0 +1,122 @@
+"""Deterministic weighted k-means (k-means++ seeding, Lloyd steps) for EM initialisation.
+
+Runs in memory on a small weighted sample: the distinct intensities with their counts (exact
+for integer-valued scans) or a seeded subsample of voxels. Pure numpy, no Dask.
+
+References
+----------
+Arthur & Vassilvitskii (2007), k-means++: the advantages of careful seeding. SODA.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def kmeans_plusplus(
+    X: np.ndarray, sample_weight: np.ndarray, n_clusters: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Choose ``n_clusters`` seeds from the rows of ``X`` by weighted k-means++ (greedy, 2+log k trials).
+
+    Parameters
+    ----------
+    X : (N, D) float64 array
+    sample_weight : (N,) array of non-negative weights
+    n_clusters : int
+    rng : numpy Generator
+
+    Returns
+    -------
+    centers : (n_clusters, D) array
+    """
+    n_trials = 2 + int(np.log(n_clusters))
+    probabilities = sample_weight / sample_weight.sum()
+    centers = [X[rng.choice(len(X), p=probabilities)]]
+    closest = ((X - centers[0]) ** 2).sum(axis=1)
+    for _ in range(1, n_clusters):
+        potential = sample_weight * closest
+        if potential.sum() <= 0:  # fewer distinct points than clusters: caller checks first
+            break
+        candidates = rng.choice(len(X), size=n_trials, p=potential / potential.sum())
+        distances = ((X[None, :, :] - X[candidates][:, None, :]) ** 2).sum(axis=2)
+        candidate_closest = np.minimum(closest[None, :], distances)
+        best = int(np.argmin(candidate_closest @ sample_weight))
+        centers.append(X[candidates[best]])
+        closest = candidate_closest[best]
+    return np.array(centers)
+
+
+def kmeans(
+    X: np.ndarray,
+    sample_weight: np.ndarray,
+    n_clusters: int,
+    rng: np.random.Generator,
+    max_iter: int = 300,
+    tol: float = 1e-6,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted Lloyd iterations from k-means++ seeds.
+
+    Parameters
+    ----------
+    X : (N, D) array
+    sample_weight : (N,) array
+    n_clusters : int
+    rng : numpy Generator
+    max_iter : int
+    tol : float
+        Stop when no center moves more than ``tol`` times the data's standard deviation.
+
+    Returns
+    -------
+    centers : (n_clusters, D) array
+    labels : (N,) int array
+    """
+    X = np.asarray(X, dtype=np.float64)
+    sample_weight = np.asarray(sample_weight, dtype=np.float64)
+    centers = kmeans_plusplus(X, sample_weight, n_clusters, rng)
+    scale = np.sqrt(((X - X.mean(axis=0)) ** 2).mean()) or 1.0
+    for _ in range(max_iter):
+        labels = _nearest(X, centers)
+        new_centers = centers.copy()
+        for k in range(n_clusters):
+            members = labels == k
+            total = sample_weight[members].sum()
+            if total > 0:
+                new_centers[k] = sample_weight[members] @ X[members] / total
+        shift = np.abs(new_centers - centers).max()
+        centers = new_centers
+        if shift <= tol * scale:
+            break
+    return centers, _nearest(X, centers)
+
+
+def _nearest(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    distances = ((X[:, None, :] - centers[None, :, :]) ** 2).sum(axis=2)
+    return np.argmin(distances, axis=1)
+
+
+def parameters_from_clusters(
+    X: np.ndarray, sample_weight: np.ndarray, labels: np.ndarray, n_clusters: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Initial mixture parameters from a hard clustering.
+
+    Returns
+    -------
+    weights : (K,) array, cluster sizes / N
+    means : (K, D) array, cluster centroids
+    covariances : (K, D, D) array, cluster covariances (before any variance floor)
+    """
+    X = np.asarray(X, dtype=np.float64)
+    n_features = X.shape[1]
+    weights = np.zeros(n_clusters)
+    means = np.zeros((n_clusters, n_features))
+    covariances = np.zeros((n_clusters, n_features, n_features))
+    for k in range(n_clusters):
+        members = labels == k
+        w = sample_weight[members]
+        weights[k] = w.sum()
+        if weights[k] > 0:
+            means[k] = w @ X[members] / weights[k]
+            diff = X[members] - means[k]
+            covariances[k] = (w[:, None] * diff).T @ diff / weights[k]
+    return weights / weights.sum(), means, covariances

@@ -1,0 +1,162 @@
+"""Input and parameter checks, each failing with one line that says what, got, and the fix."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+
+from .exceptions import SegmentError
+
+
+def check_n_components(n_components: Any) -> int:
+    """``n_components`` must be an integer >= 1 (and <= 255, the label maps are uint8)."""
+    if (
+        isinstance(n_components, bool)
+        or not isinstance(n_components, numbers.Integral)
+        or not 1 <= n_components <= 255
+    ):
+        raise SegmentError(
+            f"n_components must be an integer between 1 and 255, got {n_components!r}"
+        )
+    return int(n_components)
+
+
+def check_positive(name: str, value: Any, *, integer: bool = False, allow_zero: bool = False):
+    """A positive (or non-negative) number."""
+    kind = numbers.Integral if integer else numbers.Real
+    ok = isinstance(value, kind) and not isinstance(value, bool) and np.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        what = "an integer" if integer else "a number"
+        bound = ">= 0" if allow_zero else "> 0"
+        raise SegmentError(f"{name} must be {what} {bound}, got {value!r}")
+    return value
+
+
+def check_features(X: Any) -> Any:
+    """Features as a 2-D ``(N, D)`` numpy or Dask array of numbers.
+
+    A 1-D array is one channel. Returns the array (numpy or Dask), never copied needlessly.
+    """
+    import dask.array as da
+
+    if not isinstance(X, da.Array):
+        X = np.asarray(X)
+    if X.dtype.kind not in "biuf":
+        raise SegmentError(f"X must hold numbers, got dtype {X.dtype}")
+    if X.dtype.kind == "b":
+        X = X.astype(np.uint8)
+    if X.ndim == 1:
+        X = X.reshape(-1, 1)
+    if X.ndim != 2:
+        raise SegmentError(
+            f"X must be (n_voxels,) or (n_voxels, n_channels), got shape {X.shape}; "
+            "flatten the image first (segment.masking.flatten)"
+        )
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise SegmentError(f"X is empty (shape {X.shape}); there are no voxels to fit")
+    return X
+
+
+def check_sample_weight(sample_weight: Any, n_samples: int) -> Any:
+    """Non-negative finite weights of shape (N,) or None."""
+    if sample_weight is None:
+        return None
+    import dask.array as da
+
+    if not isinstance(sample_weight, da.Array):
+        sample_weight = np.asarray(sample_weight, dtype=np.float64)
+        if sample_weight.shape != (n_samples,):
+            raise SegmentError(
+                f"sample_weight must have shape ({n_samples},), got {sample_weight.shape}"
+            )
+        if not np.all(np.isfinite(sample_weight)) or np.any(sample_weight < 0):
+            raise SegmentError("sample_weight must be finite and >= 0")
+    return sample_weight
+
+
+def check_data_summary(moments: dict, n_components: int) -> None:
+    """Refuse non-finite, empty and constant data."""
+    if moments["n_nonfinite"]:
+        raise SegmentError(
+            f"X contains {moments['n_nonfinite']} voxels with non-finite values (NaN or inf); "
+            "leave them out with a mask (segment_array does this for you)"
+        )
+    if moments["n"] <= 0:
+        raise SegmentError("X has no voxels with positive weight to fit")
+    if np.all(moments["m2"] <= 0):
+        raise SegmentError(
+            f"the data are constant (every voxel is {moments['mean'].tolist()}); "
+            "a mixture needs at least n_components distinct intensities"
+        )
+
+
+def check_n_distinct(n_distinct: int, n_components: int) -> None:
+    """At least as many distinct feature vectors as components."""
+    if n_distinct < n_components:
+        raise SegmentError(
+            f"only {n_distinct} distinct intensities but n_components={n_components}; "
+            f"lower n_components (-k) to at most {n_distinct} or check the image"
+        )
+
+
+def check_variance_floor(variance_floor: Any, n_features: int) -> np.ndarray | None:
+    """None (the relative default) or a positive number / (D,) array in squared intensity units."""
+    if variance_floor is None:
+        return None
+    floor = np.asarray(variance_floor, dtype=np.float64)
+    if floor.ndim == 0:
+        floor = np.full(n_features, float(floor))
+    if floor.shape != (n_features,) or not np.all(np.isfinite(floor)) or np.any(floor <= 0):
+        raise SegmentError(
+            f"variance_floor must be a positive number or {n_features} positive numbers "
+            f"(one per channel, in squared intensity units), got {variance_floor!r}"
+        )
+    return floor
+
+
+def check_initial_parameters(
+    means: Any, covariances: Any, weights: Any, n_components: int, n_features: int
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Shapes, finiteness, positive-definiteness and normalisation of explicit initial parameters.
+
+    ``covariances`` may be given as (K,) variances when D == 1.
+    """
+    K, D = n_components, n_features
+    if means is not None:
+        means = _check_shape("means_init", means, [(K, D)] + ([(K,)] if D == 1 else []))
+        means = means.reshape(K, D)
+    if covariances is not None:
+        covariances = _check_shape(
+            "covariances_init", covariances, [(K, D, D)] + ([(K,), (K, 1)] if D == 1 else [])
+        )
+        covariances = covariances.reshape(K, D, D)
+        for k, cov in enumerate(covariances):
+            if not np.allclose(cov, cov.T) or np.any(np.linalg.eigvalsh(cov) <= 0):
+                raise SegmentError(
+                    f"covariances_init[{k}] is not symmetric positive-definite "
+                    f"(eigenvalues {np.linalg.eigvalsh(0.5 * (cov + cov.T)).tolist()}); "
+                    "give positive variances"
+                )
+    if weights is not None:
+        weights = _check_shape("weights_init", weights, [(K,)])
+        if np.any(weights < 0) or not np.isclose(weights.sum(), 1.0, atol=1e-6):
+            raise SegmentError(
+                f"weights_init must be >= 0 and sum to 1, got {weights.tolist()} "
+                f"(sum {weights.sum():.6g})"
+            )
+        weights = weights / weights.sum()
+    return means, covariances, weights
+
+
+def _check_shape(name: str, value: Any, shapes: list[tuple]) -> np.ndarray:
+    array = np.asarray(value, dtype=np.float64)
+    if array.shape not in shapes:
+        expected = " or ".join(str(s) for s in shapes)
+        raise SegmentError(
+            f"{name} must have shape {expected} (n_components, n_channels...), got {array.shape}"
+        )
+    if not np.all(np.isfinite(array)):
+        raise SegmentError(f"{name} contains non-finite values: {array.tolist()}")
+    return array

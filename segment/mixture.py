@@ -1,0 +1,430 @@
+"""The ``GaussianMixtureEM`` estimator: a thin loop over the EM functions of :mod:`segment._em`."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+from . import _chunked, _em, _kmeans, _validation
+from ._scheduler import check_scheduler, compute_kwargs, is_distributed
+from .exceptions import ConvergenceWarning, DataWarning, SegmentError
+
+__all__ = ["GaussianMixtureEM"]
+
+#: Default variance floor, as a fraction of each channel's variance over all fitted voxels.
+RELATIVE_VARIANCE_FLOOR = 1e-3
+#: The distinct-values fast path is used while the data have at most this many distinct rows.
+MAX_DISTINCT = 1 << 17
+#: A component whose responsibilities add up to less than one voxel is re-seeded.
+MIN_COMPONENT_VOXELS = 1.0
+
+
+@dataclass
+class _FitData:
+    """The features as the EM loop sees them: in memory (distinct values) or chunked."""
+
+    X: Any  # (M, D) numpy array of distinct rows, or (N, D) Dask array
+    sample_weight: Any  # (M,) counts, (N,) Dask weights, or None
+    path: str  # "distinct-values" or "per-voxel"
+    moments: _em.Moments
+
+
+class GaussianMixtureEM:
+    """Gaussian mixture fitted by Expectation-Maximization, chunked and parallel with Dask.
+
+    The model is ``p(x) = sum_k pi_k N(x | mu_k, Sigma_k)`` with full covariances. Each EM
+    iteration maps the E-step over chunks of voxels to sufficient statistics, sums them and
+    runs the M-step on the sums; no (N, K) array is held during fitting.
+
+    Parameters
+    ----------
+    n_components : int, default 6
+        Number of Gaussian components K (tissue classes).
+    max_iter : int, default 300
+        Maximum number of EM iterations (M-steps).
+    tol : float, default 1e-4
+        Convergence threshold on the change of the log-likelihood per voxel (nats).
+    variance_floor : float or (D,) array, optional
+        Lower bound on every variance, in squared intensity units. Default: 1e-3 times each
+        channel's variance over the fitted voxels. With several channels the floor bounds the
+        eigenvalues of each covariance after scaling channel d by ``1/sqrt(floor_d)``.
+    random_state : int, default 0
+        Seed of the k-means++ initialisation and of the initialisation subsample.
+    means_init, covariances_init, weights_init : arrays, optional
+        Explicit initial parameters, shapes (K, D), (K, D, D) (or (K,) variances when D = 1)
+        and (K,). Those not given come from k-means.
+    sort_components : bool, default True
+        Order the fitted components by ascending mean of the first channel, so label 1 is the
+        darkest class.
+    chunk_size : int, optional
+        Voxels per chunk (default 262144).
+    scheduler : {"threads", "processes", "synchronous"}, str or distributed.Client, optional
+        Where the chunks are computed; ``"tcp://host:port"`` connects to a running
+        ``dask.distributed`` scheduler. Default: threads.
+    n_workers : int, optional
+        Threads or processes for the local schedulers (default: one per core).
+    distinct_values : {"auto", True, False}, default "auto"
+        Fit over the distinct feature vectors weighted by their counts, which is the same
+        estimator exactly and much faster for integer-valued scans. ``"auto"`` does so for
+        integer dtypes with at most 131072 distinct values.
+    init_sample_size : int, default 200000
+        The k-means initialisation runs on all distinct values, or on this many voxels drawn
+        with ``random_state`` when the per-voxel path is used.
+    callback : callable, optional
+        Called after each iteration as ``callback(iteration, log_likelihood, change_per_voxel)``.
+
+    Attributes
+    ----------
+    weights_ : (K,) array
+    means_ : (K, D) array
+    covariances_ : (K, D, D) array
+    precisions_cholesky_ : (K, D, D) array
+    log_likelihood_trace_ : list of float
+        Total log-likelihood ``sum_n log p(x_n)`` after each iteration.
+    initial_log_likelihood_ : float
+        The log-likelihood of the initial parameters.
+    log_likelihood_ : float
+        The last entry of the trace.
+    n_iter_ : int
+    converged_ : bool
+    variance_floor_ : (D,) array
+    n_features_in_ : int
+    n_samples_ : float
+        Number of voxels fitted (sum of sample weights).
+    fit_path_ : str
+        ``"distinct-values"`` or ``"per-voxel"``.
+
+    Notes
+    -----
+    E-step: ``r_nk = pi_k N(x_n|mu_k,Sigma_k) / sum_j pi_j N(x_n|mu_j,Sigma_j)`` in the log
+    domain. M-step: ``N_k = sum_n r_nk``, ``mu_k = sum_n r_nk x_n / N_k``,
+    ``Sigma_k = sum_n r_nk (x_n-mu_k)(x_n-mu_k)^T / N_k``, ``pi_k = N_k / N``.
+
+    References
+    ----------
+    Dempster, Laird & Rubin (1977). J. R. Stat. Soc. B 39(1), 1-38.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from segment import GaussianMixtureEM
+    >>> rng = np.random.default_rng(0)
+    >>> X = np.concatenate([rng.normal(0, 1, 500), rng.normal(10, 2, 500)])
+    >>> gm = GaussianMixtureEM(n_components=2).fit(X)
+    >>> np.round(gm.means_.ravel())
+    array([ 0., 10.])
+    """
+
+    def __init__(
+        self,
+        n_components: int = 6,
+        *,
+        max_iter: int = 300,
+        tol: float = 1e-4,
+        variance_floor: float | np.ndarray | None = None,
+        random_state: int | None = 0,
+        means_init: np.ndarray | None = None,
+        covariances_init: np.ndarray | None = None,
+        weights_init: np.ndarray | None = None,
+        sort_components: bool = True,
+        chunk_size: int | None = None,
+        scheduler: Any = None,
+        n_workers: int | None = None,
+        distinct_values: bool | str = "auto",
+        init_sample_size: int = 200_000,
+        callback: Callable[[int, float, float], None] | None = None,
+    ):
+        self.n_components = n_components
+        self.max_iter = max_iter
+        self.tol = tol
+        self.variance_floor = variance_floor
+        self.random_state = random_state
+        self.means_init = means_init
+        self.covariances_init = covariances_init
+        self.weights_init = weights_init
+        self.sort_components = sort_components
+        self.chunk_size = chunk_size
+        self.scheduler = scheduler
+        self.n_workers = n_workers
+        self.distinct_values = distinct_values
+        self.init_sample_size = init_sample_size
+        self.callback = callback
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, X: Any, y: None = None, sample_weight: Any = None) -> GaussianMixtureEM:
+        """Fit the mixture by EM.
+
+        Parameters
+        ----------
+        X : (N, D) or (N,) numpy or Dask array
+            Voxel features (intensities of D co-registered channels).
+        y : ignored
+        sample_weight : (N,) array, optional
+            How many voxels each row stands for.
+
+        Returns
+        -------
+        self
+        """
+        self._check_parameters()
+        X = _validation.check_features(X)
+        n_features = X.shape[1]
+        sample_weight = _validation.check_sample_weight(sample_weight, X.shape[0])
+        floor = _validation.check_variance_floor(self.variance_floor, n_features)
+        init = _validation.check_initial_parameters(
+            self.means_init, self.covariances_init, self.weights_init,
+            self.n_components, n_features,
+        )  # fmt: skip
+        with compute_kwargs(self.scheduler, self.n_workers) as ckw:
+            data = self._prepare(X, sample_weight, ckw)
+            if floor is None:
+                floor = RELATIVE_VARIANCE_FLOOR * data.moments["m2"] / data.moments["n"]
+            self.variance_floor_ = floor
+            weights, means, covariances = self._initial_parameters(data, init, floor, ckw)
+            self._run_em(data, weights, means, covariances, floor, ckw)
+        self.n_features_in_ = n_features
+        self.n_samples_ = data.moments["n"]
+        self.fit_path_ = data.path
+        if self.sort_components:
+            self._sort_components()
+        return self
+
+    def _check_parameters(self) -> None:
+        _validation.check_n_components(self.n_components)
+        _validation.check_positive("max_iter", self.max_iter, integer=True)
+        _validation.check_positive("tol", self.tol, allow_zero=True)
+        _validation.check_positive("init_sample_size", self.init_sample_size, integer=True)
+        if self.chunk_size is not None:
+            _validation.check_positive("chunk_size", self.chunk_size, integer=True)
+        if self.distinct_values not in ("auto", True, False):
+            raise SegmentError(
+                f"distinct_values must be 'auto', True or False, got {self.distinct_values!r}"
+            )
+        try:
+            check_scheduler(self.scheduler)
+        except ValueError as error:
+            raise SegmentError(str(error)) from None
+
+    def _prepare(self, X: Any, sample_weight: Any, ckw: dict) -> _FitData:
+        """Chunk the features, check them in one pass, and pick the fit path."""
+        Xd = _chunked.as_feature_array(X, self.chunk_size)
+        wd = None
+        if sample_weight is not None:
+            wd = (
+                sample_weight.rechunk((Xd.chunks[0],))
+                if isinstance(sample_weight, da.Array)
+                else da.from_array(sample_weight, chunks=(Xd.chunks[0],))
+            )
+        if is_distributed(ckw):
+            Xd, wd = (
+                ckw["scheduler"].persist([Xd, wd])
+                if wd is not None
+                else (ckw["scheduler"].persist(Xd), None)
+            )
+        moments = _chunked.moments(Xd, wd, ckw)
+        _validation.check_data_summary(moments, self.n_components)
+
+        use_distinct = self.distinct_values is True or (
+            self.distinct_values == "auto" and Xd.dtype.kind in "iub"
+        )
+        if use_distinct and wd is None:
+            distinct = _chunked.distinct_rows(Xd, MAX_DISTINCT, ckw)
+            if distinct is not None:
+                values, counts = distinct
+                _validation.check_n_distinct(len(values), self.n_components)
+                return _FitData(values, counts, "distinct-values", moments)
+        if use_distinct and self.distinct_values is True:
+            raise SegmentError(
+                "distinct_values=True needs no sample_weight and at most "
+                f"{MAX_DISTINCT} distinct rows; use distinct_values='auto'"
+            )
+        return _FitData(Xd, wd, "per-voxel", moments)
+
+    def _initial_parameters(self, data: _FitData, init: tuple, floor: np.ndarray, ckw: dict):
+        """Explicit initial parameters, completed by weighted k-means where not given."""
+        means, covariances, weights = init
+        if means is not None and covariances is not None and weights is not None:
+            return weights, means, covariances
+        rng = np.random.default_rng(self.random_state)
+        sample, sample_weight = self._init_sample(data, rng, ckw)
+        _, labels = _kmeans.kmeans(sample, sample_weight, self.n_components, rng)
+        k_weights, k_means, k_covariances = _kmeans.parameters_from_clusters(
+            sample, sample_weight, labels, self.n_components
+        )
+        k_weights = np.maximum(k_weights, _em.EPS)
+        return (
+            k_weights / k_weights.sum() if weights is None else weights,
+            k_means if means is None else means,
+            _em.floor_covariances(k_covariances, floor) if covariances is None else covariances,
+        )
+
+    def _init_sample(self, data: _FitData, rng: np.random.Generator, ckw: dict):
+        """All distinct rows with their counts, or a seeded subsample of voxels."""
+        if data.path == "distinct-values":
+            return data.X.astype(np.float64), data.sample_weight
+        n_samples = data.X.shape[0]
+        if n_samples > self.init_sample_size:
+            indices = np.sort(rng.choice(n_samples, self.init_sample_size, replace=False))
+        else:
+            indices = np.arange(n_samples)
+        sample = _chunked.take_rows(data.X, indices, ckw).astype(np.float64)
+        weight = (
+            np.ones(len(sample))
+            if data.sample_weight is None
+            else _chunked.take_rows(data.sample_weight[:, None], indices, ckw)[:, 0]
+        )
+        n_distinct = len(np.unique(sample, axis=0))
+        if n_distinct < self.n_components:  # the subsample may miss rare values: count them all
+            distinct = _chunked.distinct_rows(data.X, MAX_DISTINCT, ckw)
+            if distinct is None:
+                raise SegmentError(
+                    f"the initialisation sample holds only {n_distinct} distinct values; "
+                    "raise init_sample_size or give means_init"
+                )
+            _validation.check_n_distinct(len(distinct[0]), self.n_components)
+            return distinct[0].astype(np.float64), distinct[1]
+        return sample, weight
+
+    def _statistics(self, data: _FitData, params: tuple, ckw: dict) -> _em.Statistics:
+        if data.path == "distinct-values":
+            return _em.chunk_statistics(data.X, *params, sample_weight=data.sample_weight)
+        return _chunked.statistics(data.X, params, data.sample_weight, ckw)
+
+    def _run_em(self, data, weights, means, covariances, floor, ckw) -> None:
+        """The EM loop: E-step (chunked statistics), M-step, trace, convergence."""
+        try:
+            params = (weights, means, _em.precision_cholesky(covariances))
+        except np.linalg.LinAlgError:
+            raise SegmentError(
+                "an initial covariance is not positive definite; give covariances_init "
+                "or raise variance_floor"
+            ) from None
+        stats = self._statistics(data, params, ckw)
+        n_samples = stats["n_samples"]
+        self.initial_log_likelihood_ = previous = stats["log_likelihood"]
+        trace: list[float] = []
+        self.converged_ = False
+        change = np.inf
+        for iteration in range(1, self.max_iter + 1):
+            weights, means, covariances = _em.m_step(stats, params[1], floor)
+            weights, means, covariances = _reseed_empty(stats["nk"], weights, means, covariances)
+            params = (weights, means, _em.precision_cholesky(covariances))
+            stats = self._statistics(data, params, ckw)
+            trace.append(stats["log_likelihood"])
+            change = (stats["log_likelihood"] - previous) / n_samples
+            previous = stats["log_likelihood"]
+            if self.callback is not None:
+                self.callback(iteration, stats["log_likelihood"], change)
+            if abs(change) < self.tol:
+                self.converged_ = True
+                break
+        self.n_iter_ = iteration
+        self.log_likelihood_trace_ = trace
+        self.log_likelihood_ = trace[-1]
+        self.weights_, self.means_ = params[0], params[1]
+        self.covariances_, self.precisions_cholesky_ = covariances, params[2]
+        if not self.converged_:
+            warnings.warn(
+                f"EM did not converge in max_iter={self.max_iter} iterations: the last change "
+                f"was {change:.3g} nats per voxel > tol={self.tol}; raise max_iter, loosen tol "
+                "or raise variance_floor",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+
+    def _sort_components(self) -> None:
+        order = np.argsort(self.means_[:, 0], kind="stable")
+        self.weights_ = self.weights_[order]
+        self.means_ = self.means_[order]
+        self.covariances_ = self.covariances_[order]
+        self.precisions_cholesky_ = self.precisions_cholesky_[order]
+
+    # ------------------------------------------------------------------ prediction
+    def _check_fitted_features(self, X: Any) -> Any:
+        if not hasattr(self, "means_"):
+            raise SegmentError("this GaussianMixtureEM is not fitted yet; call fit(X) first")
+        X = _validation.check_features(X)
+        if X.shape[1] != self.n_features_in_:
+            raise SegmentError(
+                f"X has {X.shape[1]} channels but the mixture was fitted on {self.n_features_in_}"
+            )
+        return X
+
+    @property
+    def _params(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.weights_, self.means_, self.precisions_cholesky_
+
+    def predict_proba(self, X: Any) -> Any:
+        """Responsibilities ``r_nk``, shape (N, K): numpy for numpy input, lazy Dask for Dask input."""
+        X = self._check_fitted_features(X)
+        lazy = isinstance(X, da.Array)
+        proba = _chunked.map_rows(
+            _chunked.as_feature_array(X, self.chunk_size),
+            _responsibilities_block, self.n_components, np.float64, self._params,
+        )  # fmt: skip
+        return proba if lazy else self._compute(proba)
+
+    def predict(self, X: Any) -> Any:
+        """Most responsible component of each voxel, 0..K-1 in ``means_`` order, shape (N,)."""
+        X = self._check_fitted_features(X)
+        lazy = isinstance(X, da.Array)
+        labels = _chunked.map_rows(
+            _chunked.as_feature_array(X, self.chunk_size),
+            _labels_block, 1, np.intp, self._params,
+        )[:, 0]  # fmt: skip
+        return labels if lazy else self._compute(labels)
+
+    def fit_predict(self, X: Any, y: None = None) -> Any:
+        """``fit(X)`` then ``predict(X)``."""
+        return self.fit(X).predict(X)
+
+    def score(self, X: Any, y: None = None) -> float:
+        """Mean log-likelihood per voxel, ``(1/N) sum_n log p(x_n)``."""
+        X = self._check_fitted_features(X)
+        with compute_kwargs(self.scheduler, self.n_workers) as ckw:
+            stats = _chunked.statistics(
+                _chunked.as_feature_array(X, self.chunk_size), self._params, None, ckw
+            )
+        return stats["log_likelihood"] / stats["n_samples"]
+
+    def _compute(self, array: da.Array) -> np.ndarray:
+        with compute_kwargs(self.scheduler, self.n_workers) as ckw:
+            return array.compute(**ckw)
+
+
+def _responsibilities_block(X, weights, means, precisions_chol):
+    return _em.responsibilities(X, weights, means, precisions_chol)
+
+
+def _labels_block(X, weights, means, precisions_chol):
+    resp = _em.responsibilities(X, weights, means, precisions_chol)
+    return np.argmax(resp, axis=1)[:, None]
+
+
+def _reseed_empty(nk, weights, means, covariances):
+    """Re-seed components left with less than one voxel by splitting the widest heavy one."""
+    empty = np.flatnonzero(nk < MIN_COMPONENT_VOXELS)
+    if len(empty) == 0 or len(empty) == len(nk):
+        return weights, means, covariances
+    weights, means, covariances = weights.copy(), means.copy(), covariances.copy()
+    for k in empty:
+        spread = weights * np.trace(covariances, axis1=1, axis2=2)
+        spread[empty] = -np.inf
+        donor = int(np.argmax(spread))
+        eigenvalues, eigenvectors = np.linalg.eigh(covariances[donor])
+        step = np.sqrt(eigenvalues[-1]) * eigenvectors[:, -1]
+        means[k], means[donor] = means[donor] + step, means[donor] - step
+        covariances[k] = covariances[donor]
+        weights[k] = weights[donor] = weights[donor] / 2
+        warnings.warn(
+            f"component {k} was left with {nk[k]:.3g} voxels and was re-seeded by splitting "
+            f"component {donor}; if this repeats, lower n_components",
+            DataWarning,
+            stacklevel=4,
+        )
+    return weights, means, covariances
