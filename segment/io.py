@@ -1,0 +1,682 @@
+"""Read scans and write segmentation outputs on the input grid.
+
+One :class:`Scan` dataclass carries what the rest of the package needs from an input file: the
+spatial data array, the voxel-to-world affine, the header and the voxel size.  NIfTI-1/-2 files
+are read with nibabel (uncompressed ``.nii`` lazily, as a memory map); 2-D pictures (PNG, TIFF,
+JPEG, BMP) with scikit-image / tifffile.
+
+Outputs are written the way nilearn's ``new_img_like`` does: the header of the input is copied so
+the grid (shape, affine, sform/qform and their codes, zooms, units) is kept, the data type is set
+explicitly, stale scaling is reset and ``cal_min``/``cal_max`` describe the new data.  Every write
+goes through :func:`atomic_write`, and gzip streams are written with ``mtime=0`` so identical
+results give identical bytes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import uuid
+import warnings
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+
+from segment.exceptions import DataWarning, InputError
+
+__all__ = [
+    "SUPPORTED_EXTENSIONS",
+    "Scan",
+    "atomic_write",
+    "check_same_grid",
+    "is_supported",
+    "load_scan",
+    "scan_stem",
+    "write_labels",
+    "write_nifti",
+    "write_probabilities",
+]
+
+#: File extensions :func:`load_scan` reads (compared case-insensitively).
+SUPPORTED_EXTENSIONS: tuple[str, ...] = (
+    ".nii",
+    ".nii.gz",
+    ".png",
+    ".tif",
+    ".tiff",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+)
+_NIFTI_EXTENSIONS = (".nii", ".nii.gz")
+_TIFF_EXTENSIONS = (".tif", ".tiff")
+# Coefficients of ITU-R BT.709 luminance, as in skimage.color.rgb2gray.
+_LUMINANCE = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)
+# Errors that the readers (nibabel, gzip/zlib, Pillow via imageio, tifffile) raise for a corrupt or
+# truncated file.  PIL.UnidentifiedImageError and tifffile.TiffFileError derive from OSError and
+# ValueError respectively.
+_READ_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    SyntaxError,
+    zlib.error,
+    struct.error,
+    IndexError,
+    ImageFileError,
+)
+
+
+@dataclass
+class Scan:
+    """One input scan: its spatial data and geometry.
+
+    Attributes
+    ----------
+    path : Path
+        The file the scan was read from.
+    kind : {"nifti", "image"}
+        ``"nifti"`` for NIfTI-1/-2 files, ``"image"`` for 2-D pictures (PNG, TIFF, JPEG, BMP).
+    data : (X, Y, Z) or (X, Y) or (rows, cols) array
+        Spatial intensities.  The on-disk dtype is kept when the file has no scaling (so integer
+        data stay integer); an uncompressed ``.nii`` without scaling gives a read-only-on-disk
+        ``numpy.memmap`` (copy-on-write), not an in-memory copy.
+    affine : (4, 4) float64 array
+        Voxel-to-world (mm) transform; the identity for 2-D pictures.
+    header : nibabel.Nifti1Header or nibabel.Nifti2Header or None
+        The NIfTI header, ``None`` for 2-D pictures.
+    zooms : tuple of float
+        Voxel size in mm along each spatial axis; ``(1.0, 1.0)`` for 2-D pictures.
+    """
+
+    path: Path
+    kind: str
+    data: np.ndarray
+    affine: np.ndarray
+    header: object | None
+    zooms: tuple[float, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Spatial shape of :attr:`data`."""
+        return tuple(self.data.shape)
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial axes (2 or 3)."""
+        return self.data.ndim
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in mL (``prod(zooms) / 1000``; pixel area / 1000 for 2-D)."""
+        return float(np.prod(self.zooms)) / 1000.0
+
+
+# --------------------------------------------------------------------------------------------
+# File names
+# --------------------------------------------------------------------------------------------
+
+
+def _matched_extension(path: str | Path) -> str:
+    """Return the supported extension ``path`` ends with (lower case), or ``""``."""
+    name = Path(path).name.lower()
+    # Longest first so that ".nii.gz" wins over a bare ".gz" and ".tiff" over ".tif".
+    for ext in sorted(SUPPORTED_EXTENSIONS, key=len, reverse=True):
+        if name.endswith(ext) and len(name) > len(ext):
+            return ext
+    return ""
+
+
+def is_supported(path: str | Path) -> bool:
+    """Return True when ``path`` has one of :data:`SUPPORTED_EXTENSIONS` (case-insensitive)."""
+    return _matched_extension(path) != ""
+
+
+def scan_stem(path: str | Path) -> str:
+    """Return the file name without its image extension.
+
+    Examples
+    --------
+    >>> scan_stem("data/scan.nii.gz")
+    'scan'
+    >>> scan_stem("a.b.png")
+    'a.b'
+    """
+    name = Path(path).name
+    ext = _matched_extension(name)
+    if ext:
+        return name[: -len(ext)]
+    return Path(name).stem
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _short_reason(exc: BaseException) -> str:
+    """One-line description of a reader exception."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _check_readable_file(path: Path) -> str:
+    """Check that ``path`` is an existing, readable file with a supported extension.
+
+    Returns the matched extension.
+    """
+    if not path.exists():
+        raise InputError(path, "file not found")
+    if path.is_dir():
+        raise InputError(path, "is a directory, expected a file")
+    ext = _matched_extension(path)
+    if not ext:
+        raise InputError(
+            path,
+            f"unsupported file type {''.join(path.suffixes) or '(no extension)'!r}; "
+            f"supported: {', '.join(SUPPORTED_EXTENSIONS)}",
+        )
+    if not os.access(path, os.R_OK):
+        raise InputError(path, "cannot read: permission denied")
+    return ext
+
+
+def load_scan(path: str | Path) -> Scan:
+    """Load a NIfTI volume or a 2-D picture.
+
+    Parameters
+    ----------
+    path : str or Path
+        A ``.nii``, ``.nii.gz``, ``.png``, ``.tif``/``.tiff``, ``.jpg``/``.jpeg`` or ``.bmp`` file.
+
+    Returns
+    -------
+    Scan
+        ``data`` is (X, Y, Z) or (X, Y) for NIfTI, (rows, cols) for pictures.
+
+    Raises
+    ------
+    InputError
+        The file is missing, a directory, unreadable, of an unsupported type, truncated or
+        corrupt, a 4-D series with several volumes, 1-D, or a multi-page TIFF stack.
+
+    Warns
+    -----
+    DataWarning
+        An RGB(A) picture was converted to luminance.
+
+    Notes
+    -----
+    NIfTI scaling (``scl_slope``/``scl_inter``) is applied as ``get_fdata`` would; the result is
+    float32 unless every value is an integer, in which case the smallest integer dtype holding the
+    range is used.  Without scaling the on-disk dtype is kept.  A 4-D file with one volume is
+    squeezed to 3-D.  Compressed files are read eagerly so that truncation is detected here.
+    """
+    path = Path(path)
+    ext = _check_readable_file(path)
+    try:
+        if ext in _NIFTI_EXTENSIONS:
+            return _load_nifti(path, compressed=ext == ".nii.gz")
+        return _load_picture(path, tiff=ext in _TIFF_EXTENSIONS)
+    except PermissionError as exc:
+        raise InputError(path, "cannot read: permission denied") from exc
+
+
+def _load_nifti(path: Path, *, compressed: bool) -> Scan:
+    """Read a NIfTI-1/-2 file into a :class:`Scan` (see :func:`load_scan`)."""
+    try:
+        img = nib.load(path, mmap=True)
+    except PermissionError:
+        raise
+    except _READ_ERRORS as exc:
+        raise InputError(path, f"cannot read NIfTI header: {_short_reason(exc)}") from exc
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise InputError(path, f"not a NIfTI-1/-2 image (nibabel read a {type(img).__name__})")
+    header = img.header
+    proxy = img.dataobj
+    if not compressed:
+        _check_nifti_size(path, proxy)
+    try:
+        raw = proxy.get_unscaled()
+    except PermissionError:
+        raise
+    except _READ_ERRORS as exc:
+        raise InputError(path, f"cannot read NIfTI data: {_short_reason(exc)}") from exc
+    data = _apply_scaling(raw, float(proxy.slope), float(proxy.inter))
+    data = _squeeze_volumes(path, data)
+    _check_not_1d(path, data.shape)
+    zooms = tuple(float(z) for z in header.get_zooms()[: data.ndim])
+    return Scan(
+        path=path,
+        kind="nifti",
+        data=data,
+        affine=np.asarray(img.affine, dtype=np.float64),
+        header=header,
+        zooms=zooms,
+    )
+
+
+def _check_nifti_size(path: Path, proxy) -> None:
+    """Refuse an uncompressed NIfTI whose file is shorter than its header promises."""
+    shape = tuple(int(s) for s in proxy.shape)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(proxy.dtype).itemsize
+    needed = int(proxy.offset) + nbytes
+    size = path.stat().st_size
+    if size < needed:
+        raise InputError(
+            path,
+            f"cannot read NIfTI data: file is truncated ({size} bytes, header needs {needed} "
+            f"for shape {shape} {np.dtype(proxy.dtype)} at offset {int(proxy.offset)})",
+        )
+
+
+def _apply_scaling(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
+    """Apply NIfTI scaling ``raw * slope + inter``; return ``raw`` untouched when there is none.
+
+    Parameters
+    ----------
+    raw : array
+        On-disk values (possibly a memmap).
+    slope, inter : float
+        Scale factors as nibabel's array proxy normalises them (1 and 0 when absent).
+
+    Returns
+    -------
+    array
+        ``raw`` itself without scaling; otherwise float32, or the smallest integer dtype holding
+        the range when every scaled value is an integer.
+    """
+    if slope == 1.0 and inter == 0.0:
+        return raw
+    # Integers up to 16 bits are exact in float32; anything wider is computed in float64.
+    small_int = raw.dtype.kind in "biu" and raw.dtype.itemsize <= 2
+    work = np.float32 if small_int else np.float64
+    scaled = np.array(raw, dtype=work)  # always a copy: never write into a memmap
+    scaled *= work(slope)
+    scaled += work(inter)
+    finite = np.isfinite(scaled)
+    if scaled.size and finite.all() and np.array_equal(scaled, np.round(scaled)):
+        lo, hi = int(scaled.min()), int(scaled.max())
+        int_dtype = np.result_type(np.min_scalar_type(lo), np.min_scalar_type(hi))
+        if int_dtype.kind in "iu":
+            return scaled.astype(int_dtype)
+    return scaled.astype(np.float32, copy=False)
+
+
+def _squeeze_volumes(path: Path, data: np.ndarray) -> np.ndarray:
+    """Drop axes beyond the third when they hold a single volume; refuse several volumes."""
+    if data.ndim <= 3:
+        return data
+    n_volumes = int(np.prod(data.shape[3:]))
+    if n_volumes > 1:
+        raise InputError(
+            path,
+            f"{data.ndim}-D image with {n_volumes} volumes; segment one volume at a time "
+            "(e.g. fslroi in.nii.gz vol0.nii.gz 0 1, or nibabel slicing img.slicer[..., 0])",
+        )
+    # Basic indexing keeps a memmap a memmap (no copy).
+    return data[(Ellipsis,) + (0,) * (data.ndim - 3)]
+
+
+def _check_not_1d(path: Path, shape: tuple[int, ...]) -> None:
+    """Refuse data with fewer than two spatial axes longer than one voxel."""
+    if sum(1 for s in shape if s > 1) < 2:
+        raise InputError(
+            path,
+            f"1-D data (shape {tuple(shape)}); segment needs a 2-D image or a 3-D volume",
+        )
+
+
+def _load_picture(path: Path, *, tiff: bool) -> Scan:
+    """Read a 2-D picture into a :class:`Scan` (see :func:`load_scan`)."""
+    try:
+        array = _read_tiff(path) if tiff else _read_picture(path)
+    except (InputError, PermissionError):
+        raise
+    except _READ_ERRORS as exc:
+        raise InputError(path, f"cannot read image: {_short_reason(exc)}") from exc
+    data = _to_grey(path, np.asarray(array))
+    _check_not_1d(path, data.shape)
+    return Scan(
+        path=path,
+        kind="image",
+        data=data,
+        affine=np.eye(4),
+        header=None,
+        zooms=(1.0, 1.0),
+    )
+
+
+def _read_picture(path: Path) -> np.ndarray:
+    """Read a PNG/JPEG/BMP with scikit-image (imageio + Pillow)."""
+    import skimage.io
+
+    return skimage.io.imread(path)
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    """Read a single-page TIFF with tifffile; refuse multi-page stacks and 3-D series."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            n_pages = len(tif.pages)
+            if n_pages > 1:
+                raise InputError(
+                    path,
+                    f"multi-page TIFF with {n_pages} pages; only 2-D images are supported "
+                    "(save one page per file, or convert the stack to NIfTI)",
+                )
+            page = tif.pages[0]
+            array = page.asarray()
+            samples = int(getattr(page, "samplesperpixel", 1))
+    except tifffile.TiffFileError as exc:
+        raise InputError(path, f"cannot read image: {_short_reason(exc)}") from exc
+    if array.ndim == 3 and samples == 1:
+        raise InputError(
+            path,
+            f"3-D TIFF (shape {array.shape}); only 2-D images are supported "
+            "(convert the volume to NIfTI)",
+        )
+    return array
+
+
+def _to_grey(path: Path, array: np.ndarray) -> np.ndarray:
+    """Return (rows, cols) intensities; RGB(A) becomes float32 luminance with a DataWarning."""
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    if array.ndim == 2:
+        return array
+    if array.ndim == 3 and array.shape[-1] in (3, 4):
+        kind = "RGB" if array.shape[-1] == 3 else "RGBA"
+        extra = "" if kind == "RGB" else " (alpha channel dropped)"
+        warnings.warn(
+            f"{path}: RGB image converted to luminance (0.2125 R + 0.7154 G + 0.0721 B){extra}",
+            DataWarning,
+            stacklevel=4,
+        )
+        return array[..., :3].astype(np.float32) @ _LUMINANCE
+    if array.ndim == 3 and array.shape[-1] == 2:
+        warnings.warn(
+            f"{path}: grey + alpha image; alpha channel dropped", DataWarning, stacklevel=4
+        )
+        return array[..., 0]
+    raise InputError(
+        path,
+        f"image of shape {array.shape} is not a 2-D grey or RGB(A) picture; only 2-D images "
+        "are supported",
+    )
+
+
+def check_same_grid(reference: Scan, other: Scan, what: str = "channel") -> None:
+    """Check that ``other`` lies on the same voxel grid as ``reference``.
+
+    Parameters
+    ----------
+    reference, other : Scan
+        Shapes must be equal and affines equal within ``numpy.allclose`` tolerance.
+    what : str
+        What ``other`` is (``"channel"``, ``"mask"``...), used in the message.
+
+    Raises
+    ------
+    InputError
+        On ``other.path``, printing both shapes and both affines.
+    """
+    same_shape = other.shape == reference.shape
+    if same_shape and np.allclose(other.affine, reference.affine, rtol=1e-5, atol=1e-5):
+        return
+    raise InputError(
+        other.path,
+        f"{what} grid does not match {reference.path.name}: shape {other.shape} vs "
+        f"{reference.shape}, affine {_format_affine(other.affine)} vs "
+        f"{_format_affine(reference.affine)}; resample the {what} onto the reference grid "
+        "(e.g. nilearn.image.resample_to_img or FSL flirt -applyxfm)",
+    )
+
+
+def _format_affine(affine: np.ndarray) -> str:
+    """Affine on one line, e.g. ``[[2, 0, 0, -90], ...]``."""
+    rows = ("[" + ", ".join(f"{v:.4g}" for v in row) + "]" for row in np.asarray(affine))
+    return "[" + ", ".join(rows) + "]"
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def _temporary_path(path: Path) -> Path:
+    """Hidden temporary name next to ``path`` keeping its (image) extension."""
+    ext = _matched_extension(path) or path.suffix
+    stem = path.name[: -len(ext)] if ext else path.name
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return path.with_name(f".{stem}.tmp-{token}{ext}")
+
+
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Write a file atomically.
+
+    Yields a temporary path in the same folder (``.<stem>.tmp-<pid>-<token><ext>``, so writers
+    that look at the extension still work).  When the block succeeds the temporary file replaces
+    ``path`` with ``os.replace``; on any exception, including ``KeyboardInterrupt``, the temporary
+    file is removed and the exception re-raised, leaving ``path`` untouched.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> target = Path(tempfile.mkdtemp()) / "out.txt"
+    >>> with atomic_write(target) as tmp:
+    ...     _ = tmp.write_text("done")
+    >>> target.read_text()
+    'done'
+    """
+    path = Path(path)
+    tmp = _temporary_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_nifti(img, path: str | Path, *, compresslevel: int = 6) -> Path:
+    """Save a nibabel NIfTI image atomically; ``.gz`` paths get a deterministic gzip stream.
+
+    Parameters
+    ----------
+    img : nibabel.Nifti1Image or nibabel.Nifti2Image
+    path : str or Path
+        ``.nii`` or ``.nii.gz``.
+    compresslevel : int
+        gzip level 0-9 for ``.nii.gz``.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Notes
+    -----
+    The gzip header carries ``mtime=0`` and no file name, so equal images give equal bytes.
+    """
+    path = Path(path)
+    with atomic_write(path) as tmp, open(tmp, "wb") as raw:
+        if path.name.lower().endswith(".gz"):
+            with gzip.GzipFile(
+                filename="", mode="wb", fileobj=raw, compresslevel=compresslevel, mtime=0
+            ) as stream:
+                img.to_stream(stream)
+        else:
+            img.to_stream(raw)
+    return path
+
+
+def _nifti_like(
+    data: np.ndarray, reference: Scan, *, cal: tuple[float, float], components_last: bool
+):
+    """Build a NIfTI image of ``data`` on ``reference``'s grid (nilearn ``new_img_like`` style).
+
+    The reference header is copied (sform/qform and codes, zooms, units kept), the data dtype is
+    set to ``data.dtype``, scaling is reset and ``cal_min``/``cal_max`` set to ``cal``.  Axes of
+    ``data`` beyond the reference's spatial axes get a voxel size of 1 (``components_last``: the
+    last axis holds components, not space).
+    """
+    ref_header = reference.header
+    if isinstance(ref_header, nib.Nifti2Header):
+        klass = nib.Nifti2Image
+    else:
+        klass = nib.Nifti1Image
+    header = ref_header.copy() if isinstance(ref_header, nib.Nifti1Header) else None
+    img = klass(data, reference.affine, header=header)
+    hdr = img.header
+    hdr.set_data_dtype(data.dtype)
+    hdr.set_data_shape(data.shape)
+    # Spatial voxel sizes come from the copied header; an added 3rd axis (2-D grid) keeps its
+    # pixdim when valid, and the components axis gets a voxel size of 1.
+    zooms = list(hdr.get_zooms())
+    for axis in range(len(reference.zooms), data.ndim):
+        last = components_last and axis == data.ndim - 1
+        zooms[axis] = 1.0 if last or not zooms[axis] > 0 else zooms[axis]
+    hdr.set_zooms(zooms)
+    hdr["scl_slope"] = np.nan
+    hdr["scl_inter"] = np.nan
+    hdr["cal_min"], hdr["cal_max"] = cal
+    if header is None:
+        # A 2-D picture written as NIfTI: mark the identity grid as the scanner grid.
+        img.set_sform(reference.affine, code="scanner")
+        img.set_qform(reference.affine, code="scanner")
+    return img
+
+
+def _output_format(path: Path, allowed: tuple[str, ...], what: str) -> str:
+    """Return the extension of ``path`` if it is one of ``allowed``; else raise ValueError."""
+    ext = _matched_extension(path)
+    if ext not in allowed:
+        raise ValueError(
+            f"{what} path {path} must end in one of {', '.join(allowed)}; "
+            f"got {''.join(path.suffixes) or '(no extension)'!r}"
+        )
+    return ext
+
+
+def write_labels(
+    labels: np.ndarray, reference: Scan, path: str | Path, *, compresslevel: int = 6
+) -> Path:
+    """Write a label map on the grid of ``reference``.
+
+    Parameters
+    ----------
+    labels : array of reference.shape, integers 0..255
+        0 = background / outside the mask, 1..K = tissue classes.
+    reference : Scan
+        The segmented input; its header and affine are reused for NIfTI output.
+    path : str or Path
+        ``.nii.gz``/``.nii`` (uint8 NIfTI, ``cal_min`` 0, ``cal_max`` the largest label), or
+        ``.png``/``.bmp``/``.tif``/``.tiff`` for 2-D labels (8-bit, labels are the pixel values).
+    compresslevel : int
+        gzip level for ``.nii.gz``.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    path = Path(path)
+    labels = np.asarray(labels)
+    ext = _output_format(
+        path, (".nii.gz", ".nii", ".png", ".bmp", ".tif", ".tiff"), "label map output"
+    )
+    if labels.shape != reference.shape:
+        raise ValueError(
+            f"labels shape {labels.shape} does not match the scan shape {reference.shape} "
+            f"of {reference.path}"
+        )
+    top = int(labels.max()) if labels.size else 0
+    if labels.size and (int(labels.min()) < 0 or top > 255):
+        raise ValueError(
+            f"labels must be in 0..255 to be written as uint8; got {int(labels.min())}..{top}"
+        )
+    labels = labels.astype(np.uint8)
+    if ext in _NIFTI_EXTENSIONS:
+        img = _nifti_like(labels, reference, cal=(0.0, float(top)), components_last=False)
+        return write_nifti(img, path, compresslevel=compresslevel)
+    _check_2d(labels, path, "label map")
+    with atomic_write(path) as tmp:
+        if ext in _TIFF_EXTENSIONS:
+            import tifffile
+
+            tifffile.imwrite(tmp, labels, photometric="minisblack")
+        else:
+            import skimage.io
+
+            skimage.io.imsave(tmp, labels, check_contrast=False)
+    return path
+
+
+def write_probabilities(
+    probabilities: np.ndarray, reference: Scan, path: str | Path, *, compresslevel: int = 6
+) -> Path:
+    """Write per-component probabilities on the grid of ``reference``.
+
+    Parameters
+    ----------
+    probabilities : (*reference.shape, K) array
+        Responsibilities in 0..1, components along the last axis.
+    reference : Scan
+        The segmented input.
+    path : str or Path
+        ``.nii.gz``/``.nii``: a 4-D float32 NIfTI (X, Y, Z, K) with the input's header, voxel
+        size 1 on the fourth axis, ``cal_min``/``cal_max`` 0/1 (a 2-D grid is written as
+        (X, Y, 1, K)).  ``.tif``/``.tiff`` (2-D only): a K-page float32 TIFF of shape
+        (K, rows, cols), uncompressed.
+    compresslevel : int
+        gzip level for ``.nii.gz``.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    path = Path(path)
+    probabilities = np.asarray(probabilities)
+    ext = _output_format(path, (".nii.gz", ".nii", ".tif", ".tiff"), "probability output")
+    if probabilities.ndim != len(reference.shape) + 1 or (
+        probabilities.shape[:-1] != reference.shape
+    ):
+        raise ValueError(
+            f"probabilities shape {probabilities.shape} must be the scan shape "
+            f"{reference.shape} plus a components axis (K,)"
+        )
+    probabilities = probabilities.astype(np.float32, copy=False)
+    if ext in _NIFTI_EXTENSIONS:
+        data = probabilities
+        if data.ndim == 3:  # 2-D grid: keep K on the fourth NIfTI axis.
+            data = data[:, :, np.newaxis, :]
+        img = _nifti_like(data, reference, cal=(0.0, 1.0), components_last=True)
+        return write_nifti(img, path, compresslevel=compresslevel)
+    _check_2d(probabilities[..., 0], path, "probability map")
+    import tifffile
+
+    pages = np.ascontiguousarray(np.moveaxis(probabilities, -1, 0))
+    with atomic_write(path) as tmp:
+        tifffile.imwrite(tmp, pages, photometric="minisblack")
+    return path
+
+
+def _check_2d(array: np.ndarray, path: Path, what: str) -> None:
+    """Refuse to write a volume into a 2-D picture format."""
+    if array.ndim != 2:
+        raise ValueError(
+            f"cannot write a {array.ndim}-D {what} to {path.name}; use a .nii.gz path for volumes"
+        )

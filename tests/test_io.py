@@ -1,0 +1,464 @@
+"""Tests for segment.io: loading scans, writing outputs on the input grid, atomic writes."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from segment.exceptions import DataWarning, InputError
+from segment.io import (
+    SUPPORTED_EXTENSIONS,
+    Scan,
+    atomic_write,
+    check_same_grid,
+    is_supported,
+    load_scan,
+    scan_stem,
+    write_labels,
+    write_nifti,
+    write_probabilities,
+)
+
+# --------------------------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "stem"),
+    [
+        ("scan.nii.gz", "scan"),
+        ("scan.nii", "scan"),
+        ("a.b.png", "a.b"),
+        ("dir/sub-01_T1w.NII.GZ", "sub-01_T1w"),
+        ("photo.TIFF", "photo"),
+        ("notes.txt", "notes"),
+    ],
+)
+def test_scan_stem(name, stem):
+    assert scan_stem(name) == stem
+
+
+def test_is_supported():
+    for ext in SUPPORTED_EXTENSIONS:
+        assert is_supported(f"x{ext}")
+        assert is_supported(f"x{ext.upper()}")
+    assert not is_supported("x.gz")
+    assert not is_supported("x.mgz")
+    assert not is_supported(".nii")  # no name before the extension
+
+
+# --------------------------------------------------------------------------------------------
+# Loading NIfTI
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nifti2", [False, True])
+@pytest.mark.parametrize("name", ["scan.nii.gz", "scan.nii"])
+def test_load_nifti(make_nifti, volume, affine, nifti2, name):
+    scan = load_scan(make_nifti(name=name, nifti2=nifti2))
+    assert isinstance(scan, Scan)
+    assert scan.kind == "nifti"
+    assert scan.shape == (7, 8, 9)
+    assert scan.ndim == 3
+    assert scan.data.dtype == np.int16
+    np.testing.assert_array_equal(scan.data, volume)
+    np.testing.assert_allclose(scan.affine, affine)
+    assert scan.affine.dtype == np.float64
+    assert scan.zooms == pytest.approx((1.5, 2.0, 2.5))
+    assert scan.voxel_volume_ml == pytest.approx(1.5 * 2.0 * 2.5 / 1000)
+    expected_header = nib.Nifti2Header if nifti2 else nib.Nifti1Header
+    assert type(scan.header) is expected_header
+
+
+def test_uncompressed_nifti_is_a_memmap(make_nifti, volume):
+    scan = load_scan(make_nifti(name="scan.nii"))
+    assert isinstance(scan.data, np.memmap)
+    np.testing.assert_array_equal(scan.data, volume)
+
+
+def test_compressed_nifti_is_read_eagerly(make_nifti):
+    scan = load_scan(make_nifti(name="scan.nii.gz"))
+    assert type(scan.data) is np.ndarray
+
+
+def test_scaling_is_applied_as_float32(make_nifti, volume):
+    scan = load_scan(make_nifti(slope=0.5, inter=10.25))
+    assert scan.data.dtype == np.float32
+    np.testing.assert_allclose(scan.data, volume * 0.5 + 10.25, rtol=1e-6)
+
+
+def test_integral_scaling_gives_integers(make_nifti, volume):
+    scan = load_scan(make_nifti(slope=2.0, inter=-3.0))
+    assert scan.data.dtype.kind in "iu"
+    np.testing.assert_array_equal(scan.data, volume.astype(np.int64) * 2 - 3)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32])
+def test_dtype_is_kept_without_scaling(make_nifti, volume, dtype):
+    data = np.clip(volume, 0, 255)
+    scan = load_scan(make_nifti(data, dtype=dtype))
+    assert scan.data.dtype == dtype
+    np.testing.assert_array_equal(scan.data, data.astype(dtype))
+
+
+def test_single_volume_4d_is_squeezed(make_nifti, volume):
+    scan = load_scan(make_nifti(volume[..., np.newaxis], name="scan.nii"))
+    assert scan.shape == (7, 8, 9)
+    assert len(scan.zooms) == 3
+    assert isinstance(scan.data, np.memmap)
+    np.testing.assert_array_equal(scan.data, volume)
+
+
+def test_2d_nifti_is_allowed(make_nifti, volume):
+    scan = load_scan(make_nifti(volume[:, :, 0]))
+    assert scan.kind == "nifti"
+    assert scan.shape == (7, 8)
+    assert scan.zooms == pytest.approx((1.5, 2.0))
+
+
+# --------------------------------------------------------------------------------------------
+# Bad inputs
+# --------------------------------------------------------------------------------------------
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def test_bad_inputs(tmp_path, make_nifti, make_image, volume, rng):
+    cases = []
+    cases.append((tmp_path / "missing.nii.gz", "file not found"))
+    (tmp_path / "folder.nii.gz").mkdir()
+    cases.append((tmp_path / "folder.nii.gz", "is a directory, expected a file"))
+    (tmp_path / "scan.mgz").write_bytes(b"x")
+    cases.append((tmp_path / "scan.mgz", r"unsupported file type '\.mgz'; supported: \.nii, "))
+    big = rng.normal(size=(30, 30, 30)).astype(np.float32)
+    cases.append((_truncate(make_nifti(big, "trunc.nii.gz", dtype=np.float32)), "cannot read"))
+    cases.append((_truncate(make_nifti(name="t.nii")), "cannot read NIfTI data: file is truncated"))
+    cases.append((_truncate(make_image(name="trunc.png"), 0.6), "cannot read image"))
+    (tmp_path / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
+    cases.append((tmp_path / "garbage.png", "cannot read image"))
+    (tmp_path / "garbage.nii.gz").write_bytes(b"not a gzip stream at all" * 20)
+    cases.append((tmp_path / "garbage.nii.gz", "cannot read"))
+    four_d = np.stack([volume] * 3, axis=-1)
+    cases.append(
+        (make_nifti(four_d, "4d.nii.gz"), r"4-D image with 3 volumes; segment one volume at a time")
+    )
+    cases.append((make_nifti(np.arange(100), "line.nii.gz"), r"1-D data \(shape \(100,\)\)"))
+    cases.append((make_nifti(np.arange(100).reshape(100, 1, 1), "col.nii.gz"), "1-D data"))
+    cases.append((make_image(np.arange(20, dtype=np.uint8)[np.newaxis], "row.png"), "1-D data"))
+    cases.append((make_image(np.zeros((3, 10, 12), np.uint8), "stack.tif"), "multi-page TIFF"))
+    for path, message in cases:
+        with pytest.raises(InputError, match=message) as info:
+            load_scan(path)
+        assert info.value.path == path
+        assert str(info.value).startswith(f"{path}: ")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_file(make_nifti):
+    path = make_nifti()
+    path.chmod(0)
+    try:
+        with pytest.raises(InputError, match="cannot read: permission denied"):
+            load_scan(path)
+    finally:
+        path.chmod(0o644)
+
+
+def test_check_same_grid(make_nifti, volume, affine):
+    reference = load_scan(make_nifti(name="ref.nii.gz"))
+    check_same_grid(reference, load_scan(make_nifti(name="same.nii.gz")))
+
+    shifted = affine.copy()
+    shifted[0, 3] += 5.0
+    other = load_scan(make_nifti(name="shifted.nii.gz", affine=shifted))
+    with pytest.raises(InputError, match=r"mask grid does not match ref\.nii\.gz") as info:
+        check_same_grid(reference, other, "mask")
+    message = str(info.value)
+    assert message.startswith(str(other.path))
+    assert "[0, -2, 0, 95]" in message and "[0, -2, 0, 90]" in message
+
+    smaller = load_scan(make_nifti(volume[:, :, :5], name="small.nii.gz"))
+    with pytest.raises(InputError, match=r"shape \(7, 8, 5\) vs \(7, 8, 9\)"):
+        check_same_grid(reference, smaller)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading 2-D pictures
+# --------------------------------------------------------------------------------------------
+
+
+def test_png_grey_uint8(make_image):
+    scan = load_scan(make_image())
+    assert scan.kind == "image"
+    assert scan.shape == (11, 13)
+    assert scan.data.dtype == np.uint8
+    assert scan.header is None
+    np.testing.assert_array_equal(scan.affine, np.eye(4))
+    assert scan.zooms == (1.0, 1.0)
+    assert scan.voxel_volume_ml == pytest.approx(0.001)
+
+
+def test_png_16bit(make_image, rng):
+    data = rng.integers(0, 65535, size=(11, 13), dtype=np.uint16)
+    scan = load_scan(make_image(data, "deep.png"))
+    assert scan.data.dtype == np.uint16
+    np.testing.assert_array_equal(scan.data, data)
+
+
+@pytest.mark.parametrize("name", ["float.tif", "float.tiff"])
+def test_float_tiff(make_image, rng, name):
+    data = rng.normal(size=(11, 13)).astype(np.float32)
+    scan = load_scan(make_image(data, name))
+    assert scan.data.dtype == np.float32
+    np.testing.assert_array_equal(scan.data, data)
+
+
+@pytest.mark.parametrize("name", ["photo.jpg", "photo.jpeg", "photo.bmp", "photo.tif"])
+def test_other_formats(make_image, name):
+    scan = load_scan(make_image(name=name))
+    assert scan.shape == (11, 13)
+    assert scan.data.dtype == np.uint8
+    assert scan.data.max() > 150  # the bright square survived (JPEG is lossy)
+
+
+@pytest.mark.parametrize("name", ["colour.png", "colour.tif"])
+def test_rgb_becomes_luminance(make_image, rng, name):
+    rgb = rng.integers(0, 255, size=(11, 13, 3), dtype=np.uint8)
+    path = make_image(rgb, name)
+    with pytest.warns(DataWarning, match=r"colour\.\w+: RGB image converted to luminance"):
+        scan = load_scan(path)
+    assert scan.data.dtype == np.float32
+    assert scan.shape == (11, 13)
+    expected = 0.2125 * rgb[..., 0] + 0.7154 * rgb[..., 1] + 0.0721 * rgb[..., 2]
+    np.testing.assert_allclose(scan.data, expected, rtol=1e-5)
+
+
+def test_rgba_drops_alpha(make_image, rng):
+    rgba = rng.integers(0, 255, size=(11, 13, 4), dtype=np.uint8)
+    with pytest.warns(DataWarning, match="RGB image converted to luminance.*alpha"):
+        scan = load_scan(make_image(rgba, "alpha.png"))
+    expected = 0.2125 * rgba[..., 0] + 0.7154 * rgba[..., 1] + 0.0721 * rgba[..., 2]
+    np.testing.assert_allclose(scan.data, expected, rtol=1e-5)
+
+
+def test_grey_image_does_not_warn(make_image):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_scan(make_image())
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def _assert_same_geometry(out: nib.Nifti1Image, source: nib.Nifti1Image, n_spatial: int):
+    oh, sh = out.header, source.header
+    np.testing.assert_allclose(out.affine, source.affine)
+    assert int(oh["sform_code"]) == int(sh["sform_code"])
+    assert int(oh["qform_code"]) == int(sh["qform_code"])
+    np.testing.assert_allclose(oh.get_sform(), sh.get_sform())
+    np.testing.assert_allclose(oh.get_qform(), sh.get_qform())
+    assert oh.get_zooms()[:n_spatial] == pytest.approx(sh.get_zooms()[:n_spatial])
+    assert oh.get_xyzt_units() == sh.get_xyzt_units()
+    assert out.shape[:n_spatial] == source.shape[:n_spatial]
+
+
+@pytest.mark.parametrize("nifti2", [False, True])
+def test_write_labels_nifti(tmp_path, make_nifti, nifti2, rng):
+    source_path = make_nifti(nifti2=nifti2, slope=0.5, inter=3.0)  # stale scaling must go
+    scan = load_scan(source_path)
+    labels = rng.integers(0, 4, size=scan.shape)
+    out_path = write_labels(labels, scan, tmp_path / "scan_dseg.nii.gz")
+    assert out_path == tmp_path / "scan_dseg.nii.gz"
+    out = nib.load(out_path)
+    assert type(out) is (nib.Nifti2Image if nifti2 else nib.Nifti1Image)
+    _assert_same_geometry(out, nib.load(source_path), 3)
+    assert out.shape == scan.shape
+    assert out.get_data_dtype() == np.uint8
+    assert out.header.get_slope_inter() == (None, None)
+    assert (out.dataobj.slope, out.dataobj.inter) == (1.0, 0.0)
+    assert float(out.header["cal_min"]) == 0.0
+    assert float(out.header["cal_max"]) == float(labels.max())
+    np.testing.assert_array_equal(np.asanyarray(out.dataobj), labels)
+
+
+@pytest.mark.parametrize("nifti2", [False, True])
+def test_write_probabilities_nifti(tmp_path, make_nifti, nifti2, rng):
+    source_path = make_nifti(nifti2=nifti2)
+    scan = load_scan(source_path)
+    probabilities = rng.dirichlet(np.ones(3), size=scan.shape)
+    out = nib.load(write_probabilities(probabilities, scan, tmp_path / "p.nii.gz"))
+    _assert_same_geometry(out, nib.load(source_path), 3)
+    assert out.shape == (7, 8, 9, 3)
+    assert int(out.header["dim"][0]) == 4
+    assert int(out.header["dim"][4]) == 3
+    assert float(out.header["pixdim"][4]) == 1.0
+    assert out.get_data_dtype() == np.float32
+    assert out.header.get_slope_inter() == (None, None)
+    assert (float(out.header["cal_min"]), float(out.header["cal_max"])) == (0.0, 1.0)
+    np.testing.assert_allclose(np.asanyarray(out.dataobj), probabilities, rtol=1e-6)
+
+
+def test_write_from_uncompressed_and_4d_inputs(tmp_path, make_nifti, volume, rng):
+    scan = load_scan(make_nifti(volume[..., np.newaxis], name="scan.nii"))
+    out = nib.load(write_labels(np.ones(scan.shape, int), scan, tmp_path / "l.nii.gz"))
+    assert out.shape == (7, 8, 9)
+    assert int(out.header["dim"][0]) == 3
+    probs = rng.random(scan.shape + (2,))
+    out = nib.load(write_probabilities(probs, scan, tmp_path / "p.nii"))
+    assert out.shape == (7, 8, 9, 2)
+
+
+def test_write_2d_nifti(tmp_path, make_nifti, volume, rng):
+    scan = load_scan(make_nifti(volume[:, :, 0], name="slice.nii.gz"))
+    labels = rng.integers(0, 3, size=scan.shape)
+    out = nib.load(write_labels(labels, scan, tmp_path / "l.nii.gz"))
+    assert out.shape == (7, 8)
+    np.testing.assert_allclose(out.affine, scan.affine)
+    probs = rng.random(scan.shape + (4,))
+    out = nib.load(write_probabilities(probs, scan, tmp_path / "p.nii.gz"))
+    assert out.shape == (7, 8, 1, 4)  # components stay on the 4th axis
+    assert out.header.get_zooms()[:2] == pytest.approx(scan.zooms)
+    assert float(out.header["pixdim"][4]) == 1.0
+    np.testing.assert_allclose(np.asanyarray(out.dataobj)[:, :, 0, :], probs, rtol=1e-6)
+
+
+def test_write_2d_image_outputs(tmp_path, make_image, rng):
+    import skimage.io
+    import tifffile
+
+    scan = load_scan(make_image())
+    labels = rng.integers(0, 4, size=scan.shape)
+    png = write_labels(labels, scan, tmp_path / "image_dseg.png")
+    read = skimage.io.imread(png)
+    assert read.dtype == np.uint8
+    np.testing.assert_array_equal(read, labels)
+
+    probabilities = rng.dirichlet(np.ones(3), size=scan.shape)
+    tif = write_probabilities(probabilities, scan, tmp_path / "image_probseg.tif")
+    with tifffile.TiffFile(tif) as handle:
+        assert len(handle.pages) == 3
+        pages = handle.asarray()
+    assert pages.dtype == np.float32
+    assert pages.shape == (3, 11, 13)
+    np.testing.assert_allclose(np.moveaxis(pages, 0, -1), probabilities, rtol=1e-6)
+
+
+def test_write_bad_arguments(tmp_path, make_nifti, make_image):
+    scan = load_scan(make_nifti())
+    with pytest.raises(ValueError, match=r"labels shape \(7, 8\) does not match"):
+        write_labels(np.zeros((7, 8), int), scan, tmp_path / "l.nii.gz")
+    with pytest.raises(ValueError, match="must end in one of"):
+        write_labels(np.zeros(scan.shape, int), scan, tmp_path / "l.mgz")
+    with pytest.raises(ValueError, match=r"0\.\.255"):
+        write_labels(np.full(scan.shape, 300), scan, tmp_path / "l.nii.gz")
+    with pytest.raises(ValueError, match="cannot write a 3-D label map"):
+        write_labels(np.zeros(scan.shape, int), scan, tmp_path / "l.png")
+    with pytest.raises(ValueError, match="plus a components axis"):
+        write_probabilities(np.zeros(scan.shape), scan, tmp_path / "p.nii.gz")
+    image = load_scan(make_image())
+    with pytest.raises(ValueError, match="must end in one of"):
+        write_probabilities(np.zeros(image.shape + (2,)), image, tmp_path / "p.png")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_outputs_are_deterministic(tmp_path, make_nifti, rng):
+    scan = load_scan(make_nifti())
+    labels = rng.integers(0, 4, size=scan.shape)
+    first = write_labels(labels, scan, tmp_path / "a.nii.gz").read_bytes()
+    os.utime(tmp_path / "a.nii.gz", (0, 0))
+    second = write_labels(labels, scan, tmp_path / "b.nii.gz").read_bytes()
+    assert first == second
+    assert first[4:8] == b"\x00\x00\x00\x00"  # gzip MTIME field
+    assert gzip.decompress(first)  # a valid gzip stream
+
+
+def test_write_nifti_uncompressed(tmp_path, volume, affine):
+    img = nib.Nifti1Image(volume, affine)
+    path = write_nifti(img, tmp_path / "plain.nii")
+    assert path.read_bytes()[344:348] == b"n+1\x00"
+    np.testing.assert_array_equal(nib.load(path).get_fdata(), volume)
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------
+
+
+def test_atomic_write_replaces_on_success(tmp_path):
+    target = tmp_path / "out.nii.gz"
+    target.write_text("old")
+    with atomic_write(target) as tmp:
+        assert tmp.parent == tmp_path
+        assert tmp.name.startswith(".out.tmp-")
+        assert tmp.name.endswith(".nii.gz")
+        assert not tmp.exists()
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_atomic_write_cleans_up_on_any_exception(tmp_path, error):
+    target = tmp_path / "out.png"
+    target.write_text("old")
+    with pytest.raises(error):
+        with atomic_write(target) as tmp:
+            tmp.write_text("partial")
+            raise error()
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+
+
+def test_interrupted_nifti_write_leaves_nothing(tmp_path, make_nifti, monkeypatch):
+    scan = load_scan(make_nifti())
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def interrupt(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nib.Nifti1Image, "to_file_map", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        write_labels(np.zeros(scan.shape, int), scan, tmp_path / "scan_dseg.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_unreadable_file_simulated(make_nifti, monkeypatch):
+    # The real chmod test is skipped as root; exercise the same check with os.access denied.
+    path = make_nifti()
+    monkeypatch.setattr("segment.io.os.access", lambda *args, **kwargs: False)
+    with pytest.raises(InputError, match="cannot read: permission denied"):
+        load_scan(path)
+
+
+def test_write_nifti_from_2d_image(tmp_path, make_image, rng):
+    scan = load_scan(make_image())
+    labels = rng.integers(0, 3, size=scan.shape)
+    out = nib.load(write_labels(labels, scan, tmp_path / "l.nii.gz"))
+    assert out.shape == (11, 13)
+    np.testing.assert_allclose(out.affine, np.eye(4))
+    assert int(out.header["sform_code"]) == 1
+    np.testing.assert_array_equal(np.asanyarray(out.dataobj), labels)
+    probs = rng.random(scan.shape + (2,))
+    out = nib.load(write_probabilities(probs, scan, tmp_path / "p.nii.gz"))
+    assert out.shape == (11, 13, 1, 2)
+    assert out.header.get_zooms() == (1.0, 1.0, 1.0, 1.0)
+
+
+def test_scaled_memmap_source_is_not_modified(make_nifti, volume):
+    path = make_nifti(volume.astype(np.float32), name="f.nii", dtype=np.float32, slope=2.0)
+    before = path.read_bytes()
+    scan = load_scan(path)
+    np.testing.assert_array_equal(scan.data, volume * 2)
+    assert path.read_bytes() == before
