@@ -1,0 +1,421 @@
+"""Segment arrays and files: the library calls behind ``segment run`` and ``segment batch``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import masking, naming, sidecar
+from .exceptions import DataWarning, InputError, SegmentError
+from .mixture import GaussianMixtureEM
+
+__all__ = ["segment_array", "segment_file", "SegmentationResult", "DEFAULT_OPTIONS"]
+
+#: Model options shared by the API and the CLI, with their defaults.
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "n_components": 6,
+    "max_iter": 300,
+    "tol": 1e-4,
+    "variance_floor": None,
+    "seed": 0,
+    "chunk_size": None,
+    "scheduler": None,
+    "workers": None,
+}
+
+
+def make_estimator(options: dict[str, Any], callback: Callable | None = None) -> GaussianMixtureEM:
+    """A :class:`GaussianMixtureEM` from the shared option names (``seed``, ``workers``...)."""
+    unknown = set(options) - set(DEFAULT_OPTIONS)
+    if unknown:
+        raise SegmentError(
+            f"unknown option(s) {sorted(unknown)}; expected some of {sorted(DEFAULT_OPTIONS)}"
+        )
+    merged = {**DEFAULT_OPTIONS, **options}
+    estimator = GaussianMixtureEM(
+        merged["n_components"],
+        max_iter=merged["max_iter"],
+        tol=merged["tol"],
+        variance_floor=merged["variance_floor"],
+        random_state=merged["seed"],
+        chunk_size=merged["chunk_size"],
+        scheduler=merged["scheduler"],
+        n_workers=merged["workers"],
+        callback=callback,
+    )
+    estimator._check_parameters()
+    return estimator
+
+
+@dataclass
+class SegmentationResult:
+    """Labels, responsibilities and the fitted model of one segmentation.
+
+    Attributes
+    ----------
+    labels : uint8 array of the spatial shape
+        0 outside the mask (and for non-finite voxels), 1..K in ascending mean intensity.
+    responsibilities : float32 array of the spatial shape + (K,)
+        Posterior probability of each label; zeros outside the mask.
+    estimator : GaussianMixtureEM
+        The fitted mixture (``means_``, ``covariances_``, ``weights_``, trace...).
+    mask : bool array of the spatial shape
+        The voxels that were fitted.
+    n_nonfinite : int
+        Voxels inside the mask left out because they were NaN or inf.
+    options : dict
+        The model options used.
+    timings : dict
+        Seconds spent loading, fitting and predicting (and writing, after :meth:`save`).
+    inputs : list of Path
+        The input files (empty for :func:`segment_array`).
+    reference : Scan or None
+        The first input scan, whose grid the outputs are written on.
+    mask_spec : str
+        How the mask was chosen (``"none"``, ``"auto"``, a path or ``"array"``).
+    """
+
+    labels: np.ndarray
+    responsibilities: np.ndarray
+    estimator: GaussianMixtureEM
+    mask: np.ndarray
+    n_nonfinite: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    inputs: list[Path] = field(default_factory=list)
+    reference: Any = None
+    mask_spec: str = "none"
+    written: list[Path] = field(default_factory=list)
+    """Files written by :meth:`save`."""
+
+    @property
+    def log_likelihood_trace(self) -> list[float]:
+        """Total log-likelihood after each EM iteration."""
+        return self.estimator.log_likelihood_trace_
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in mL (1 mm^3 = 0.001 mL when no geometry is known)."""
+        return self.reference.voxel_volume_ml if self.reference is not None else 1e-3
+
+    def volumes(self) -> list[dict[str, Any]]:
+        """Voxel count and volume in mL of each label, hard and soft (sum of probabilities)."""
+        soft = self.responsibilities.reshape(-1, self.responsibilities.shape[-1]).sum(
+            axis=0, dtype=np.float64
+        )
+        return sidecar.label_volumes(self.labels, soft, self.voxel_volume_ml)
+
+    def sidecar(self, outputs: dict[str, str] | None = None, command_line=None) -> dict:
+        """The JSON sidecar record (see :mod:`segment.sidecar`)."""
+        soft = self.responsibilities.reshape(-1, self.responsibilities.shape[-1]).sum(
+            axis=0, dtype=np.float64
+        )
+        return sidecar.build_sidecar(
+            estimator=self.estimator,
+            labels=self.labels,
+            soft_counts=soft,
+            voxel_volume_ml=self.voxel_volume_ml,
+            inputs=self.inputs,
+            options=self.options,
+            mask={
+                "spec": self.mask_spec,
+                "n_voxels": int(self.mask.sum()),
+                "n_nonfinite_excluded": int(self.n_nonfinite),
+            },
+            timings=self.timings,
+            outputs=outputs or {},
+            command_line=command_line,
+        )
+
+    def save(
+        self,
+        out_dir: str | Path,
+        *,
+        overwrite: bool = False,
+        probseg: bool = True,
+        qc: bool = True,
+        prefix: str | None = None,
+        paths: naming.OutputPaths | None = None,
+        command_line: Sequence[str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> naming.OutputPaths:
+        """Write the label map, probabilities, QC picture and JSON sidecar into ``out_dir``.
+
+        Each file is written under a temporary name and renamed into place; the sidecar is
+        written last, so its presence means the outputs are complete. Existing outputs are
+        only replaced with ``overwrite=True``.
+
+        Returns
+        -------
+        OutputPaths
+        """
+        from . import io
+
+        reference = self.reference or _array_reference(self.labels.shape)
+        if paths is None:
+            stem = prefix or (io.scan_stem(self.inputs[0]) if self.inputs else "segment")
+            fake_input = f"{stem}.nii.gz" if reference.kind == "nifti" else f"{stem}.png"
+            paths = naming.plain_output_paths(fake_input, out_dir, kind=reference.kind)
+        wanted = [paths.dseg, paths.sidecar] + [paths.probseg] * probseg + [paths.qc] * qc
+        check_outputs_free(wanted, overwrite)
+        ensure_out_dir(paths.sidecar.parent)
+        start = time.perf_counter()
+        io.write_labels(self.labels, reference, paths.dseg)
+        if probseg:
+            io.write_probabilities(self.responsibilities, reference, paths.probseg)
+        self.timings["write_s"] = time.perf_counter() - start
+        if qc:
+            from . import qc as qc_module
+
+            start = time.perf_counter()
+            image = reference.data if self.reference is not None else self.labels
+            qc_module.write_qc(
+                paths.qc, np.asarray(image), self.labels,
+                means=self.estimator.means_, covariances=self.estimator.covariances_,
+                weights=self.estimator.weights_, mask=self.mask,
+                title=self.inputs[0].name if self.inputs else "",
+            )  # fmt: skip
+            self.timings["qc_s"] = time.perf_counter() - start
+        written = {"dseg": paths.dseg, "probseg": paths.probseg if probseg else None,
+                   "qc": paths.qc if qc else None}  # fmt: skip
+        outputs = {name: p.name for name, p in written.items() if p is not None}
+        record = self.sidecar(outputs, command_line)
+        record.update(extra or {})
+        with io.atomic_write(paths.sidecar) as tmp:
+            tmp.write_text(sidecar.dumps(record))
+        self.written = [p for p in written.values() if p is not None] + [paths.sidecar]
+        return paths
+
+
+def _array_reference(shape: tuple[int, ...]):
+    """A stand-in grid (identity affine, 1 mm voxels) for results of :func:`segment_array`."""
+    import nibabel as nib
+
+    from .io import Scan
+
+    header = nib.Nifti1Image(np.zeros(shape, np.uint8), np.eye(4)).header
+    return Scan(Path("array"), "nifti", np.zeros(shape, np.uint8), np.eye(4), header,
+                (1.0,) * len(shape))  # fmt: skip
+
+
+def check_outputs_free(paths: Sequence[Path], overwrite: bool) -> None:
+    """Refuse to replace existing outputs unless ``overwrite``."""
+    if overwrite:
+        return
+    for path in paths:
+        if Path(path).exists():
+            raise InputError(path, "exists; pass --overwrite (overwrite=True) to replace it")
+
+
+def ensure_out_dir(out_dir: str | Path) -> Path:
+    """Create ``out_dir`` (and parents) and check it is writable."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(out_dir, f"cannot create the output folder: {error.strerror}") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise InputError(out_dir, "the output folder is not writable")
+    return out_dir
+
+
+def check_out_dir_creatable(out_dir: str | Path) -> None:
+    """Fail early, without creating anything, if ``out_dir`` could not be created or written."""
+    path = Path(out_dir).absolute()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(out_dir, "exists and is not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise InputError(out_dir, "the output folder is not writable")
+        return
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(out_dir, f"cannot create the output folder: {parent} is not writable")
+
+
+def _as_channels(array: Any, channel_axis: int | None) -> list[np.ndarray]:
+    if isinstance(array, (list, tuple)):
+        channels = [np.asarray(a) for a in array]
+    elif channel_axis is None:
+        channels = [np.asarray(array)]
+    else:
+        channels = list(np.moveaxis(np.asarray(array), channel_axis, 0))
+    shapes = {c.shape for c in channels}
+    if len(shapes) != 1:
+        raise SegmentError(f"all channels must have the same shape, got {sorted(shapes)}")
+    if channels[0].ndim < 2 or sum(n > 1 for n in channels[0].shape) < 2:
+        raise SegmentError(
+            f"segment_array needs a 2-D or 3-D image, got shape {channels[0].shape}; "
+            "for a flat list of intensities use GaussianMixtureEM directly"
+        )
+    return channels
+
+
+def segment_array(
+    array: Any,
+    mask: np.ndarray | None = None,
+    *,
+    channel_axis: int | None = None,
+    callback: Callable | None = None,
+    **options: Any,
+) -> SegmentationResult:
+    """Segment an image array into ``n_components`` tissue classes.
+
+    Parameters
+    ----------
+    array : 2-D or 3-D array, or a list of such arrays (co-registered channels)
+        Intensities. Non-finite voxels are left out and labelled 0.
+    mask : bool array of the image's shape, optional
+        Voxels to model (default: all).
+    channel_axis : int, optional
+        Axis of ``array`` that holds channels, if any.
+    callback : callable, optional
+        ``callback(iteration, log_likelihood, change)`` after each EM iteration.
+    **options
+        ``n_components`` (6), ``max_iter`` (300), ``tol`` (1e-4), ``variance_floor``
+        (1e-3 x data variance), ``seed`` (0), ``chunk_size``, ``scheduler``, ``workers``.
+
+    Returns
+    -------
+    SegmentationResult
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> image = np.zeros((20, 30)); image[:, 15:] = 100
+    >>> image += np.random.default_rng(0).normal(0, 5, image.shape)
+    >>> result = segment_array(image, n_components=2)
+    >>> np.unique(result.labels[:, :15]), np.unique(result.labels[:, 15:])
+    (array([1], dtype=uint8), array([2], dtype=uint8))
+    """
+    estimator = make_estimator(options, callback)
+    channels = _as_channels(array, channel_axis)
+    valid, n_nonfinite = masking.valid_voxels(channels, mask)
+    if n_nonfinite:
+        warnings.warn(
+            f"{n_nonfinite} non-finite voxels (NaN or inf) were left out and labelled 0",
+            DataWarning,
+            stacklevel=2,
+        )
+    if not valid.any():
+        raise SegmentError("no voxel to fit: every voxel in the mask is NaN or inf")
+    start = time.perf_counter()
+    X = masking.flatten(channels[0] if len(channels) == 1 else np.stack(channels, -1), valid)
+    timings = {"flatten_s": time.perf_counter() - start}
+    start = time.perf_counter()
+    estimator.fit(X)
+    timings["fit_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    labels, responsibilities = estimator._labels_and_responsibilities(X)
+    timings["predict_s"] = time.perf_counter() - start
+    return SegmentationResult(
+        labels=masking.unflatten(labels, valid),
+        responsibilities=masking.unflatten(responsibilities, valid),
+        estimator=estimator,
+        mask=valid,
+        n_nonfinite=n_nonfinite,
+        options={**DEFAULT_OPTIONS, **options},
+        timings=timings,
+        mask_spec="array" if mask is not None else "none",
+    )
+
+
+def segment_file(
+    path_or_paths: str | Path | Sequence[str | Path],
+    out_dir: str | Path | None = None,
+    *,
+    mask: str | Path | None = None,
+    overwrite: bool = False,
+    probseg: bool = True,
+    qc: bool = True,
+    callback: Callable | None = None,
+    command_line: Sequence[str] | None = None,
+    **options: Any,
+) -> SegmentationResult:
+    """Segment a scan file (or several co-registered channel files) and optionally save it.
+
+    Parameters
+    ----------
+    path_or_paths : path or list of paths
+        NIfTI (``.nii``, ``.nii.gz``) or 2-D images (PNG, TIFF, JPEG, BMP). Several paths on
+        the same grid are the channels of one scan.
+    out_dir : path, optional
+        Write ``<stem>_dseg``, ``<stem>_probseg``, ``<stem>_qc.png`` and ``<stem>_segment.json``
+        here (see :meth:`SegmentationResult.save`).
+    mask : {"none", "auto"} or path, optional
+        Voxels to model: all (default), the automatic foreground (Otsu threshold, largest
+        connected component, holes filled), or a mask file on the same grid.
+    overwrite, probseg, qc : bool
+        Replace existing outputs; write the probability maps; write the QC picture.
+    callback : callable, optional
+        Progress callback, see :func:`segment_array`.
+    command_line : list of str, optional
+        Recorded in the sidecar (default ``sys.argv``).
+    **options
+        Model options, see :func:`segment_array`.
+
+    Returns
+    -------
+    SegmentationResult
+    """
+    from . import io
+
+    make_estimator(options)  # parameter errors before touching any file
+    paths = [Path(p) for p in ([path_or_paths] if isinstance(path_or_paths, (str, Path))
+                               else path_or_paths)]  # fmt: skip
+    if not paths:
+        raise SegmentError("no input file given")
+    output_paths = None
+    if out_dir is not None:
+        kind = "nifti" if paths[0].name.lower().endswith((".nii", ".nii.gz")) else "image"
+        output_paths = naming.plain_output_paths(paths[0], out_dir, kind=kind)
+        wanted = [output_paths.dseg, output_paths.sidecar]
+        wanted += [output_paths.probseg] * probseg + [output_paths.qc] * qc
+        check_outputs_free(wanted, overwrite)
+        check_out_dir_creatable(out_dir)
+    start = time.perf_counter()
+    scans = [io.load_scan(p) for p in paths]
+    for scan in scans[1:]:
+        io.check_same_grid(scans[0], scan, "channel")
+    mask_array = masking.load_mask(mask, scans[0])
+    load_s = time.perf_counter() - start
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DataWarning)
+            result = segment_array(
+                [s.data for s in scans], mask_array, callback=callback, **options
+            )
+    except InputError:
+        raise
+    except SegmentError as error:
+        raise InputError(paths[0], str(error)) from None
+    for warning in caught:  # re-issue with the file name
+        message = str(warning.message)
+        if issubclass(warning.category, DataWarning):
+            message = f"{paths[0]}: {message}"
+        warnings.warn(message, warning.category, stacklevel=2)
+    result.timings = {"load_s": load_s, **result.timings}
+    result.inputs = paths
+    result.reference = scans[0]
+    result.mask_spec = "none" if mask is None else str(mask)
+    if out_dir is not None:
+        result.save(
+            out_dir, overwrite=overwrite, probseg=probseg, qc=qc, paths=output_paths,
+            command_line=command_line,
+        )  # fmt: skip
+    return result
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    """Load a JSON sidecar written by :meth:`SegmentationResult.save`."""
+    return json.loads(Path(path).read_text())

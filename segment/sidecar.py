@@ -1,0 +1,128 @@
+"""The JSON sidecar: what was fitted, how, on what, and the tissue volumes.
+
+Everything needed to reproduce a run: the inputs with their SHA-256, the options and seed, the
+software version, the command line, the fitted parameters and the log-likelihood trace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+
+
+def file_sha256(path: str | Path, block_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(block_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def label_volumes(
+    labels: np.ndarray, soft_counts: np.ndarray, voxel_volume_ml: float
+) -> list[dict[str, Any]]:
+    """Voxel count and volume (mL) of each label, hard and soft.
+
+    Parameters
+    ----------
+    labels : array of uint8 labels (0 = outside the mask, 1..K)
+    soft_counts : (K,) array, sum of each component's responsibilities over the voxels
+    voxel_volume_ml : float, volume of one voxel in mL
+
+    Returns
+    -------
+    list of dict, one per label 1..K: ``label``, ``n_voxels``, ``volume_ml``, ``soft_volume_ml``
+    """
+    counts = np.bincount(np.asarray(labels).ravel(), minlength=len(soft_counts) + 1)
+    return [
+        {
+            "label": k + 1,
+            "n_voxels": int(counts[k + 1]),
+            "volume_ml": float(counts[k + 1] * voxel_volume_ml),
+            "soft_volume_ml": float(soft_counts[k] * voxel_volume_ml),
+        }
+        for k in range(len(soft_counts))
+    ]
+
+
+def model_record(estimator) -> dict[str, Any]:
+    """Fitted parameters and the fit trace of a :class:`~segment.GaussianMixtureEM`."""
+    return {
+        "n_components": int(estimator.n_components),
+        "n_channels": int(estimator.n_features_in_),
+        "means": estimator.means_.tolist(),
+        "covariances": estimator.covariances_.tolist(),
+        "variances": np.diagonal(estimator.covariances_, axis1=1, axis2=2).tolist(),
+        "weights": estimator.weights_.tolist(),
+        "variance_floor": np.asarray(estimator.variance_floor_).tolist(),
+        "fit_path": estimator.fit_path_,
+        "n_iter": int(estimator.n_iter_),
+        "converged": bool(estimator.converged_),
+        "tol": float(estimator.tol),
+        "max_iter": int(estimator.max_iter),
+        "seed": estimator.random_state,
+        "initial_log_likelihood": float(estimator.initial_log_likelihood_),
+        "log_likelihood": float(estimator.log_likelihood_),
+        "log_likelihood_per_voxel": float(estimator.log_likelihood_ / estimator.n_samples_),
+        "log_likelihood_trace": [float(value) for value in estimator.log_likelihood_trace_],
+        "n_voxels_fitted": float(estimator.n_samples_),
+    }
+
+
+def build_sidecar(
+    *,
+    estimator,
+    labels: np.ndarray,
+    soft_counts: np.ndarray,
+    voxel_volume_ml: float,
+    inputs: list[Path],
+    options: dict[str, Any],
+    mask: dict[str, Any],
+    timings: dict[str, float],
+    outputs: dict[str, str],
+    command_line: list[str] | None = None,
+) -> dict[str, Any]:
+    """Assemble the sidecar dictionary (JSON-serialisable)."""
+    return {
+        "software": {
+            "name": "segment",
+            "version": __version__,
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+        },
+        "command_line": list(sys.argv if command_line is None else command_line),
+        "inputs": [
+            {"path": str(path), "sha256": file_sha256(path)} for path in inputs if path is not None
+        ],
+        "options": options,
+        "mask": mask,
+        "model": model_record(estimator),
+        "labels": label_volumes(labels, soft_counts, voxel_volume_ml),
+        "voxel_volume_ml": float(voxel_volume_ml),
+        "timings_s": {key: round(float(value), 4) for key, value in timings.items()},
+        "outputs": outputs,
+    }
+
+
+def dumps(record: dict[str, Any]) -> str:
+    """Serialise a sidecar with stable key order and a trailing newline."""
+    return json.dumps(record, indent=2, default=_to_builtin) + "\n"
+
+
+def _to_builtin(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
