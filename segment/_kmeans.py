@@ -16,7 +16,7 @@ import numpy as np
 def kmeans_plusplus(
     X: np.ndarray, sample_weight: np.ndarray, n_clusters: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """Choose ``n_clusters`` seeds from the rows of ``X`` by weighted k-means++ (greedy, 2+log k trials).
+    """Choose ``n_clusters`` seeds among the rows of ``X`` by greedy weighted k-means++.
 
     Parameters
     ----------

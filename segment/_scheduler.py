@@ -51,7 +51,8 @@ def compute_kwargs(scheduler: Any = None, n_workers: int | None = None) -> Itera
         except OSError as error:
             raise ValueError(
                 f"cannot connect to the dask scheduler at {scheduler}: {error}; "
-                "start one with `dask scheduler` and `dask worker ADDRESS`, or use --scheduler threads"
+                "start one with `dask scheduler` and `dask worker ADDRESS`, "
+                "or use --scheduler threads"
             ) from None
         try:
             yield {"scheduler": client}

@@ -249,8 +249,14 @@ def samples(out_dir: Path, noise, nonuniformity, shape, seed, overwrite, debug) 
     """
     from .samples import generate
 
-    written = generate(out_dir, noise=noise, nonuniformity=nonuniformity,
-                       shape=tuple(shape) if shape else None, seed=seed, overwrite=overwrite)  # fmt: skip
+    written = generate(
+        out_dir,
+        noise=noise,
+        nonuniformity=nonuniformity,
+        shape=tuple(shape) if shape else None,
+        seed=seed,
+        overwrite=overwrite,
+    )
     for path in written:
         click.echo(str(path))
 

@@ -360,7 +360,7 @@ class GaussianMixtureEM:
         return self.weights_, self.means_, self.precisions_cholesky_
 
     def predict_proba(self, X: Any) -> Any:
-        """Responsibilities ``r_nk``, shape (N, K): numpy for numpy input, lazy Dask for Dask input."""
+        """Responsibilities ``r_nk``, (N, K): numpy for numpy input, lazy Dask for Dask input."""
         X = self._check_fitted_features(X)
         lazy = isinstance(X, da.Array)
         proba = _chunked.map_rows(
@@ -378,6 +378,16 @@ class GaussianMixtureEM:
             _labels_block, 1, np.intp, self._params,
         )[:, 0]  # fmt: skip
         return labels if lazy else self._compute(labels)
+
+    def _labels_and_responsibilities(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Labels 1..K (uint8, (N,)) and float32 responsibilities (N, K), one E-step per chunk."""
+        X = self._check_fitted_features(X)
+        both = _chunked.map_rows(
+            _chunked.as_feature_array(X, self.chunk_size),
+            _labels_and_responsibilities_block, self.n_components + 1, np.float32, self._params,
+        )  # fmt: skip
+        both = self._compute(both)
+        return both[:, -1].astype(np.uint8), both[:, :-1]
 
     def fit_predict(self, X: Any, y: None = None) -> Any:
         """``fit(X)`` then ``predict(X)``."""
@@ -404,6 +414,15 @@ def _responsibilities_block(X, weights, means, precisions_chol):
 def _labels_block(X, weights, means, precisions_chol):
     resp = _em.responsibilities(X, weights, means, precisions_chol)
     return np.argmax(resp, axis=1)[:, None]
+
+
+def _labels_and_responsibilities_block(X, weights, means, precisions_chol):
+    """(N, K + 1) float32: responsibilities, then the 1-based label (exact in float32)."""
+    resp = _em.responsibilities(X, weights, means, precisions_chol)
+    out = np.empty((resp.shape[0], resp.shape[1] + 1), dtype=np.float32)
+    out[:, :-1] = resp
+    out[:, -1] = np.argmax(resp, axis=1) + 1
+    return out
 
 
 def _reseed_empty(nk, weights, means, covariances):
