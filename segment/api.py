@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -64,7 +65,11 @@ class SegmentationResult:
     labels : uint8 array of the spatial shape
         0 outside the mask (and for non-finite voxels), 1..K in ascending mean intensity.
     responsibilities : float32 array of the spatial shape + (K,)
-        Posterior probability of each label; zeros outside the mask.
+        Posterior probability of each label; zeros outside the mask. Built from
+        :attr:`flat_responsibilities` on each access (it is the largest array of a run).
+    flat_responsibilities : (n_voxels, K) float32 array
+        The same probabilities for the fitted voxels only, in :func:`segment.masking.flatten`
+        order.
     estimator : GaussianMixtureEM
         The fitted mixture (``means_``, ``covariances_``, ``weights_``, trace...).
     mask : bool array of the spatial shape
@@ -84,7 +89,7 @@ class SegmentationResult:
     """
 
     labels: np.ndarray
-    responsibilities: np.ndarray
+    flat_responsibilities: np.ndarray
     estimator: GaussianMixtureEM
     mask: np.ndarray
     n_nonfinite: int = 0
@@ -95,6 +100,15 @@ class SegmentationResult:
     mask_spec: str = "none"
     written: list[Path] = field(default_factory=list)
     """Files written by :meth:`save`."""
+
+    @property
+    def responsibilities(self) -> np.ndarray:
+        """Probabilities on the image grid, spatial shape + (K,), zeros outside the mask."""
+        return masking.unflatten(self.flat_responsibilities, self.mask)
+
+    def responsibility_volumes(self) -> _Volumes:
+        """The K probability maps as a lazy sequence, one spatial array built per index."""
+        return _Volumes(self.flat_responsibilities, self.mask)
 
     @property
     def log_likelihood_trace(self) -> list[float]:
@@ -108,16 +122,12 @@ class SegmentationResult:
 
     def volumes(self) -> list[dict[str, Any]]:
         """Voxel count and volume in mL of each label, hard and soft (sum of probabilities)."""
-        soft = self.responsibilities.reshape(-1, self.responsibilities.shape[-1]).sum(
-            axis=0, dtype=np.float64
-        )
+        soft = self.flat_responsibilities.sum(axis=0, dtype=np.float64)
         return sidecar.label_volumes(self.labels, soft, self.voxel_volume_ml)
 
     def sidecar(self, outputs: dict[str, str] | None = None, command_line=None) -> dict:
         """The JSON sidecar record (see :mod:`segment.sidecar`)."""
-        soft = self.responsibilities.reshape(-1, self.responsibilities.shape[-1]).sum(
-            axis=0, dtype=np.float64
-        )
+        soft = self.flat_responsibilities.sum(axis=0, dtype=np.float64)
         return sidecar.build_sidecar(
             estimator=self.estimator,
             labels=self.labels,
@@ -151,7 +161,9 @@ class SegmentationResult:
 
         Each file is written under a temporary name and renamed into place; the sidecar is
         written last, so its presence means the outputs are complete. Existing outputs are
-        only replaced with ``overwrite=True``.
+        only replaced with ``overwrite=True``. If writing fails or is interrupted (Ctrl-C), the
+        files this call already completed are removed again, and so are the folders it created
+        if they are left empty: each output set is complete or absent.
 
         Returns
         -------
@@ -166,11 +178,31 @@ class SegmentationResult:
             paths = naming.plain_output_paths(fake_input, out_dir, kind=reference.kind)
         wanted = [paths.dseg, paths.sidecar] + [paths.probseg] * probseg + [paths.qc] * qc
         check_outputs_free(wanted, overwrite)
+        created = _missing_dirs(paths.sidecar.parent)
         ensure_out_dir(paths.sidecar.parent)
+        done: list[Path] = []  # files completed by this call, removed again if it fails
+        try:
+            self._write_outputs(reference, paths, probseg, qc, command_line, extra, done)
+        except BaseException:  # incl. KeyboardInterrupt: leave no half-written set of outputs
+            for path in reversed(done):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            for folder in created:  # folders this call created, deepest first, if still empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
+        return paths
+
+    def _write_outputs(self, reference, paths, probseg, qc, command_line, extra, done) -> None:
+        """The writes of :meth:`save`; each completed file is appended to ``done``."""
+        from . import io
+
         start = time.perf_counter()
         io.write_labels(self.labels, reference, paths.dseg)
+        done.append(paths.dseg)
         if probseg:
-            io.write_probabilities(self.responsibilities, reference, paths.probseg)
+            io.write_probabilities(self.responsibility_volumes(), reference, paths.probseg)
+            done.append(paths.probseg)
         self.timings["write_s"] = time.perf_counter() - start
         if qc:
             from . import qc as qc_module
@@ -183,6 +215,7 @@ class SegmentationResult:
                 weights=self.estimator.weights_, mask=self.mask,
                 title=self.inputs[0].name if self.inputs else "",
             )  # fmt: skip
+            done.append(paths.qc)
             self.timings["qc_s"] = time.perf_counter() - start
         written = {"dseg": paths.dseg, "probseg": paths.probseg if probseg else None,
                    "qc": paths.qc if qc else None}  # fmt: skip
@@ -191,8 +224,23 @@ class SegmentationResult:
         record.update(extra or {})
         with io.atomic_write(paths.sidecar) as tmp:
             tmp.write_text(sidecar.dumps(record))
+        done.append(paths.sidecar)
         self.written = [p for p in written.values() if p is not None] + [paths.sidecar]
-        return paths
+
+
+class _Volumes:
+    """Sequence of K probability maps, each unflattened only when indexed."""
+
+    def __init__(self, flat: np.ndarray, mask: np.ndarray):
+        self.flat, self.mask = flat, mask
+
+    def __len__(self) -> int:
+        return self.flat.shape[1]
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        return masking.unflatten(self.flat[:, k], self.mask)
 
 
 def _array_reference(shape: tuple[int, ...]):
@@ -206,13 +254,23 @@ def _array_reference(shape: tuple[int, ...]):
                 (1.0,) * len(shape))  # fmt: skip
 
 
+def _missing_dirs(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
 def check_outputs_free(paths: Sequence[Path], overwrite: bool) -> None:
     """Refuse to replace existing outputs unless ``overwrite``."""
     if overwrite:
         return
     for path in paths:
         if Path(path).exists():
-            raise InputError(path, "exists; pass --overwrite (overwrite=True) to replace it")
+            raise InputError(path, "exists; pass --overwrite to replace it")
 
 
 def ensure_out_dir(out_dir: str | Path) -> Path:
@@ -239,8 +297,20 @@ def check_out_dir_creatable(out_dir: str | Path) -> None:
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir():
+        raise InputError(out_dir, f"cannot create the output folder: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(out_dir, f"cannot create the output folder: {parent} is not writable")
+
+
+def _check_mask_spec(mask: Any) -> None:
+    """A mask given as a path must exist (before any scan is loaded)."""
+    if not isinstance(mask, (str, Path)) or str(mask).lower() in ("none", "auto"):
+        return
+    if not Path(mask).exists():
+        raise InputError(
+            mask, "mask file not found; give a mask file on the scan's grid, 'auto' or 'none'"
+        )
 
 
 def _as_channels(array: Any, channel_axis: int | None) -> list[np.ndarray]:
@@ -320,7 +390,7 @@ def segment_array(
     timings["predict_s"] = time.perf_counter() - start
     return SegmentationResult(
         labels=masking.unflatten(labels, valid),
-        responsibilities=masking.unflatten(responsibilities, valid),
+        flat_responsibilities=responsibilities,
         estimator=estimator,
         mask=valid,
         n_nonfinite=n_nonfinite,
@@ -340,6 +410,8 @@ def segment_file(
     qc: bool = True,
     callback: Callable | None = None,
     command_line: Sequence[str] | None = None,
+    output_paths: naming.OutputPaths | None = None,
+    extra: dict[str, Any] | None = None,
     **options: Any,
 ) -> SegmentationResult:
     """Segment a scan file (or several co-registered channel files) and optionally save it.
@@ -361,6 +433,11 @@ def segment_file(
         Progress callback, see :func:`segment_array`.
     command_line : list of str, optional
         Recorded in the sidecar (default ``sys.argv``).
+    output_paths : OutputPaths, optional
+        Where to write instead of the plain names in ``out_dir`` (e.g.
+        :func:`segment.naming.bids_output_paths`); requires ``out_dir``.
+    extra : dict, optional
+        Added to the JSON sidecar (e.g. the pipeline and the final options).
     **options
         Model options, see :func:`segment_array`.
 
@@ -375,14 +452,15 @@ def segment_file(
                                else path_or_paths)]  # fmt: skip
     if not paths:
         raise SegmentError("no input file given")
-    output_paths = None
     if out_dir is not None:
         kind = "nifti" if paths[0].name.lower().endswith((".nii", ".nii.gz")) else "image"
-        output_paths = naming.plain_output_paths(paths[0], out_dir, kind=kind)
+        if output_paths is None:
+            output_paths = naming.plain_output_paths(paths[0], out_dir, kind=kind)
         wanted = [output_paths.dseg, output_paths.sidecar]
         wanted += [output_paths.probseg] * probseg + [output_paths.qc] * qc
         check_outputs_free(wanted, overwrite)
-        check_out_dir_creatable(out_dir)
+        check_out_dir_creatable(output_paths.sidecar.parent)
+    _check_mask_spec(mask)
     start = time.perf_counter()
     scans = [io.load_scan(p) for p in paths]
     for scan in scans[1:]:
@@ -407,11 +485,13 @@ def segment_file(
     result.timings = {"load_s": load_s, **result.timings}
     result.inputs = paths
     result.reference = scans[0]
-    result.mask_spec = "none" if mask is None else str(mask)
+    result.mask_spec = (
+        "none" if mask is None else "array" if isinstance(mask, np.ndarray) else str(mask)
+    )
     if out_dir is not None:
         result.save(
             out_dir, overwrite=overwrite, probseg=probseg, qc=qc, paths=output_paths,
-            command_line=command_line,
+            command_line=command_line, extra=extra,
         )  # fmt: skip
     return result
 

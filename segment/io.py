@@ -20,7 +20,7 @@ import struct
 import uuid
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +56,9 @@ SUPPORTED_EXTENSIONS: tuple[str, ...] = (
     ".bmp",
 )
 _NIFTI_EXTENSIONS = (".nii", ".nii.gz")
+#: gzip level of .nii.gz outputs. Level 1 writes probability maps about 3x faster than
+#: level 6 for files about 10 % larger; nibabel's own default is also 1.
+DEFAULT_COMPRESSLEVEL = 1
 _TIFF_EXTENSIONS = (".tif", ".tiff")
 # Coefficients of ITU-R BT.709 luminance, as in skimage.color.rgb2gray.
 _LUMINANCE = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)
@@ -490,7 +493,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_nifti(img, path: str | Path, *, compresslevel: int = 6) -> Path:
+def write_nifti(img, path: str | Path, *, compresslevel: int = DEFAULT_COMPRESSLEVEL) -> Path:
     """Save a nibabel NIfTI image atomically; ``.gz`` paths get a deterministic gzip stream.
 
     Parameters
@@ -571,7 +574,11 @@ def _output_format(path: Path, allowed: tuple[str, ...], what: str) -> str:
 
 
 def write_labels(
-    labels: np.ndarray, reference: Scan, path: str | Path, *, compresslevel: int = 6
+    labels: np.ndarray,
+    reference: Scan,
+    path: str | Path,
+    *,
+    compresslevel: int = DEFAULT_COMPRESSLEVEL,
 ) -> Path:
     """Write a label map on the grid of ``reference``.
 
@@ -625,14 +632,20 @@ def write_labels(
 
 
 def write_probabilities(
-    probabilities: np.ndarray, reference: Scan, path: str | Path, *, compresslevel: int = 6
+    probabilities: np.ndarray | Sequence[np.ndarray],
+    reference: Scan,
+    path: str | Path,
+    *,
+    compresslevel: int = DEFAULT_COMPRESSLEVEL,
 ) -> Path:
     """Write per-component probabilities on the grid of ``reference``.
 
     Parameters
     ----------
-    probabilities : (*reference.shape, K) array
-        Responsibilities in 0..1, components along the last axis.
+    probabilities : (*reference.shape, K) array, or a sequence of K arrays of reference.shape
+        Responsibilities in 0..1, components along the last axis. A sequence (e.g. a generator
+        object wrapped in a list-like that computes each volume when indexed) lets a
+        ``.nii.gz`` be written one component volume at a time, without holding all K.
     reference : Scan
         The segmented input.
     path : str or Path
@@ -649,28 +662,98 @@ def write_probabilities(
         ``path``.
     """
     path = Path(path)
-    probabilities = np.asarray(probabilities)
     ext = _output_format(path, (".nii.gz", ".nii", ".tif", ".tiff"), "probability output")
-    if probabilities.ndim != len(reference.shape) + 1 or (
-        probabilities.shape[:-1] != reference.shape
-    ):
-        raise ValueError(
-            f"probabilities shape {probabilities.shape} must be the scan shape "
-            f"{reference.shape} plus a components axis (K,)"
-        )
-    probabilities = probabilities.astype(np.float32, copy=False)
+    if isinstance(probabilities, np.ndarray):
+        if probabilities.ndim != len(reference.shape) + 1 or (
+            probabilities.shape[:-1] != reference.shape
+        ):
+            raise ValueError(
+                f"probabilities shape {probabilities.shape} must be the scan shape "
+                f"{reference.shape} plus a components axis (K,)"
+            )
+        volumes = [probabilities[..., k] for k in range(probabilities.shape[-1])]
+    else:
+        volumes = probabilities
+    n_components = len(volumes)
     if ext in _NIFTI_EXTENSIONS:
-        data = probabilities
-        if data.ndim == 3:  # 2-D grid: keep K on the fourth NIfTI axis.
-            data = data[:, :, np.newaxis, :]
-        img = _nifti_like(data, reference, cal=(0.0, 1.0), components_last=True)
-        return write_nifti(img, path, compresslevel=compresslevel)
-    _check_2d(probabilities[..., 0], path, "probability map")
+        shape = reference.shape + (1,) * (3 - len(reference.shape)) + (n_components,)
+        template = np.zeros((1,) * len(shape), dtype=np.float32)
+        img = _nifti_like(template, reference, cal=(0.0, 1.0), components_last=True)
+        img.header.set_data_shape(shape)
+        zooms = list(img.header.get_zooms())
+        zooms[: len(reference.zooms)] = reference.zooms
+        zooms[-1] = 1.0
+        img.header.set_zooms(zooms)
+        return write_nifti_volumes(img.header, volumes, path, compresslevel=compresslevel)
+    _check_2d(np.asarray(volumes[0]), path, "probability map")
     import tifffile
 
-    pages = np.ascontiguousarray(np.moveaxis(probabilities, -1, 0))
+    pages = np.stack([np.asarray(v, dtype=np.float32) for v in volumes])
     with atomic_write(path) as tmp:
         tifffile.imwrite(tmp, pages, photometric="minisblack")
+    return path
+
+
+def write_nifti_volumes(
+    header,
+    volumes: Sequence[np.ndarray],
+    path: str | Path,
+    *,
+    compresslevel: int = DEFAULT_COMPRESSLEVEL,
+    n_threads: int | None = None,
+) -> Path:
+    """Write a 4-D NIfTI one 3-D volume at a time, atomically.
+
+    For ``.nii.gz`` each volume is compressed as its own gzip member, in parallel threads (zlib
+    releases the GIL); a multi-member gzip file is a valid gzip file that nibabel, FSL, ITK and
+    AFNI read as one stream. Only ``n_threads + 1`` volumes are in memory at once.
+
+    Parameters
+    ----------
+    header : nibabel.Nifti1Header or Nifti2Header
+        Header of the whole image (shape, dtype, geometry already set).
+    volumes : sequence of arrays
+        The volumes along the last axis, each of the spatial shape; indexed in order.
+    path : str or Path
+    compresslevel : int
+        gzip level (1 is ~3x faster than 6 for ~10 % larger files of probabilities).
+    n_threads : int, optional
+        Compression threads (default: number of cores).
+    """
+    import io as _io
+    import zlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = Path(path)
+    dtype = header.get_data_dtype()
+    head = _io.BytesIO()
+    header.write_to(head)
+    head.write(b"\0" * (int(header["vox_offset"]) - head.tell()))
+
+    def raw_bytes(index: int) -> bytes:
+        return np.asarray(volumes[index], dtype=dtype).tobytes(order="F")
+
+    def compress(data: bytes) -> bytes:
+        packer = zlib.compressobj(compresslevel, zlib.DEFLATED, 31)  # 31: gzip wrapper
+        return packer.compress(data) + packer.flush()
+
+    with atomic_write(path) as tmp, open(tmp, "wb") as stream:
+        if not path.name.lower().endswith(".gz"):
+            stream.write(head.getvalue())
+            for index in range(len(volumes)):
+                stream.write(raw_bytes(index))
+            return path
+        n_threads = n_threads or os.cpu_count() or 1
+        with ThreadPoolExecutor(n_threads) as pool:
+            pending = [pool.submit(compress, head.getvalue())]
+            for index in range(len(volumes)):
+                data = raw_bytes(index)
+                pending.append(pool.submit(compress, data))
+                del data
+                while len(pending) > n_threads:
+                    stream.write(pending.pop(0).result())
+            for future in pending:
+                stream.write(future.result())
     return path
 
 
