@@ -59,7 +59,7 @@ def _handle_errors(func):
             except OSError as error:
                 if debug:
                     raise
-                raise click.ClickException(f"{error.filename or ''}: {error.strerror}") from None
+                raise click.ClickException(_os_error_message(error)) from None
             except Exception as error:  # noqa: BLE001 - the one place that hides tracebacks
                 if debug:
                     raise
@@ -71,24 +71,45 @@ def _handle_errors(func):
     return wrapper
 
 
+def _os_error_message(error: OSError) -> str:
+    """``<file>: <reason>`` for an OSError, on one line, whatever fields it carries."""
+    reason = error.strerror or " ".join(str(error).split()) or type(error).__name__
+    names = [str(name) for name in (error.filename, error.filename2) if name]
+    return f"{' -> '.join(names)}: {reason}" if names else reason
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
+    _ProgressLine.end()
     click.echo(f"warning: {message}", err=True)
 
 
-def _progress_printer(quiet: bool):
-    """Print EM progress to stderr when it is a terminal."""
-    if quiet or not sys.stderr.isatty():
-        return None
+class _ProgressLine:
+    """EM progress rewritten in place on one stderr line; ended before anything else prints."""
 
-    def callback(iteration: int, log_likelihood: float, change: float) -> None:
+    is_open = False
+
+    def __call__(self, iteration: int, log_likelihood: float, change: float) -> None:
         click.echo(
             f"\r  EM iteration {iteration:4d}  log-likelihood {log_likelihood:.6e}  "
             f"change/voxel {change:.2e}",
             err=True,
             nl=False,
         )
+        _ProgressLine.is_open = True
 
-    return callback
+    @classmethod
+    def end(cls) -> None:
+        """Finish the progress line (if one is open) so the next message starts a new line."""
+        if cls.is_open:
+            cls.is_open = False
+            click.echo("", err=True)
+
+
+def _progress_printer(quiet: bool):
+    """Print EM progress to stderr when it is a terminal."""
+    if quiet or not sys.stderr.isatty():
+        return None
+    return _ProgressLine()
 
 
 def _check_scheduler(ctx, param, value):
@@ -105,6 +126,9 @@ def _check_scheduler(ctx, param, value):
 def model_options(func):
     """Options shared by ``run`` and ``batch``."""
     options = [
+        click.option("-p", "--pipeline", default=None, metavar="NAME|FILE",
+                     help="Preset of options (see `segment pipelines`); options given on the "
+                          "command line override it."),
         click.option("-k", "--n-components", type=click.IntRange(1, 255), default=6,
                      show_default=True, help="Number of tissue classes K."),
         click.option("--mask", "mask", default="none", show_default=True, metavar="PATH|auto|none",
@@ -126,8 +150,10 @@ def model_options(func):
                      help="Dask scheduler [default: threads]."),
         click.option("--workers", type=click.IntRange(min=1), default=None,
                      help="Threads/processes for the local schedulers [default: all cores]."),
-        click.option("--no-probseg", is_flag=True, help="Do not write the probability maps."),
-        click.option("--no-qc", is_flag=True, help="Do not write the QC picture."),
+        click.option("--no-probseg/--probseg", "no_probseg", default=False,
+                     help="Do not write the probability maps [default: write them]."),
+        click.option("--no-qc/--qc", "no_qc", default=False,
+                     help="Do not write the QC picture [default: write it]."),
         click.option("--overwrite", is_flag=True, help="Replace existing outputs."),
         click.option("-q", "--quiet", is_flag=True, help="No progress or warnings on stderr."),
         click.option("--debug", is_flag=True, help="Show tracebacks."),
@@ -135,6 +161,38 @@ def model_options(func):
     for option in reversed(options):
         func = option(func)
     return func
+
+
+#: Settings a pipeline can set -> the click parameter that overrides it.
+_SETTING_PARAMS = {"n_components": "n_components", "max_iter": "max_iter", "tol": "tol",
+                   "variance_floor": "variance_floor", "seed": "seed", "chunk_size": "chunk_size",
+                   "mask": "mask", "probseg": "no_probseg", "qc": "no_qc"}  # fmt: skip
+
+
+def _apply_pipeline(kwargs: dict):
+    """Resolve defaults < ``--pipeline`` < options typed on the command line, in ``kwargs``.
+
+    Updates the option values in ``kwargs``; returns the pipeline (or None) and what the JSON
+    sidecar records: the pipeline (name, path, sha256), the final options and their sources.
+    """
+    from click.core import ParameterSource
+
+    from .pipelines import load_pipeline, resolve_options
+
+    ctx = click.get_current_context()
+    pipeline = load_pipeline(kwargs["pipeline"]) if kwargs.get("pipeline") else None
+    given = {}
+    for key, param in _SETTING_PARAMS.items():
+        if ctx.get_parameter_source(param) not in (ParameterSource.DEFAULT, None):
+            given[key] = not kwargs[param] if param.startswith("no_") else kwargs[param]
+    settings, sources = resolve_options(pipeline, given)
+    for key, param in _SETTING_PARAMS.items():
+        kwargs[param] = not settings[key] if param.startswith("no_") else settings[key]
+    return pipeline, {
+        "pipeline": pipeline.record() if pipeline else None,
+        "final_options": settings,
+        "option_sources": sources,
+    }
 
 
 def _model_kwargs(kwargs: dict) -> dict:
@@ -145,8 +203,8 @@ def _model_kwargs(kwargs: dict) -> dict:
 
 # ------------------------------------------------------------------------------ commands
 @cli.command(context_settings=CONTEXT_SETTINGS)
-@click.argument("inputs", nargs=-1, required=True,
-                type=click.Path(path_type=Path, dir_okay=True))  # fmt: skip
+@click.argument("inputs", nargs=-1, required=True,  # unreadable: load_scan's exit-1 message
+                type=click.Path(path_type=Path, readable=False))  # fmt: skip
 @click.option("-o", "--out-dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Output folder (created if needed).")  # fmt: skip
 @model_options
@@ -168,14 +226,17 @@ def run(inputs: tuple[Path, ...], out_dir: Path, **kwargs) -> None:
     from .api import segment_file
 
     start = time.perf_counter()
+    _, extra = _apply_pipeline(kwargs)
     callback = _progress_printer(kwargs["quiet"])
-    result = segment_file(
-        list(inputs), out_dir, mask=None if kwargs["mask"] == "none" else kwargs["mask"],
-        overwrite=kwargs["overwrite"], probseg=not kwargs["no_probseg"], qc=not kwargs["no_qc"],
-        callback=callback, command_line=["segment", *sys.argv[1:]], **_model_kwargs(kwargs),
-    )  # fmt: skip
-    if callback is not None:
-        click.echo("", err=True)
+    try:
+        result = segment_file(
+            list(inputs), out_dir, mask=None if kwargs["mask"] == "none" else kwargs["mask"],
+            overwrite=kwargs["overwrite"], probseg=not kwargs["no_probseg"],
+            qc=not kwargs["no_qc"], callback=callback,
+            command_line=["segment", *sys.argv[1:]], extra=extra, **_model_kwargs(kwargs),
+        )  # fmt: skip
+    finally:
+        _ProgressLine.end()  # also before an error message
     estimator = result.estimator
     if not kwargs["quiet"]:
         click.echo(
@@ -259,6 +320,151 @@ def samples(out_dir: Path, noise, nonuniformity, shape, seed, overwrite, debug) 
     )
     for path in written:
         click.echo(str(path))
+
+
+def _batch_progress(quiet: bool):
+    """``on_result`` callback: a one-line bar on a terminal, else one log line per scan."""
+    if quiet:
+        return None
+    start, tty, ran = time.perf_counter(), sys.stderr.isatty(), []
+
+    def on_result(row: dict, done: int, total: int) -> None:
+        elapsed = time.perf_counter() - start
+        failed = on_result.failed = on_result.failed + (row["status"] == "failed")
+        if row["status"] != "skipped":
+            ran.append(elapsed)
+        detail = f": {row['error']}" if row["error"] else (
+            f" (K={row['K']}, {row['iterations']} iterations, {row['seconds']:.1f} s)"
+            if row["status"] == "ok" else "")  # fmt: skip
+        if not tty:
+            click.echo(f"[{done}/{total}] {row['input']}: {row['status']}{detail}", err=True)
+            return
+        if row["status"] == "failed":
+            click.echo(f"\r\033[K{row['input']}: failed{detail}", err=True)
+        eta = elapsed / len(ran) * (total - done) if ran and done < total else 0.0
+        bar = "#" * (30 * done // total) + "-" * (30 - 30 * done // total)
+        click.echo(f"\r\033[K[{bar}] {done}/{total} scans, {failed} failed, "
+                   f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}", err=True,
+                   nl=done == total)  # fmt: skip
+
+    on_result.failed = 0
+    return on_result
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60:d}:{minutes % 60:02d}:{seconds:02d}"
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("input_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option(
+    "-o",
+    "--out-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Output folder; input sub-folders are mirrored in it. Required unless "
+    "--bids (then INPUT_DIR, outputs in derivatives/segment/).",
+)
+@click.option(
+    "--pattern",
+    "patterns",
+    multiple=True,
+    metavar="GLOB",
+    help="Scans to take, e.g. '*T1w.nii.gz' (repeatable; matched on the file name, "
+    "or the relative path if it has a /) [default: all NIfTI and 2-D images].",
+)
+@click.option("-r", "--recursive", is_flag=True, help="Look in sub-folders too.")
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Scans at once on this machine [default: CPU count].",
+)
+@click.option(
+    "--resume/--no-resume",
+    default=True,
+    show_default=True,
+    help="Skip scans whose outputs are complete and made with the same options.",
+)
+@click.option("--bids", is_flag=True, help="INPUT_DIR is a BIDS dataset: write a BIDS derivative.")
+@click.option("--subject", "subjects", multiple=True, help="BIDS: only this subject (repeatable).")
+@click.option("--session", "sessions", multiple=True, help="BIDS: only this session (repeatable).")
+@click.option(
+    "--suffix",
+    "suffixes",
+    multiple=True,
+    help="BIDS: only this suffix, e.g. T1w (repeatable) [default: all anat NIfTI].",
+)
+@model_options
+@_handle_errors
+def batch(input_dir: Path, out_dir: Path | None, **kwargs) -> None:
+    """Segment every scan in INPUT_DIR, several at once, locally or on a Dask cluster.
+
+    Writes the outputs of `segment run` for each scan and OUT_DIR/batch_summary.tsv (one row
+    per scan: status ok/failed/skipped, error, K, iterations, log-likelihood, seconds). A
+    failing scan does not stop the others; the exit code is 1 if any failed. Re-running
+    finishes an interrupted batch. --scheduler tcp://HOST:8786 runs the scans on a running
+    dask.distributed cluster (`dask scheduler`, then `dask worker tcp://HOST:8786` on each
+    machine; all must see the files at the same paths); 'synchronous' runs one scan at a
+    time in this process. --workers gives each scan's EM that many threads.
+
+    \b
+    Examples:
+      segment batch scans/ -o out/ --recursive --jobs 4
+      segment batch scans/ -o out/ --pipeline t1-brain-3class --pattern '*T1w.nii.gz'
+      segment batch bids/ --bids --suffix T1w --pipeline t1-head-6class
+      segment batch scans/ -o out/ --scheduler tcp://10.0.0.5:8786
+    """
+    from .batch import run_batch
+
+    if out_dir is None and not kwargs["bids"]:
+        raise click.UsageError("Missing option '-o' / '--out-dir' (required unless --bids).")
+    if not kwargs["bids"] and (kwargs["subjects"] or kwargs["sessions"] or kwargs["suffixes"]):
+        raise click.UsageError("--subject, --session and --suffix need --bids.")
+    pipeline, extra = _apply_pipeline(kwargs)
+    result = run_batch(
+        input_dir, out_dir, patterns=kwargs["patterns"], recursive=kwargs["recursive"],
+        bids=kwargs["bids"], subjects=kwargs["subjects"], sessions=kwargs["sessions"],
+        suffixes=kwargs["suffixes"], pipeline=pipeline, settings=extra["final_options"],
+        sources=extra["option_sources"], jobs=kwargs["jobs"], scheduler=kwargs["scheduler"],
+        workers=kwargs["workers"], resume=kwargs["resume"], overwrite=kwargs["overwrite"],
+        on_result=_batch_progress(kwargs["quiet"]), command_line=["segment", *sys.argv[1:]],
+    )  # fmt: skip
+    counts = {s: sum(r["status"] == s for r in result.rows) for s in ("ok", "skipped", "failed")}
+    if not kwargs["quiet"]:
+        click.echo(", ".join(f"{n} {s}" for s, n in counts.items()) + f"; see {result.summary}",
+                   err=True)  # fmt: skip
+    click.echo(str(result.summary))
+    if counts["failed"]:
+        raise SystemExit(1)
+
+
+@cli.command("pipelines", context_settings=CONTEXT_SETTINGS)
+@click.argument("name", required=False, metavar="[NAME|FILE]")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@_handle_errors
+def pipelines_command(name: str | None, debug: bool) -> None:
+    """List the pipeline presets, or check and print one (NAME or a .toml FILE).
+
+    Use a preset with `segment run/batch --pipeline NAME`; options given on the command line
+    override it. Copy a preset's file to make your own.
+    """
+    from .pipelines import list_pipelines, load_pipeline
+
+    if name is not None:
+        pipeline = load_pipeline(name)
+        click.echo(f"# {pipeline.path}")
+        click.echo(pipeline.path.read_text(encoding="utf-8"), nl=False)
+        return
+    presets = list_pipelines()
+    width = max((len(p.name) for p in presets), default=0)
+    for pipeline in presets:
+        click.echo(f"{pipeline.name:<{width}}  {pipeline.description}")
+    if presets:
+        click.echo(f"\n(from {presets[0].path.parent}; `segment pipelines NAME` shows one)",
+                   err=True)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

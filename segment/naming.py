@@ -12,12 +12,23 @@ returns the same :class:`OutputPaths` record (adding optional fields, e.g. a mas
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from segment.io import scan_stem
 
-__all__ = ["KINDS", "OutputPaths", "plain_output_paths"]
+__all__ = [
+    "KINDS",
+    "OutputPaths",
+    "plain_output_paths",
+    "BIDS_ENTITIES",
+    "parse_bids_entities",
+    "bids_output_paths",
+    "derivative_description",
+    "dseg_tsv",
+]
 
 #: Scan kinds, as in :attr:`segment.io.Scan.kind`.
 KINDS = ("nifti", "image")
@@ -44,12 +55,15 @@ class OutputPaths:
         JSON provenance (fitted parameters, options, volumes).
     qc : Path
         Quality-control PNG.
+    probseg_sidecar : Path or None
+        BIDS JSON of the probabilities (``LabelMap``, ``Sources``); BIDS mode only.
     """
 
     dseg: Path
     probseg: Path
     sidecar: Path
     qc: Path
+    probseg_sidecar: Path | None = None
 
     def all(self) -> list[Path]:
         """Every output path, in field order (fields set to ``None`` are skipped)."""
@@ -91,3 +105,141 @@ def plain_output_paths(input_path: str | Path, out_dir: str | Path, *, kind: str
         sidecar=out_dir / f"{stem}_segment.json",
         qc=out_dir / f"{stem}_qc.png",
     )
+
+
+# --------------------------------------------------------------------------------------------
+# BIDS derivatives
+# --------------------------------------------------------------------------------------------
+#: BIDS entities in the order the specification puts them in file names.
+BIDS_ENTITIES: tuple[str, ...] = (
+    "sub", "ses", "sample", "task", "tracksys", "acq", "nuc", "voi", "ce", "trc", "stain",
+    "rec", "dir", "run", "mod", "echo", "flip", "inv", "mt", "part", "proc", "hemi", "space",
+    "split", "recording", "chunk", "seg", "res", "den", "label", "desc",
+)  # fmt: skip
+_ENTITY = re.compile(r"^([a-zA-Z]+)-([a-zA-Z0-9]+)$")
+_SUFFIX = re.compile(r"^[a-zA-Z0-9]+$")
+
+#: BIDS "common image-derived labels" that class names map onto (name -> (index, abbreviation)).
+_BIDS_COMMON_LABELS: dict[str, tuple[int, str]] = {
+    "grey matter": (1, "GM"), "gray matter": (1, "GM"), "gm": (1, "GM"),
+    "white matter": (2, "WM"), "wm": (2, "WM"),
+    "csf": (3, "CSF"), "cerebrospinal fluid": (3, "CSF"),
+}  # fmt: skip
+
+
+def parse_bids_entities(path: str | Path) -> dict[str, str]:
+    """Entities of a BIDS file name, plus ``suffix``.
+
+    Parameters
+    ----------
+    path : str or Path
+        E.g. ``sub-01/ses-pre/anat/sub-01_ses-pre_acq-mprage_run-2_T1w.nii.gz``.
+
+    Returns
+    -------
+    dict
+        Entity key -> label in file-name order, and ``"suffix"`` (e.g. ``"T1w"``).
+
+    Raises
+    ------
+    ValueError
+        The name is not ``key-label_..._suffix`` or has no ``sub`` entity.
+
+    Examples
+    --------
+    >>> parse_bids_entities("sub-01_ses-pre_run-2_T1w.nii.gz")
+    {'sub': '01', 'ses': 'pre', 'run': '2', 'suffix': 'T1w'}
+    """
+    parts = scan_stem(path).split("_")
+    entities: dict[str, str] = {}
+    problem = "" if len(parts) > 1 and _SUFFIX.match(parts[-1]) else "no _<suffix>"
+    for part in parts[:-1]:
+        match = _ENTITY.match(part)
+        if not match:
+            problem = problem or f"{part!r} is not a key-label entity"
+            break
+        entities[match[1]] = match[2]
+    if not problem and "sub" not in entities:
+        problem = "no sub-<label> entity"
+    if problem:
+        raise ValueError(
+            f"{Path(path).name}: not a BIDS file name (sub-<label>[_key-<label>...]_<suffix>): "
+            f"{problem}"
+        )
+    return {**entities, "suffix": parts[-1]}
+
+
+def bids_output_paths(
+    input_path: str | Path, derivative_root: str | Path, *, desc: str | None = None
+) -> OutputPaths:
+    """BIDS-derivative output names for the scan ``input_path``.
+
+    ``<root>/sub-XX/[ses-YY/]anat/<source entities>[_desc-<desc>]_dseg.nii.gz`` and
+    ``..._probseg.nii.gz``, with ``..._dseg.json`` (the full provenance sidecar) and
+    ``..._probseg.json`` (``LabelMap``) next to them; the QC picture goes to
+    ``<root>/sub-XX/figures/``.  The source's own ``desc`` entity is replaced.
+
+    Examples
+    --------
+    >>> paths = bids_output_paths("sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz", "d", desc="x")
+    >>> str(paths.dseg)
+    'd/sub-01/ses-1/anat/sub-01_ses-1_desc-x_dseg.nii.gz'
+    """
+    entities = parse_bids_entities(input_path)
+    entities.pop("suffix")
+    entities.pop("desc", None)
+    if desc:
+        entities["desc"] = re.sub(r"[^a-zA-Z0-9]", "", desc)
+    order = {key: i for i, key in enumerate(BIDS_ENTITIES)}
+    keys = sorted(entities, key=lambda k: order.get(k, len(order)))
+    prefix = "_".join(f"{k}-{entities[k]}" for k in keys)
+    folder = Path(derivative_root) / f"sub-{entities['sub']}"
+    if "ses" in entities:
+        folder = folder / f"ses-{entities['ses']}"
+    return OutputPaths(
+        dseg=folder / "anat" / f"{prefix}_dseg.nii.gz",
+        probseg=folder / "anat" / f"{prefix}_probseg.nii.gz",
+        sidecar=folder / "anat" / f"{prefix}_dseg.json",
+        qc=Path(derivative_root) / f"sub-{entities['sub']}" / "figures" / f"{prefix}_qc.png",
+        probseg_sidecar=folder / "anat" / f"{prefix}_probseg.json",
+    )
+
+
+def derivative_description(version: str, *, source: str = "../..", pipeline=None) -> dict:
+    """``dataset_description.json`` of the ``derivatives/segment`` dataset."""
+    generated = {"Name": "segment", "Version": version,
+                 "CodeURL": "https://pypi.org/project/segment/"}  # fmt: skip
+    if pipeline is not None:
+        generated["Description"] = f"pipeline {pipeline}"
+    return {
+        "Name": "segment: Gaussian-mixture tissue segmentation",
+        "BIDSVersion": "1.9.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [generated],
+        "SourceDatasets": [{"URL": source}],
+        "DatasetLinks": {"raw": source},
+    }
+
+
+def label_table(names: list[str]) -> list[dict[str, Any]]:
+    """Rows of ``dseg.tsv``: ``index``, ``name``, ``abbreviation``, ``mapping``.
+
+    ``mapping`` is the index of the BIDS common image-derived label (GM 1, WM 2, CSF 3) when a
+    class name is one of them, else ``n/a``.  Our labels are ordered by ascending mean
+    intensity, not by BIDS index, so the mapping is what links the two.
+    """
+    rows = []
+    for index, name in enumerate(names, start=1):
+        common = _BIDS_COMMON_LABELS.get(name.lower())
+        abbreviation = common[1] if common else re.sub(r"[^A-Za-z0-9]", "", name)[:6].upper()
+        rows.append({"index": index, "name": name, "abbreviation": abbreviation,
+                     "mapping": common[0] if common else "n/a"})  # fmt: skip
+    return rows
+
+
+def dseg_tsv(names: list[str]) -> str:
+    """Text of the derivative's root ``dseg.tsv`` for labels 1..K named ``names``."""
+    lines = ["index\tname\tabbreviation\tmapping"]
+    lines += [f"{r['index']}\t{r['name']}\t{r['abbreviation']}\t{r['mapping']}"
+              for r in label_table(names)]  # fmt: skip
+    return "\n".join(lines) + "\n"

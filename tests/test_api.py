@@ -1,0 +1,351 @@
+"""Tests of the Python API: ``segment_array``, ``segment_file`` and ``SegmentationResult.save``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import segment
+from segment import (
+    ConvergenceWarning,
+    DataWarning,
+    InputError,
+    SegmentationResult,
+    SegmentError,
+    segment_array,
+    segment_file,
+)
+
+K = 3
+
+
+@pytest.fixture
+def picture(rng) -> np.ndarray:
+    """(40, 50) picture with three classes (~40, ~120, ~200) and noise."""
+    data = np.full((40, 50), 40.0)
+    data[8:32, 10:40] = 120.0
+    data[15:25, 20:30] = 200.0
+    return data + rng.normal(0.0, 6.0, data.shape)
+
+
+@pytest.fixture
+def tissues(rng) -> np.ndarray:
+    """(20, 24, 16) volume, three nested classes (~100, ~400, ~800), integer values."""
+    data = np.full((20, 24, 16), 100.0)
+    data[4:16, 4:20, 3:13] = 400.0
+    data[8:12, 8:16, 6:10] = 800.0
+    return np.round(data + rng.normal(0.0, 15.0, data.shape))
+
+
+@pytest.fixture
+def scan(make_nifti, tissues) -> Path:
+    return make_nifti(tissues, "scan.nii.gz")
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+# ------------------------------------------------------------------------------ exports
+def test_public_api_is_exported():
+    for name in ("segment_file", "segment_array", "SegmentationResult", "GaussianMixtureEM"):
+        assert name in segment.__all__ and hasattr(segment, name)
+    assert segment.segment_file is segment.api.segment_file
+    assert "segment_file" in dir(segment)
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        segment.no_such_thing  # noqa: B018
+
+
+# ------------------------------------------------------------------------------ segment_array
+def test_segment_array_2d(picture):
+    result = segment_array(picture, n_components=K)
+    assert isinstance(result, SegmentationResult)
+    assert result.labels.shape == picture.shape and result.labels.dtype == np.uint8
+    assert result.responsibilities.shape == picture.shape + (K,)
+    assert result.responsibilities.dtype == np.float32
+    np.testing.assert_allclose(result.responsibilities.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(result.responsibilities.argmax(-1) + 1, result.labels)
+    assert result.labels[0, 0] == 1 and result.labels[12, 12] == 2 and result.labels[20, 25] == 3
+    means = result.estimator.means_.ravel()
+    assert np.all(np.diff(means) > 0)
+    np.testing.assert_allclose(means, [40, 120, 200], atol=3)
+    assert result.log_likelihood_trace == result.estimator.log_likelihood_trace_
+    assert len(result.log_likelihood_trace) == result.estimator.n_iter_
+    assert result.mask.all() and result.mask_spec == "none" and result.inputs == []
+
+
+def test_segment_array_labels_are_ordered_by_mean(tissues):
+    result = segment_array(tissues, n_components=K, seed=5)
+    label_means = [tissues[result.labels == k].mean() for k in (1, 2, 3)]
+    assert label_means == sorted(label_means)
+
+
+def test_segment_array_trace_never_decreases(picture):
+    with pytest.warns(ConvergenceWarning, match="max_iter"):
+        result = segment_array(picture, n_components=K, tol=0, max_iter=8)
+    trace = np.array(result.log_likelihood_trace)
+    assert len(trace) == 8
+    assert np.all(np.diff(trace) >= -1e-8 * np.abs(trace[:-1]))
+
+
+def test_segment_array_callback_reports_each_iteration(picture):
+    calls = []
+    with pytest.warns(ConvergenceWarning):
+        result = segment_array(
+            picture, n_components=K, tol=0, max_iter=5, callback=lambda *args: calls.append(args)
+        )
+    assert [c[0] for c in calls] == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose([c[1] for c in calls], result.log_likelihood_trace)
+    assert all(np.isfinite(c[2]) for c in calls)
+
+
+def test_segment_array_mask_gives_label_zero_outside(picture):
+    mask = np.zeros(picture.shape, bool)
+    mask[5:35, 5:45] = True
+    result = segment_array(picture, mask, n_components=K)
+    assert (result.labels[~mask] == 0).all() and (result.labels[mask] > 0).all()
+    assert (result.responsibilities[~mask] == 0).all()
+    np.testing.assert_allclose(result.responsibilities[mask].sum(-1), 1.0, atol=1e-5)
+    assert result.mask_spec == "array"
+    assert result.estimator.n_samples_ == mask.sum()
+
+
+def test_segment_array_nonfinite_voxels(picture):
+    data = picture.copy()
+    data[0, :4] = np.nan
+    data[1, 0] = -np.inf
+    with pytest.warns(DataWarning, match="^5 non-finite voxels"):
+        result = segment_array(data, n_components=K)
+    assert result.n_nonfinite == 5
+    assert (result.labels == 0).sum() == 5 and result.labels[0, 0] == 0
+    assert (result.responsibilities[0, :4] == 0).all()
+
+
+def test_segment_array_channels(picture, rng):
+    second = 300 - picture + rng.normal(0, 2, picture.shape)
+    as_list = segment_array([picture, second], n_components=K)
+    stacked = segment_array(np.stack([picture, second], -1), channel_axis=-1, n_components=K)
+    assert as_list.estimator.means_.shape == (K, 2)
+    assert as_list.estimator.covariances_.shape == (K, 2, 2)
+    np.testing.assert_array_equal(as_list.labels, stacked.labels)
+
+
+def test_segment_array_is_deterministic_across_chunkings(tissues):
+    one = segment_array(tissues, n_components=K, chunk_size=10**6, scheduler="synchronous")
+    many = segment_array(tissues, n_components=K, chunk_size=733, workers=2)
+    np.testing.assert_array_equal(one.labels, many.labels)
+    np.testing.assert_allclose(one.estimator.means_, many.estimator.means_, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("array", "options", "message"),
+    [
+        (np.arange(10.0), {}, "2-D or 3-D image"),
+        (np.arange(10.0).reshape(1, 10), {}, "2-D or 3-D image"),
+        (np.full((10, 12), np.nan), {"n_components": 2}, "NaN or inf"),
+        (np.full((10, 12), 3.0), {"n_components": 2}, "constant"),
+        (np.tile([1.0, 2.0], (10, 6)), {"n_components": 3}, "only 2 distinct intensities"),
+        (np.ones((10, 12)), {"n_components": 0}, "n_components must be an integer"),
+        (np.ones((10, 12)), {"colour": "blue"}, r"unknown option\(s\) \['colour'\]"),
+        (np.ones((10, 12)), {"scheduler": "bogus"}, "scheduler='bogus'"),
+        ([np.ones((10, 12)), np.ones((10, 13))], {}, "same shape"),
+    ],
+)
+def test_segment_array_bad_inputs(array, options, message):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        with pytest.raises((SegmentError, ValueError), match=message):
+            segment_array(array, **options)
+
+
+# ------------------------------------------------------------------------------ segment_file
+def test_segment_file_without_out_dir_writes_nothing(scan, tmp_path, tissues, affine):
+    before = files_in(tmp_path)
+    result = segment_file(scan, n_components=K)
+    assert files_in(tmp_path) == before and result.written == []
+    assert result.inputs == [scan]
+    np.testing.assert_allclose(result.reference.affine, affine)
+    assert result.labels.shape == tissues.shape
+    assert {"load_s", "flatten_s", "fit_s", "predict_s"} <= set(result.timings)
+
+
+def test_segment_file_matches_segment_array(scan, tissues):
+    from_file = segment_file(str(scan), n_components=K, seed=4)
+    from_array = segment_array(tissues, n_components=K, seed=4)
+    np.testing.assert_array_equal(from_file.labels, from_array.labels)
+    np.testing.assert_allclose(from_file.estimator.means_, from_array.estimator.means_)
+
+
+def test_uncompressed_nifti_stays_memory_mapped(make_nifti, tissues):
+    from segment.io import load_scan
+
+    path = make_nifti(tissues, "lazy.nii")
+    data = load_scan(path).data
+    assert isinstance(data, np.memmap)
+    result = segment_file(path, n_components=K)
+    assert isinstance(result.reference.data, np.memmap)
+    assert result.labels.shape == tissues.shape
+
+
+def test_segment_file_saves_and_round_trips(scan, tmp_path, affine):
+    out_dir = tmp_path / "deep" / "out"
+    result = segment_file(scan, out_dir, n_components=K, command_line=["my", "call"])
+    names = ["scan_dseg.nii.gz", "scan_probseg.nii.gz", "scan_qc.png", "scan_segment.json"]
+    assert [p.name for p in result.written] == names
+    assert files_in(out_dir) == sorted(names)
+    dseg = nib.load(out_dir / "scan_dseg.nii.gz")
+    np.testing.assert_array_equal(np.asarray(dseg.dataobj), result.labels)
+    np.testing.assert_allclose(dseg.affine, affine)
+    probseg = nib.load(out_dir / "scan_probseg.nii.gz")
+    np.testing.assert_array_equal(probseg.get_fdata(dtype=np.float32), result.responsibilities)
+    record = segment.api.read_sidecar(out_dir / "scan_segment.json")
+    assert record["command_line"] == ["my", "call"]
+    assert record["inputs"][0]["sha256"] == hashlib.sha256(scan.read_bytes()).hexdigest()
+    assert record["model"]["log_likelihood_trace"] == result.log_likelihood_trace
+    assert [v["n_voxels"] for v in record["labels"]] == [
+        int((result.labels == k).sum()) for k in (1, 2, 3)
+    ]
+
+
+def test_segment_file_2d_outputs(make_image, picture, tmp_path):
+    import skimage.io
+    import tifffile
+
+    path = make_image(picture.astype(np.uint8), "slice.png")
+    result = segment_file(path, tmp_path / "out", n_components=K, qc=False)
+    assert [p.name for p in result.written] == [
+        "slice_dseg.png",
+        "slice_probseg.tif",
+        "slice_segment.json",
+    ]
+    np.testing.assert_array_equal(skimage.io.imread(result.written[0]), result.labels)
+    np.testing.assert_array_equal(
+        tifffile.imread(result.written[1]), np.moveaxis(result.responsibilities, -1, 0)
+    )
+
+
+def test_segment_file_warning_names_the_file(make_nifti, tissues):
+    data = tissues.astype(np.float32)
+    data[0, 0, 0] = np.nan
+    path = make_nifti(data, "nan.nii.gz", dtype=np.float32)
+    with pytest.warns(DataWarning, match=f"^{path}: 1 non-finite voxels"):
+        result = segment_file(path, n_components=K)
+    assert result.labels[0, 0, 0] == 0
+
+
+def test_segment_file_mask_options(make_nifti, tissues, scan):
+    mask = np.zeros(tissues.shape, np.uint8)
+    mask[2:18, 2:22, 1:15] = 1
+    mask_path = make_nifti(mask, "mask.nii.gz", dtype=np.uint8)
+    result = segment_file(scan, mask=mask_path, n_components=K)
+    assert (result.labels[mask == 0] == 0).all() and result.mask_spec == str(mask_path)
+    result = segment_file(scan, mask=mask.astype(bool), n_components=K)
+    assert (result.labels[mask == 0] == 0).all() and result.mask_spec == "array"
+    result = segment_file(scan, mask="auto", n_components=2)
+    assert result.mask_spec == "auto" and 0 < result.mask.sum() < mask.size
+
+
+def test_segment_file_checks_outputs_before_fitting(scan, tmp_path, monkeypatch):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "scan_segment.json").write_text("{}")
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted although an output exists")
+
+    monkeypatch.setattr(segment.GaussianMixtureEM, "fit", no_fit)
+    with pytest.raises(InputError, match="scan_segment.json: exists; pass --overwrite"):
+        segment_file(scan, out_dir, n_components=K)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="cannot create the output folder: .* is a file"):
+        segment_file(scan, blocker / "sub", n_components=K)
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda tmp: tmp / "missing.nii.gz", "missing.nii.gz: file not found"),
+        (lambda tmp: tmp, "is a directory"),
+        (lambda tmp: _write(tmp / "scan.txt", b"x"), "unsupported file type '.txt'"),
+        (lambda tmp: _write(tmp / "bad.nii.gz", b"\x1f\x8b junk"), "cannot read NIfTI"),
+        (lambda tmp: _write(tmp / "bad.png", b"\x89PNG\r\n\x1a\njunk"), "cannot read image"),
+    ],
+)
+def test_segment_file_bad_files(tmp_path, setup, message):
+    with pytest.raises(InputError, match=message) as info:
+        segment_file(setup(tmp_path), n_components=2)
+    assert info.value.path.name in str(info.value)
+
+
+def _write(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
+def test_segment_file_bad_data(make_nifti, tissues, scan, tmp_path):
+    with pytest.raises(InputError, match="mask file not found"):
+        segment_file(scan, mask=tmp_path / "nomask.nii.gz", n_components=2)
+    other = make_nifti(tissues[:, :, :8], "other.nii.gz")
+    with pytest.raises(InputError, match="other.nii.gz: channel grid does not match"):
+        segment_file([scan, other], n_components=2)
+    with pytest.raises(InputError, match="other.nii.gz: mask grid does not match"):
+        segment_file(scan, mask=other, n_components=2)
+    binary = make_nifti(np.where(tissues > 300, 5, 1), "binary.nii.gz")
+    with pytest.raises(InputError, match="binary.nii.gz: only 2 distinct intensities"):
+        segment_file(binary, n_components=4)
+    with pytest.raises(SegmentError, match="no input file"):
+        segment_file([], n_components=2)
+
+
+# ------------------------------------------------------------------------------ save
+def test_save_array_result_on_an_identity_grid(picture, tmp_path):
+    result = segment_array(picture, n_components=K)
+    paths = result.save(tmp_path / "out", prefix="arr", qc=False)
+    img = nib.load(paths.dseg)
+    assert paths.dseg.name == "arr_dseg.nii.gz" and img.shape == picture.shape
+    np.testing.assert_allclose(img.affine, np.eye(4))
+    np.testing.assert_array_equal(np.asarray(img.dataobj), result.labels)
+    assert nib.load(paths.probseg).shape[-1] == K
+    assert json.loads(paths.sidecar.read_text())["inputs"] == []
+
+
+def test_save_refuses_to_overwrite(picture, tmp_path):
+    result = segment_array(picture, n_components=K)
+    result.save(tmp_path, prefix="p", qc=False)
+    before = (tmp_path / "p_dseg.nii.gz").read_bytes()
+    with pytest.raises(InputError, match="p_dseg.nii.gz: exists; pass --overwrite"):
+        result.save(tmp_path, prefix="p", qc=False)
+    assert (tmp_path / "p_dseg.nii.gz").read_bytes() == before
+    result.save(tmp_path, prefix="p", qc=False, overwrite=True)
+
+
+@pytest.mark.parametrize("fail_in", ["write_probabilities", "write_qc"])
+@pytest.mark.parametrize("error", [KeyboardInterrupt, OSError])
+def test_interrupted_save_removes_what_it_wrote(picture, tmp_path, monkeypatch, fail_in, error):
+    import segment.io
+    import segment.qc
+
+    def interrupted(*args, **kwargs):
+        raise error
+
+    module = segment.qc if fail_in == "write_qc" else segment.io
+    monkeypatch.setattr(module, fail_in, interrupted)
+    result = segment_array(picture, n_components=K)
+    out_dir = tmp_path / "new" / "out"
+    with pytest.raises(error):
+        result.save(out_dir, prefix="p")
+    assert not (tmp_path / "new").exists()  # folders created by save are removed again
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "other.txt").write_text("not ours")
+    with pytest.raises(error):
+        result.save(kept, prefix="p")
+    assert files_in(kept) == ["other.txt"]
+    assert result.written == []
