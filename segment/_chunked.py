@@ -151,3 +151,110 @@ def map_rows(X: da.Array, func: Callable, n_out: int, dtype, args: tuple = ()) -
 
 def _apply(block, block_func, block_args):
     return block_func(block, *block_args)
+
+
+# --------------------------------------------------------------------------------------------
+# Image-grid passes for the spatial extensions (MRF prior, bias field)
+# --------------------------------------------------------------------------------------------
+def grid_chunks(spatial_shape: tuple[int, ...], chunk_size: int | None) -> tuple[int, ...]:
+    """Slabs along the first axis holding about ``chunk_size`` voxels each."""
+    per_slab = int(np.prod(spatial_shape[1:]))
+    rows = max(1, int(chunk_size or DEFAULT_CHUNK_SIZE) // max(per_slab, 1))
+    return (min(rows, spatial_shape[0]),) + tuple(spatial_shape[1:])
+
+
+def as_grid_array(array: Any, spatial_chunks: tuple[int, ...]) -> da.Array:
+    """A Dask array chunked spatially, any trailing (channel) axes in one chunk."""
+    chunks = spatial_chunks + tuple(array.shape[len(spatial_chunks) :])
+    if isinstance(array, da.Array):
+        return array.rechunk(chunks)
+    return da.from_array(array, chunks=chunks, asarray=True)
+
+
+def _block_offsets(array: da.Array, n_spatial: int) -> dict[tuple[int, ...], tuple[int, ...]]:
+    starts = [np.cumsum((0,) + c[:-1]) for c in array.chunks[:n_spatial]]
+    return {
+        index: tuple(int(starts[axis][i]) for axis, i in enumerate(index))
+        for index in np.ndindex(*array.numblocks[:n_spatial])
+    }
+
+
+def map_reduce_grid(
+    func: Callable,
+    combine: Callable,
+    arrays: Sequence[da.Array],
+    n_spatial: int,
+    args: tuple = (),
+    compute_kwargs: dict | None = None,
+    with_offset: bool = False,
+) -> Any:
+    """Like :func:`map_reduce` over spatial blocks; ``func(*blocks, [offset,] *args)``."""
+    delayed_blocks = [a.to_delayed() for a in arrays]
+    func_ = dask.delayed(func, pure=True)
+    parts = []
+    for index, offset in _block_offsets(arrays[0], n_spatial).items():
+        blocks = [d[index + (0,) * (d.ndim - n_spatial)] for d in delayed_blocks]
+        parts.append(func_(*blocks, *((offset,) if with_offset else ()), *args))
+    return dask.compute(dask.delayed(combine, pure=True)(parts), **(compute_kwargs or {}))[0]
+
+
+def map_grid_overlap(
+    func: Callable,
+    first: da.Array,
+    others: Sequence[da.Array],
+    n_spatial: int,
+    halo: int,
+    kwargs: dict,
+    dtype,
+) -> da.Array:
+    """``func(first_block, *other_blocks, **kwargs)`` with ``halo`` voxels of overlap.
+
+    The output has the shape and chunks of ``first``; image edges are not padded.
+    """
+    arrays = [first, *others]
+    squeeze = tuple(a.ndim == n_spatial for a in arrays)
+    arrays = [a[..., None] if flag else a for a, flag in zip(arrays, squeeze)]
+    func = _Squeezing(func, squeeze)
+    if halo == 0:
+        return da.map_blocks(func, *arrays, dtype=dtype, chunks=first.chunks,
+                             meta=np.empty((0,) * first.ndim, dtype), **kwargs)  # fmt: skip
+    overlapped = [
+        da.overlap.overlap(
+            a, depth={axis: halo if axis < n_spatial else 0 for axis in range(a.ndim)},
+            boundary={axis: "none" for axis in range(a.ndim)},
+        )
+        for a in arrays
+    ]  # fmt: skip
+    result = da.map_blocks(func, *overlapped, dtype=dtype, chunks=overlapped[0].chunks,
+                           meta=np.empty((0,) * first.ndim, dtype), **kwargs)  # fmt: skip
+    return da.overlap.trim_internal(
+        result, {axis: halo if axis < n_spatial else 0 for axis in range(first.ndim)},
+        boundary={axis: "none" for axis in range(first.ndim)},
+    )  # fmt: skip
+
+
+class _Squeezing:
+    """Call ``func`` after dropping the trailing axis added to purely spatial blocks."""
+
+    def __init__(self, func: Callable, squeeze: tuple[bool, ...]):
+        self.func, self.squeeze = func, squeeze
+
+    def __call__(self, *blocks, **kwargs):
+        blocks = [b[..., 0] if flag else b for b, flag in zip(blocks, self.squeeze)]
+        return self.func(*blocks, **kwargs)
+
+
+def map_grid_new(
+    func: Callable, like: da.Array, n_spatial: int, n_out: int, dtype, args: tuple = ()
+) -> da.Array:
+    """A new (*spatial, n_out) array with ``func(block_shape, offset, *args)`` per block."""
+    offsets = _block_offsets(like, n_spatial)
+
+    def block(x, block_info=None):
+        location = block_info[None]["chunk-location"][:n_spatial]
+        return func(x.shape[:n_spatial], offsets[tuple(location)], *args)
+
+    chunks = like.chunks[:n_spatial] + ((n_out,),)
+    template = like if like.ndim == n_spatial + 1 else like[..., None]
+    return template.map_blocks(block, dtype=dtype, chunks=chunks,
+                               meta=np.empty((0,) * (n_spatial + 1), dtype))  # fmt: skip

@@ -30,6 +30,9 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "chunk_size": None,
     "scheduler": None,
     "workers": None,
+    "mrf_beta": 0.0,
+    "bias_field": False,
+    "bias_smoothness": 60.0,
 }
 
 
@@ -50,6 +53,9 @@ def make_estimator(options: dict[str, Any], callback: Callable | None = None) ->
         chunk_size=merged["chunk_size"],
         scheduler=merged["scheduler"],
         n_workers=merged["workers"],
+        mrf_beta=merged["mrf_beta"],
+        bias_field=merged["bias_field"],
+        bias_smoothness=merged["bias_smoothness"],
         callback=callback,
     )
     estimator._check_parameters()
@@ -100,6 +106,14 @@ class SegmentationResult:
     mask_spec: str = "none"
     written: list[Path] = field(default_factory=list)
     """Files written by :meth:`save`."""
+
+    @property
+    def bias_field(self) -> np.ndarray | None:
+        """The fitted multiplicative bias field, spatial shape + (D,) float32, or None."""
+        field = getattr(self.estimator, "bias_field_", None)
+        if field is None:
+            return None
+        return field if field.ndim == self.labels.ndim + 1 else field[..., None]
 
     @property
     def responsibilities(self) -> np.ndarray:
@@ -156,8 +170,12 @@ class SegmentationResult:
         paths: naming.OutputPaths | None = None,
         command_line: Sequence[str] | None = None,
         extra: dict[str, Any] | None = None,
+        corrected: bool = False,
     ) -> naming.OutputPaths:
         """Write the label map, probabilities, QC picture and JSON sidecar into ``out_dir``.
+
+        With a bias field fitted, also ``<stem>_biasfield`` (the multiplicative field) and,
+        with ``corrected=True``, ``<stem>_corrected`` (the input divided by the field).
 
         Each file is written under a temporary name and renamed into place; the sidecar is
         written last, so its presence means the outputs are complete. Existing outputs are
@@ -177,12 +195,13 @@ class SegmentationResult:
             fake_input = f"{stem}.nii.gz" if reference.kind == "nifti" else f"{stem}.png"
             paths = naming.plain_output_paths(fake_input, out_dir, kind=reference.kind)
         wanted = [paths.dseg, paths.sidecar] + [paths.probseg] * probseg + [paths.qc] * qc
+        wanted += list(bias_output_paths(paths, self.bias_field is not None, corrected).values())
         check_outputs_free(wanted, overwrite)
         created = _missing_dirs(paths.sidecar.parent)
         ensure_out_dir(paths.sidecar.parent)
         done: list[Path] = []  # files completed by this call, removed again if it fails
         try:
-            self._write_outputs(reference, paths, probseg, qc, command_line, extra, done)
+            self._write_outputs(reference, paths, probseg, qc, command_line, extra, done, corrected)
         except BaseException:  # incl. KeyboardInterrupt: leave no half-written set of outputs
             for path in reversed(done):
                 with contextlib.suppress(OSError):
@@ -193,9 +212,19 @@ class SegmentationResult:
             raise
         return paths
 
-    def _write_outputs(self, reference, paths, probseg, qc, command_line, extra, done) -> None:
+    def _write_outputs(
+        self, reference, paths, probseg, qc, command_line, extra, done, corrected
+    ) -> None:
         """The writes of :meth:`save`; each completed file is appended to ``done``."""
         from . import io
+
+        bias_paths = bias_output_paths(paths, self.bias_field is not None, corrected)
+        for name, path in bias_paths.items():
+            field = self.bias_field
+            if name == "corrected":
+                field = np.asarray(reference.data, dtype=np.float32)[..., None] / field
+            io.write_map(field if field.shape[-1] > 1 else field[..., 0], reference, path)
+            done.append(path)
 
         start = time.perf_counter()
         io.write_labels(self.labels, reference, paths.dseg)
@@ -218,7 +247,7 @@ class SegmentationResult:
             done.append(paths.qc)
             self.timings["qc_s"] = time.perf_counter() - start
         written = {"dseg": paths.dseg, "probseg": paths.probseg if probseg else None,
-                   "qc": paths.qc if qc else None}  # fmt: skip
+                   "qc": paths.qc if qc else None, **bias_paths}  # fmt: skip
         outputs = {name: p.name for name, p in written.items() if p is not None}
         record = self.sidecar(outputs, command_line)
         record.update(extra or {})
@@ -226,6 +255,18 @@ class SegmentationResult:
             tmp.write_text(sidecar.dumps(record))
         done.append(paths.sidecar)
         self.written = [p for p in written.values() if p is not None] + [paths.sidecar]
+
+
+def bias_output_paths(
+    paths: naming.OutputPaths, bias_field: bool, corrected: bool
+) -> dict[str, Path]:
+    """``biasfield`` and ``corrected`` output paths next to the label map, as requested."""
+    if not bias_field:
+        return {}
+    suffix = ".nii.gz" if paths.dseg.name.endswith((".nii.gz", ".nii")) else ".tif"
+    stem = paths.dseg.name.split("_dseg")[0]
+    names = ["biasfield"] + ["corrected"] * corrected
+    return {name: paths.dseg.with_name(f"{stem}_{name}{suffix}") for name in names}
 
 
 class _Volumes:
@@ -336,6 +377,7 @@ def segment_array(
     mask: np.ndarray | None = None,
     *,
     channel_axis: int | None = None,
+    spacing: Sequence[float] | None = None,
     callback: Callable | None = None,
     **options: Any,
 ) -> SegmentationResult:
@@ -349,11 +391,15 @@ def segment_array(
         Voxels to model (default: all).
     channel_axis : int, optional
         Axis of ``array`` that holds channels, if any.
+    spacing : sequence of float, optional
+        Voxel size in mm per axis (default 1 mm); used by the MRF prior and the bias field.
     callback : callable, optional
         ``callback(iteration, log_likelihood, change)`` after each EM iteration.
     **options
         ``n_components`` (6), ``max_iter`` (300), ``tol`` (1e-4), ``variance_floor``
-        (1e-3 x data variance), ``seed`` (0), ``chunk_size``, ``scheduler``, ``workers``.
+        (1e-3 x data variance), ``seed`` (0), ``chunk_size``, ``scheduler``, ``workers``,
+        ``mrf_beta`` (0: off; the MRI presets use 0.3), ``bias_field`` (False) and
+        ``bias_smoothness`` (60 mm). See :class:`segment.GaussianMixtureEM`.
 
     Returns
     -------
@@ -380,14 +426,20 @@ def segment_array(
     if not valid.any():
         raise SegmentError("no voxel to fit: every voxel in the mask is NaN or inf")
     start = time.perf_counter()
-    X = masking.flatten(channels[0] if len(channels) == 1 else np.stack(channels, -1), valid)
-    timings = {"flatten_s": time.perf_counter() - start}
-    start = time.perf_counter()
-    estimator.fit(X)
-    timings["fit_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    labels, responsibilities = estimator._labels_and_responsibilities(X)
-    timings["predict_s"] = time.perf_counter() - start
+    if estimator._uses_grid:  # the spatial model needs the image grid, not a flat vector
+        estimator.fit_image(np.stack(channels, -1), valid, spacing=spacing, channel_axis=-1)
+        responsibilities = estimator.responsibilities_
+        labels = (np.argmax(responsibilities, axis=1) + 1).astype(np.uint8)
+        timings = {"fit_s": time.perf_counter() - start}
+    else:
+        X = masking.flatten(channels[0] if len(channels) == 1 else np.stack(channels, -1), valid)
+        timings = {"flatten_s": time.perf_counter() - start}
+        start = time.perf_counter()
+        estimator.fit(X)
+        timings["fit_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        labels, responsibilities = estimator._labels_and_responsibilities(X)
+        timings["predict_s"] = time.perf_counter() - start
     return SegmentationResult(
         labels=masking.unflatten(labels, valid),
         flat_responsibilities=responsibilities,
@@ -412,6 +464,7 @@ def segment_file(
     command_line: Sequence[str] | None = None,
     output_paths: naming.OutputPaths | None = None,
     extra: dict[str, Any] | None = None,
+    corrected: bool = False,
     **options: Any,
 ) -> SegmentationResult:
     """Segment a scan file (or several co-registered channel files) and optionally save it.
@@ -438,6 +491,8 @@ def segment_file(
         :func:`segment.naming.bids_output_paths`); requires ``out_dir``.
     extra : dict, optional
         Added to the JSON sidecar (e.g. the pipeline and the final options).
+    corrected : bool
+        With ``bias_field=True``, also write the bias-corrected scan.
     **options
         Model options, see :func:`segment_array`.
 
@@ -458,6 +513,9 @@ def segment_file(
             output_paths = naming.plain_output_paths(paths[0], out_dir, kind=kind)
         wanted = [output_paths.dseg, output_paths.sidecar]
         wanted += [output_paths.probseg] * probseg + [output_paths.qc] * qc
+        wanted += bias_output_paths(
+            output_paths, bool(options.get("bias_field")), corrected
+        ).values()
         check_outputs_free(wanted, overwrite)
         check_out_dir_creatable(output_paths.sidecar.parent)
     _check_mask_spec(mask)
@@ -471,8 +529,9 @@ def segment_file(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DataWarning)
             result = segment_array(
-                [s.data for s in scans], mask_array, callback=callback, **options
-            )
+                [s.data for s in scans], mask_array, spacing=scans[0].zooms, callback=callback,
+                **options,
+            )  # fmt: skip
     except InputError:
         raise
     except SegmentError as error:
@@ -491,7 +550,7 @@ def segment_file(
     if out_dir is not None:
         result.save(
             out_dir, overwrite=overwrite, probseg=probseg, qc=qc, paths=output_paths,
-            command_line=command_line, extra=extra,
+            command_line=command_line, extra=extra, corrected=corrected,
         )  # fmt: skip
     return result
 

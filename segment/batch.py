@@ -504,7 +504,8 @@ def run_batch(
         raise InputError(input_dir, "input folder not found")
     settings = {**DEFAULT_SETTINGS, **(settings or {})}
     model = {k: settings[k] for k in ("n_components", "max_iter", "tol", "variance_floor",
-                                      "seed", "chunk_size")}  # fmt: skip
+                                      "seed", "chunk_size", "mrf_beta", "bias_field",
+                                      "bias_smoothness")}  # fmt: skip
     em_options = {**model, "scheduler": "threads" if workers and workers > 1 else "synchronous",
                   "workers": workers}  # fmt: skip
     make_estimator(em_options)  # option errors before any scan is touched

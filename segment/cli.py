@@ -150,6 +150,19 @@ def model_options(func):
                      help="Dask scheduler [default: threads]."),
         click.option("--workers", type=click.IntRange(min=1), default=None,
                      help="Threads/processes for the local schedulers [default: all cores]."),
+        click.option("--mrf/--no-mrf", "mrf", default=False,
+                     help="Spatial Potts (MRF) prior over the 26 neighbours, strength "
+                          f"{DEFAULT_MRF_BETA} unless --mrf-beta is given [default: off]."),
+        click.option("--mrf-beta", type=click.FloatRange(min=0), default=None, metavar="B",
+                     help="MRF strength beta (0 = off), in FSL FAST's units; implies --mrf."),
+        click.option("--bias-field/--no-bias-field", "bias_field", default=False,
+                     help="Estimate a smooth multiplicative bias field inside the EM "
+                          "[default: off]."),
+        click.option("--bias-smoothness", type=click.FloatRange(min=0, min_open=True),
+                     default=60.0, show_default=True, metavar="MM",
+                     help="Bias field smoothness as a length in mm (smaller: faster variations)."),
+        click.option("--write-corrected", is_flag=True,
+                     help="With --bias-field, also write <stem>_corrected (scan / bias field)."),
         click.option("--no-probseg/--probseg", "no_probseg", default=False,
                      help="Do not write the probability maps [default: write them]."),
         click.option("--no-qc/--qc", "no_qc", default=False,
@@ -166,7 +179,10 @@ def model_options(func):
 #: Settings a pipeline can set -> the click parameter that overrides it.
 _SETTING_PARAMS = {"n_components": "n_components", "max_iter": "max_iter", "tol": "tol",
                    "variance_floor": "variance_floor", "seed": "seed", "chunk_size": "chunk_size",
-                   "mask": "mask", "probseg": "no_probseg", "qc": "no_qc"}  # fmt: skip
+                   "mask": "mask", "probseg": "no_probseg", "qc": "no_qc",
+                   "bias_field": "bias_field", "bias_smoothness": "bias_smoothness"}  # fmt: skip
+#: MRF strength that --mrf turns on; chosen on the phantoms (see README, "Spatial prior").
+DEFAULT_MRF_BETA = 0.3
 
 
 def _apply_pipeline(kwargs: dict):
@@ -185,9 +201,14 @@ def _apply_pipeline(kwargs: dict):
     for key, param in _SETTING_PARAMS.items():
         if ctx.get_parameter_source(param) not in (ParameterSource.DEFAULT, None):
             given[key] = not kwargs[param] if param.startswith("no_") else kwargs[param]
+    if ctx.get_parameter_source("mrf_beta") not in (ParameterSource.DEFAULT, None):
+        given["mrf_beta"] = kwargs["mrf_beta"]
+    elif ctx.get_parameter_source("mrf") not in (ParameterSource.DEFAULT, None):
+        given["mrf_beta"] = DEFAULT_MRF_BETA if kwargs["mrf"] else 0.0
     settings, sources = resolve_options(pipeline, given)
     for key, param in _SETTING_PARAMS.items():
         kwargs[param] = not settings[key] if param.startswith("no_") else settings[key]
+    kwargs["mrf_beta"] = settings["mrf_beta"]
     return pipeline, {
         "pipeline": pipeline.record() if pipeline else None,
         "final_options": settings,
@@ -197,7 +218,7 @@ def _apply_pipeline(kwargs: dict):
 
 def _model_kwargs(kwargs: dict) -> dict:
     names = ("n_components", "max_iter", "tol", "seed", "variance_floor", "chunk_size",
-             "scheduler", "workers")  # fmt: skip
+             "scheduler", "workers", "mrf_beta", "bias_field", "bias_smoothness")  # fmt: skip
     return {name: kwargs[name] for name in names}
 
 
@@ -232,7 +253,7 @@ def run(inputs: tuple[Path, ...], out_dir: Path, **kwargs) -> None:
         result = segment_file(
             list(inputs), out_dir, mask=None if kwargs["mask"] == "none" else kwargs["mask"],
             overwrite=kwargs["overwrite"], probseg=not kwargs["no_probseg"],
-            qc=not kwargs["no_qc"], callback=callback,
+            qc=not kwargs["no_qc"], callback=callback, corrected=kwargs["write_corrected"],
             command_line=["segment", *sys.argv[1:]], extra=extra, **_model_kwargs(kwargs),
         )  # fmt: skip
     finally:

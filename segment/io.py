@@ -694,6 +694,36 @@ def write_probabilities(
     return path
 
 
+def write_map(
+    data: np.ndarray, reference: Scan, path: str | Path, *,
+    compresslevel: int = DEFAULT_COMPRESSLEVEL,
+) -> Path:  # fmt: skip
+    """Write a float32 map (e.g. a bias field) on the grid of ``reference``.
+
+    Parameters
+    ----------
+    data : array of reference.shape, or reference.shape + (D,) for one map per channel
+    reference : Scan
+    path : ``.nii.gz``/``.nii`` (float32 NIfTI) or ``.tif``/``.tiff`` (2-D, D pages)
+    """
+    path = Path(path)
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim == len(reference.shape) + 1:
+        return write_probabilities(data, reference, path, compresslevel=compresslevel)
+    ext = _output_format(path, (".nii.gz", ".nii", ".tif", ".tiff"), "map output")
+    if ext in _NIFTI_EXTENSIONS:
+        finite = data[np.isfinite(data)]
+        cal = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        img = _nifti_like(data, reference, cal=cal, components_last=False)
+        return write_nifti(img, path, compresslevel=compresslevel)
+    _check_2d(data, path, "map")
+    import tifffile
+
+    with atomic_write(path) as tmp:
+        tifffile.imwrite(tmp, data, photometric="minisblack")
+    return path
+
+
 def write_nifti_volumes(
     header,
     volumes: Sequence[np.ndarray],

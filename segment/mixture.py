@@ -10,7 +10,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from . import _chunked, _em, _kmeans, _validation
+from . import _chunked, _em, _kmeans, _spatial, _validation
 from ._scheduler import check_scheduler, compute_kwargs, is_distributed
 from .exceptions import ConvergenceWarning, DataWarning, SegmentError
 
@@ -75,6 +75,15 @@ class GaussianMixtureEM:
     init_sample_size : int, default 200000
         The k-means initialisation runs on all distinct values, or on this many voxels drawn
         with ``random_state`` when the per-voxel path is used.
+    mrf_beta : float, default 0.0
+        Strength of the Potts (Markov random field) prior used by :meth:`fit_image`:
+        ``beta * sum_j w_ij [z_i = z_j]`` over the 26-neighbourhood (8 in 2-D), ``w_ij`` = 1 /
+        distance in mm. 0 switches it off. See :mod:`segment._spatial`.
+    bias_field : bool, default False
+        Estimate a smooth multiplicative bias field inside the EM (:meth:`fit_image` only).
+    bias_smoothness : float, default 60.0
+        Bias field smoothness as a length in mm: the field is a polynomial of total degree
+        ``round(extent / bias_smoothness)`` (1 to 6) over the fitted region's extent.
     callback : callable, optional
         Called after each iteration as ``callback(iteration, log_likelihood, change_per_voxel)``.
 
@@ -137,6 +146,9 @@ class GaussianMixtureEM:
         n_workers: int | None = None,
         distinct_values: bool | str = "auto",
         init_sample_size: int = 200_000,
+        mrf_beta: float = 0.0,
+        bias_field: bool = False,
+        bias_smoothness: float = 60.0,
         callback: Callable[[int, float, float], None] | None = None,
     ):
         self.n_components = n_components
@@ -153,6 +165,9 @@ class GaussianMixtureEM:
         self.n_workers = n_workers
         self.distinct_values = distinct_values
         self.init_sample_size = init_sample_size
+        self.mrf_beta = mrf_beta
+        self.bias_field = bias_field
+        self.bias_smoothness = bias_smoothness
         self.callback = callback
 
     # ------------------------------------------------------------------ fitting
@@ -172,6 +187,14 @@ class GaussianMixtureEM:
         self
         """
         self._check_parameters()
+        if self._uses_grid:
+            raise SegmentError(
+                "mrf_beta > 0 and bias_field=True need the image grid: call "
+                "fit_image(image, mask, spacing=...) instead of fit(X)"
+            )
+        return self._fit_flat(X, sample_weight)
+
+    def _fit_flat(self, X: Any, sample_weight: Any = None) -> GaussianMixtureEM:
         X = _validation.check_features(X)
         n_features = X.shape[1]
         sample_weight = _validation.check_sample_weight(sample_weight, X.shape[0])
@@ -187,11 +210,161 @@ class GaussianMixtureEM:
             self.variance_floor_ = floor
             weights, means, covariances = self._initial_parameters(data, init, floor, ckw)
             self._run_em(data, weights, means, covariances, floor, ckw)
-        self.n_features_in_ = n_features
-        self.n_samples_ = data.moments["n"]
-        self.fit_path_ = data.path
         if self.sort_components:
             self._sort_components()
+        return self
+
+    def fit_image(
+        self,
+        image: Any,
+        mask: Any = None,
+        *,
+        spacing: tuple[float, ...] | None = None,
+        channel_axis: int | None = None,
+    ) -> GaussianMixtureEM:
+        """Fit on an image grid, with the MRF prior and bias field when switched on.
+
+        With ``mrf_beta == 0`` and ``bias_field=False`` this is exactly ``fit(image[mask])``.
+
+        Parameters
+        ----------
+        image : (*spatial) array, or (*spatial, D) with ``channel_axis=-1``
+            2-D or 3-D intensities (numpy or Dask).
+        mask : (*spatial) bool array, optional
+            The voxels to fit (default: all). They must be finite.
+        spacing : tuple of float, optional
+            Voxel size in mm per spatial axis (default 1 mm), for the MRF weights and the bias
+            field's smoothness.
+        channel_axis : int, optional
+            Axis of ``image`` that holds channels.
+
+        Returns
+        -------
+        self
+            Besides the attributes of :meth:`fit`: ``responsibilities_`` (n_fitted, K) float32
+            for the voxels of ``mask`` in C order, ``bias_field_`` (*spatial, D) float32 or
+            None, ``bias_coefficients_``, and ``objective_`` naming what the trace holds.
+        """
+        self._check_parameters()
+        if channel_axis is not None:
+            image = da.moveaxis(image, channel_axis, -1) if isinstance(
+                image, da.Array) else np.moveaxis(np.asarray(image), channel_axis, -1)  # fmt: skip
+        else:
+            image = image[..., None]
+        spatial_shape = image.shape[:-1]
+        mask = np.ones(spatial_shape, bool) if mask is None else np.asarray(mask, bool)
+        if mask.shape != spatial_shape:
+            raise SegmentError(f"mask shape {mask.shape} differs from image shape {spatial_shape}")
+        spacing = tuple(float(v) for v in (spacing or (1.0,) * len(spatial_shape)))
+        if len(spacing) != len(spatial_shape) or min(spacing) <= 0:
+            raise SegmentError(
+                f"spacing must be {len(spatial_shape)} positive voxel sizes in mm, got {spacing}"
+            )
+        X = np.asarray(image)[mask]
+        if not self._uses_grid:
+            self._fit_flat(X)
+            self.objective_ = "log-likelihood"
+            self.bias_field_ = None
+            return self
+        return self._fit_grid(image, mask, X, spacing)
+
+    def _fit_grid(self, image, mask, X, spacing) -> GaussianMixtureEM:
+        """EM with a mean-field MRF E-step and/or a bias field, over spatial blocks."""
+        n_spatial = mask.ndim
+        K, D = self.n_components, image.shape[-1]
+        floor = _validation.check_variance_floor(self.variance_floor, D)
+        init = _validation.check_initial_parameters(
+            self.means_init, self.covariances_init, self.weights_init, K, D
+        )
+        beta = float(self.mrf_beta)
+        kernel = _spatial.neighbour_kernel(spacing)
+        boxes, degree = _bias_geometry(mask, spacing, self.bias_smoothness)
+        n_terms = len(_spatial.bias_terms(degree, n_spatial))
+        step = max(1, round((mask.sum() / 200_000) ** (1 / n_spatial)))
+        with compute_kwargs(self.scheduler, self.n_workers) as ckw:
+            data = self._prepare(_validation.check_features(X), None, ckw)
+            if floor is None:
+                floor = RELATIVE_VARIANCE_FLOOR * data.moments["m2"] / data.moments["n"]
+            self.variance_floor_ = floor
+            weights, means, covariances = self._initial_parameters(data, init, floor, ckw)
+            chunks = _chunked.grid_chunks(mask.shape, self.chunk_size)
+            x_grid = _chunked.as_grid_array(image, chunks)
+            mask_grid = _chunked.as_grid_array(mask, chunks)
+            coefficients = np.zeros((n_terms, D))
+            log_bias = _chunked.map_grid_new(
+                _spatial.log_bias_grid_block, mask_grid, n_spatial, D, np.float32,
+                (coefficients, boxes, degree),
+            )  # fmt: skip
+            current = da.zeros(mask.shape + (K + 1,), dtype=np.float32,
+                               chunks=chunks + (K + 1,))  # fmt: skip
+            if is_distributed(ckw):
+                x_grid, mask_grid = ckw["scheduler"].persist([x_grid, mask_grid])
+
+            def e_step(params, previous, log_bias):
+                out = _chunked.map_grid_overlap(
+                    _spatial.spatial_e_step, previous, [x_grid, mask_grid, log_bias],
+                    n_spatial, 1 if beta > 0 else 0,
+                    dict(weights=params[0], means=params[1], precisions_chol=params[2],
+                         beta=beta, kernel=kernel),
+                    np.float32,
+                )  # fmt: skip
+                out = ckw["scheduler"].persist(out) if is_distributed(ckw) else out.persist(**ckw)
+                stats = _chunked.map_reduce_grid(
+                    _spatial.spatial_statistics, _em.combine_statistics,
+                    [x_grid, mask_grid, out, log_bias], n_spatial, (params[1],), ckw,
+                )  # fmt: skip
+                return out, stats
+
+            params = (weights, means, _em.precision_cholesky(covariances))
+            log_bias = log_bias.persist(**({} if is_distributed(ckw) else ckw))
+            current, stats = e_step(params, current, log_bias)
+            self.initial_log_likelihood_ = previous_objective = stats["log_likelihood"]
+            n_samples = stats["n_samples"]
+            trace: list[float] = []
+            self.converged_ = False
+            for iteration in range(1, self.max_iter + 1):
+                weights, means, covariances = _em.m_step(stats, params[1], floor)
+                weights, means, covariances = _reseed_empty(
+                    stats["nk"], weights, means, covariances
+                )
+                if self.bias_field:
+                    gram, moment = _chunked.map_reduce_grid(
+                        _spatial.bias_block_statistics, _sum_pairs,
+                        [x_grid, mask_grid, current], n_spatial,
+                        (step, boxes, degree, means, covariances), ckw, with_offset=True,
+                    )  # fmt: skip
+                    coefficients = _spatial.solve_bias(gram, moment)
+                    log_bias = _chunked.map_grid_new(
+                        _spatial.log_bias_grid_block, mask_grid, n_spatial, D, np.float32,
+                        (coefficients, boxes, degree),
+                    ).persist(**({} if is_distributed(ckw) else ckw))  # fmt: skip
+                params = (weights, means, _em.precision_cholesky(covariances))
+                current, stats = e_step(params, current, log_bias)
+                trace.append(stats["log_likelihood"])
+                change = (stats["log_likelihood"] - previous_objective) / n_samples
+                previous_objective = stats["log_likelihood"]
+                if self.callback is not None:
+                    self.callback(iteration, stats["log_likelihood"], change)
+                if abs(change) < self.tol:
+                    self.converged_ = True
+                    break
+            final = current.compute(**ckw) if not is_distributed(ckw) else current.compute()
+            bias_grid = np.exp(log_bias.compute(**ckw) if not is_distributed(ckw)
+                               else log_bias.compute())  # fmt: skip
+        self._finish(iteration, trace, params, covariances, change, data, D)
+        self.objective_ = (
+            "mean-field penalised log-likelihood: sum_i log sum_k pi_ik N(y_i / b_i | k) - "
+            "log b_i, with pi_ik from the previous iteration's neighbours"
+            if beta > 0
+            else "log-likelihood of the observed intensities, bias Jacobian included"
+        )
+        self.bias_field_ = bias_grid.astype(np.float32) if self.bias_field else None
+        self.bias_coefficients_ = coefficients
+        self.bias_degree_ = degree
+        responsibilities = final[mask][:, :K]
+        if self.sort_components:
+            responsibilities = responsibilities[:, self._sort_components()]
+        self.responsibilities_ = np.ascontiguousarray(responsibilities)
         return self
 
     def _check_parameters(self) -> None:
@@ -205,10 +378,18 @@ class GaussianMixtureEM:
             raise SegmentError(
                 f"distinct_values must be 'auto', True or False, got {self.distinct_values!r}"
             )
+        _validation.check_positive("mrf_beta", self.mrf_beta, allow_zero=True)
+        _validation.check_positive("bias_smoothness", self.bias_smoothness)
+        if self.bias_field not in (True, False):
+            raise SegmentError(f"bias_field must be True or False, got {self.bias_field!r}")
         try:
             check_scheduler(self.scheduler)
         except ValueError as error:
             raise SegmentError(str(error)) from None
+
+    @property
+    def _uses_grid(self) -> bool:
+        return self.mrf_beta > 0 or bool(self.bias_field)
 
     def _prepare(self, X: Any, sample_weight: Any, ckw: dict) -> _FitData:
         """Chunk the features, check them in one pass, and pick the fit path."""
@@ -323,26 +504,34 @@ class GaussianMixtureEM:
             if abs(change) < self.tol:
                 self.converged_ = True
                 break
+        self._finish(iteration, trace, params, covariances, change, data, means.shape[1])
+
+    def _finish(self, iteration, trace, params, covariances, change, data, n_features) -> None:
+        """Store the fitted attributes and warn when EM did not converge."""
         self.n_iter_ = iteration
         self.log_likelihood_trace_ = trace
         self.log_likelihood_ = trace[-1]
         self.weights_, self.means_ = params[0], params[1]
         self.covariances_, self.precisions_cholesky_ = covariances, params[2]
+        self.n_features_in_ = n_features
+        self.n_samples_ = data.moments["n"]
+        self.fit_path_ = "grid" if self._uses_grid else data.path
         if not self.converged_:
             warnings.warn(
                 f"EM did not converge in max_iter={self.max_iter} iterations: the last change "
                 f"was {change:.3g} nats per voxel > tol={self.tol}; raise max_iter, loosen tol "
                 "or raise variance_floor",
                 ConvergenceWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
-    def _sort_components(self) -> None:
+    def _sort_components(self) -> np.ndarray:
         order = np.argsort(self.means_[:, 0], kind="stable")
         self.weights_ = self.weights_[order]
         self.means_ = self.means_[order]
         self.covariances_ = self.covariances_[order]
         self.precisions_cholesky_ = self.precisions_cholesky_[order]
+        return order
 
     # ------------------------------------------------------------------ prediction
     def _check_fitted_features(self, X: Any) -> Any:
@@ -425,6 +614,24 @@ def _labels_and_responsibilities_block(X, weights, means, precisions_chol):
     return out
 
 
+def _sum_pairs(parts):
+    """Sum a list of (gram, moment) pairs in order."""
+    gram = sum(p[0] for p in parts)
+    moment = sum(p[1] for p in parts)
+    return gram, moment
+
+
+def _bias_geometry(mask: np.ndarray, spacing, smoothness: float):
+    """Bounding box of the mask per axis (voxel indices) and the polynomial degree."""
+    boxes = []
+    for axis in range(mask.ndim):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        boxes.append((float(present[0]), float(present[-1])))
+    extent = max((hi - lo + 1) * size for (lo, hi), size in zip(boxes, spacing))
+    degree = int(np.clip(round(extent / smoothness), 1, 6))
+    return boxes, degree
+
+
 def _reseed_empty(nk, weights, means, covariances):
     """Re-seed components left with less than one voxel by splitting the widest heavy one."""
     empty = np.flatnonzero(nk < MIN_COMPONENT_VOXELS)
@@ -446,4 +653,4 @@ def _reseed_empty(nk, weights, means, covariances):
             DataWarning,
             stacklevel=4,
         )
-    return weights, means, covariances
+    return weights / weights.sum(), means, covariances  # the re-seeded k dropped its old weight

@@ -118,6 +118,9 @@ MODEL_KEYS: dict[str, Check] = {
     "variance_floor": _number(0, open_=True),
     "seed": _int_range(),
     "chunk_size": _int_range(1),
+    "mrf_beta": _number(0),
+    "bias_field": _BOOL,
+    "bias_smoothness": _number(0, open_=True),
 }
 
 #: ``[outputs]`` keys: which optional outputs to write.
@@ -147,6 +150,9 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "variance_floor": None,
     "seed": 0,
     "chunk_size": None,
+    "mrf_beta": 0.0,
+    "bias_field": False,
+    "bias_smoothness": 60.0,
     "mask": "none",
     "probseg": True,
     "qc": True,

@@ -75,6 +75,22 @@ def model_record(estimator) -> dict[str, Any]:
         "log_likelihood_per_voxel": float(estimator.log_likelihood_ / estimator.n_samples_),
         "log_likelihood_trace": [float(value) for value in estimator.log_likelihood_trace_],
         "n_voxels_fitted": float(estimator.n_samples_),
+        "objective": getattr(estimator, "objective_", "log-likelihood"),
+        "mrf_beta": float(estimator.mrf_beta),
+        "bias_field": _bias_record(estimator),
+    }
+
+
+def _bias_record(estimator) -> dict[str, Any] | None:
+    """Parameters of the fitted bias field, or None."""
+    if getattr(estimator, "bias_field_", None) is None:
+        return None
+    return {
+        "basis": "Legendre polynomial products over the mask's bounding box, no constant term",
+        "degree": int(estimator.bias_degree_),
+        "smoothness_mm": float(estimator.bias_smoothness),
+        "coefficients": np.asarray(estimator.bias_coefficients_).tolist(),
+        "range": [float(estimator.bias_field_.min()), float(estimator.bias_field_.max())],
     }
 
 

@@ -138,7 +138,7 @@ INVALID = [
     ("description = 3\n", r"key 'description': expected a one-line string, got 3"),
     ('description = "x"\n[modle]\nk = 1\n', r"unknown section 'modle'; expected one of"),
     ('description = "x"\nname = "y"\n', r"unknown key 'name'; expected one of"),
-    ('description = "x"\n[model]\nk = 3\n', r"unknown key 'model\.k'; expected one of chunk_size"),
+    ('description = "x"\n[model]\nk = 3\n', r"unknown key 'model\.k'; expected one of bias_field"),
     (
         'description = "x"\n[model]\nn_components = "six"\n',
         r"key 'model\.n_components': expected an integer between 1 and 255, got 'six'",
