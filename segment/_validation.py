@@ -90,6 +90,12 @@ def check_data_summary(moments: dict, n_components: int) -> None:
             f"the data are constant (every voxel is {moments['mean'].tolist()}); "
             "a mixture needs at least n_components distinct intensities"
         )
+    constant = np.flatnonzero(moments["m2"] <= 0)
+    if len(constant):
+        raise SegmentError(
+            f"channel {int(constant[0])} is constant (every voxel is "
+            f"{float(moments['mean'][constant[0]]):g}); drop it or check the co-registration"
+        )
 
 
 def check_n_distinct(n_distinct: int, n_components: int) -> None:
@@ -141,10 +147,10 @@ def check_initial_parameters(
                 )
     if weights is not None:
         weights = _check_shape("weights_init", weights, [(K,)])
-        if np.any(weights < 0) or not np.isclose(weights.sum(), 1.0, atol=1e-6):
+        if np.any(weights <= 0) or not np.isclose(weights.sum(), 1.0, atol=1e-6):
             raise SegmentError(
-                f"weights_init must be >= 0 and sum to 1, got {weights.tolist()} "
-                f"(sum {weights.sum():.6g})"
+                f"weights_init must be > 0 and sum to 1, got {weights.tolist()} "
+                f"(sum {weights.sum():.6g}); a component of weight 0 could never be used"
             )
         weights = weights / weights.sum()
     return means, covariances, weights

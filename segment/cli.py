@@ -261,7 +261,8 @@ def run(inputs: tuple[Path, ...], out_dir: Path, **kwargs) -> None:
     estimator = result.estimator
     if not kwargs["quiet"]:
         click.echo(
-            f"{inputs[0]}: K={estimator.n_components}, {estimator.n_iter_} iterations, "
+            f"{inputs[0]}: K={estimator.n_components}, {estimator.n_iter_} "
+            f"iteration{'s' if estimator.n_iter_ != 1 else ''}, "
             f"{'converged' if estimator.converged_ else 'NOT converged'}, log-likelihood/voxel "
             f"{estimator.log_likelihood_ / estimator.n_samples_:.4f}, "
             f"{time.perf_counter() - start:.1f} s",

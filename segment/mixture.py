@@ -519,7 +519,8 @@ class GaussianMixtureEM:
         if not self.converged_:
             warnings.warn(
                 f"EM did not converge in max_iter={self.max_iter} iterations: the last change "
-                f"was {change:.3g} nats per voxel > tol={self.tol}; raise max_iter, loosen tol "
+                f"was {change:.3g} nats per voxel (stopping needs |change| < tol={self.tol}); "
+                "raise max_iter, loosen tol "
                 "or raise variance_floor",
                 ConvergenceWarning,
                 stacklevel=4,

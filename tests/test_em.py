@@ -1,0 +1,395 @@
+"""Tests of the pure EM maths in ``segment._em`` and the k-means initialisation in ``_kmeans``.
+
+The engine works on component-major (K, N) arrays and centred sufficient statistics; every
+result here is checked against an independent estimator: scipy's densities, numpy's variance,
+the dense textbook EM of ``tests/reference_em.py``, or numbers worked out by hand.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import reference_em as ref
+from scipy.stats import multivariate_normal
+
+from segment import ConvergenceWarning, GaussianMixtureEM, _em, _kmeans
+
+
+def _random_spd(rng, n_components, n_features, scale=1.0):
+    """(K, D, D) well-conditioned symmetric positive-definite matrices."""
+    A = rng.normal(size=(n_components, n_features, n_features))
+    return scale * (A @ np.swapaxes(A, 1, 2) + n_features * np.eye(n_features))
+
+
+def _mixture_sample(rng, means, sds, counts):
+    """Concatenated 1-D Gaussian samples as an (N, 1) array, shuffled."""
+    X = np.concatenate([rng.normal(m, s, n) for m, s, n in zip(means, sds, counts)])
+    return rng.permutation(X)[:, None]
+
+
+def _stats_of_pieces(X, params, bounds, sample_weight=None):
+    parts = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        w = None if sample_weight is None else sample_weight[lo:hi]
+        parts.append(_em.chunk_statistics(X[lo:hi], *params, sample_weight=w))
+    return _em.combine_statistics(parts)
+
+
+def _assert_stats_equal(a, b, rtol):
+    for key in ("nk", "sum_centered", "scatter"):
+        scale = np.abs(b[key]).max()
+        np.testing.assert_allclose(a[key], b[key], rtol=rtol, atol=rtol * scale, err_msg=key)
+    for key in ("log_likelihood", "n_samples"):
+        assert a[key] == pytest.approx(b[key], rel=rtol), key
+
+
+# ----------------------------------------------------------------------------- log densities
+@pytest.mark.parametrize("n_features", [1, 3])
+def test_log_gaussian_prob_matches_scipy(rng, n_features):
+    K, N = 4, 257
+    means = rng.normal(0, 5, size=(K, n_features))
+    covariances = _random_spd(rng, K, n_features, scale=2.0)
+    X = rng.normal(0, 6, size=(N, n_features))
+
+    log_prob = _em.estimate_log_gaussian_prob(X, means, _em.precision_cholesky(covariances))
+
+    assert log_prob.shape == (K, N)  # component-major
+    for k in range(K):
+        expected = multivariate_normal(means[k], covariances[k]).logpdf(X)
+        np.testing.assert_allclose(log_prob[k], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_normalize_log_prob_far_away_voxels_are_finite_and_sum_to_one():
+    X = np.array([[0.0], [1e6], [-1e6], [3.0]])
+    means = np.array([[0.0], [5.0]])
+    precisions_chol = _em.precision_cholesky(np.array([[[1.0]], [[4.0]]]))
+    weighted = _em.estimate_log_gaussian_prob(X, means, precisions_chol)
+    weighted += np.log([0.3, 0.7])[:, None]
+    expected_log_norm = np.logaddexp(weighted[0], weighted[1])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resp, log_norm = _em.normalize_log_prob(weighted.copy())
+
+    assert np.all(np.isfinite(resp)) and np.all(np.isfinite(log_norm))
+    np.testing.assert_allclose(resp.sum(axis=0), 1.0, rtol=1e-14)
+    np.testing.assert_allclose(log_norm, expected_log_norm, rtol=1e-14)
+    # far to the right the wider component takes the voxel, far to the left too
+    assert resp[1, 1] == pytest.approx(1.0) and resp[1, 2] == pytest.approx(1.0)
+    assert log_norm[1] < -1e10
+
+
+def test_e_step_matches_reference(rng):
+    K, D, N = 3, 2, 300
+    weights = np.array([0.2, 0.5, 0.3])
+    means = rng.normal(0, 3, size=(K, D))
+    covariances = _random_spd(rng, K, D)
+    X = rng.normal(0, 4, size=(N, D))
+
+    resp, log_norm = _em.e_step(X, weights, means, _em.precision_cholesky(covariances))
+    ref_resp, ref_log_norm = ref.e_step(X, weights, means, covariances)
+
+    np.testing.assert_allclose(resp.T, ref_resp, rtol=1e-11, atol=1e-14)
+    np.testing.assert_allclose(log_norm, ref_log_norm, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- statistics + M-step
+def test_one_iteration_matches_reference_1d_large_intensities(rng):
+    """Intensities ~3000 with sd ~20: the centred statistics must not lose digits."""
+    X = _mixture_sample(rng, [2950.0, 3000.0, 3080.0], [20.0, 15.0, 25.0], [4000, 5000, 3500])
+    weights = np.array([0.3, 0.4, 0.3])
+    means = np.array([[2940.0], [3010.0], [3070.0]])
+    covariances = np.array([[[300.0]], [[200.0]], [[700.0]]])
+    floor = np.array([1e-6])
+    params = (weights, means, _em.precision_cholesky(covariances))
+
+    stats = _stats_of_pieces(X, params, [0, 997, 5000, 9001, len(X)])
+    new_weights, new_means, new_covariances = _em.m_step(stats, means, floor)
+    ref_weights, ref_means, ref_covariances = ref.one_iteration(
+        X, weights, means, covariances, floor
+    )
+
+    np.testing.assert_allclose(new_weights, ref_weights, rtol=1e-10)
+    np.testing.assert_allclose(new_means, ref_means, rtol=1e-10)
+    np.testing.assert_allclose(new_covariances, ref_covariances, rtol=1e-10)
+    assert stats["log_likelihood"] == pytest.approx(
+        ref.log_likelihood(X, weights, means, covariances), rel=1e-12
+    )
+    assert stats["n_samples"] == len(X)
+    # the M-step really moved the parameters (the test is not comparing the input twice)
+    assert np.abs(new_means - means).max() > 1.0
+
+
+def test_one_iteration_matches_reference_2d_full_covariance(rng):
+    K, D, N = 3, 2, 9000
+    true_means = np.array([[1000.0, 400.0], [1100.0, 700.0], [1300.0, 500.0]])
+    true_covs = np.array(
+        [
+            [[400.0, 150.0], [150.0, 300.0]],
+            [[900.0, -200.0], [-200.0, 500.0]],
+            [[250.0, 0.0], [0, 600.0]],
+        ]
+    )
+    labels = rng.integers(0, K, N)
+    X = np.empty((N, D))
+    for k in range(K):
+        members = labels == k
+        X[members] = rng.multivariate_normal(true_means[k], true_covs[k], members.sum())
+    weights = np.array([0.25, 0.35, 0.4])
+    means = true_means + np.array([[20.0, -10.0], [-15.0, 30.0], [10.0, 10.0]])
+    covariances = 1.5 * true_covs
+    floor = np.array([1e-6, 1e-6])
+    params = (weights, means, _em.precision_cholesky(covariances))
+
+    stats = _stats_of_pieces(X, params, [0, 1, 4099, N])
+    new = _em.m_step(stats, means, floor)
+    expected = ref.one_iteration(X, weights, means, covariances, floor)
+
+    for got, want in zip(new, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
+    assert new[2].shape == (K, D, D)
+    assert np.abs(new[2][:, 0, 1]).min() > 1.0  # real off-diagonal terms were estimated
+
+
+def test_statistics_of_uneven_pieces_equal_the_whole(rng):
+    X = rng.normal(500, 80, size=(20_000, 2))
+    weights = np.array([0.5, 0.3, 0.2])
+    means = np.array([[450.0, 500.0], [550.0, 480.0], [500.0, 600.0]])
+    params = (weights, means, _em.precision_cholesky(_random_spd(rng, 3, 2, scale=2000.0)))
+
+    whole = _em.chunk_statistics(X, *params)
+    # pieces smaller than, equal to and crossing the inner BLOCK of the engine
+    pieces = _stats_of_pieces(X, params, [0, 1, 8, 8192, 8193, 17_001, 20_000])
+
+    _assert_stats_equal(pieces, whole, rtol=1e-12)
+    assert whole["n_samples"] == 20_000
+
+
+def test_sample_weight_counts_equal_repeated_rows(rng):
+    X = rng.normal(0, 3, size=(500, 1))
+    counts = rng.integers(0, 5, size=500)  # includes zeros
+    weights = np.array([0.6, 0.4])
+    means = np.array([[-1.0], [2.0]])
+    params = (weights, means, _em.precision_cholesky(np.array([[[2.0]], [[3.0]]])))
+
+    weighted = _em.chunk_statistics(X, *params, sample_weight=counts.astype(float))
+    repeated = _em.chunk_statistics(np.repeat(X, counts, axis=0), *params)
+
+    _assert_stats_equal(weighted, repeated, rtol=1e-12)
+    assert weighted["n_samples"] == counts.sum()
+
+
+def test_m_step_with_sample_weight_matches_reference(rng):
+    X = rng.normal(0, 3, size=(400, 2))
+    sample_weight = rng.uniform(0, 3, size=400)
+    weights = np.array([0.5, 0.5])
+    means = np.array([[-1.0, 0.0], [2.0, 1.0]])
+    covariances = _random_spd(rng, 2, 2)
+    floor = np.array([1e-8, 1e-8])
+    stats = _em.chunk_statistics(
+        X, weights, means, _em.precision_cholesky(covariances), sample_weight
+    )
+
+    got = _em.m_step(stats, means, floor)
+    want = ref.one_iteration(X, weights, means, covariances, floor, sample_weight)
+
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- covariances
+def test_floor_covariances_1d_is_maximum():
+    covariances = np.array([[[0.5]], [[2.0]], [[1.0]]])
+    floored = _em.floor_covariances(covariances, np.array([1.0]))
+    np.testing.assert_array_equal(floored.ravel(), [1.0, 2.0, 1.0])
+
+
+def test_floor_covariances_2d_whitened_eigenvalues(rng):
+    floor = np.array([4.0, 100.0])
+    scale = np.sqrt(floor)
+    # a near-singular covariance (thin along a diagonal) and a comfortably wide one
+    thin = np.array([[5.0, 20.0], [20.0, 81.0]])
+    wide = np.array([[50.0, 30.0], [30.0, 900.0]])
+    floored = _em.floor_covariances(np.stack([thin, wide]), floor)
+
+    whitened = floored / np.multiply.outer(scale, scale)
+    assert np.linalg.eigvalsh(whitened[0]).min() >= 1.0 - 1e-12
+    assert np.linalg.eigvalsh(thin / np.multiply.outer(scale, scale)).min() < 1.0
+    np.testing.assert_allclose(floored[0], floored[0].T)
+    np.testing.assert_allclose(floored[1], wide, rtol=1e-12)  # unchanged when already above
+    np.testing.assert_allclose(floored[0], ref.floor_covariances(thin[None], floor)[0], rtol=1e-12)
+    # the floor only adds variance: floored - original is positive semi-definite
+    assert np.linalg.eigvalsh(floored[0] - thin).min() >= -1e-12
+
+
+@pytest.mark.parametrize("n_features", [1, 2, 4])
+def test_precision_cholesky_round_trip(rng, n_features):
+    covariances = _random_spd(rng, 3, n_features, scale=50.0)
+    precisions_chol = _em.precision_cholesky(covariances)
+
+    for U, cov in zip(precisions_chol, covariances):
+        np.testing.assert_array_equal(np.tril(U, -1), 0.0)  # upper triangular
+        np.testing.assert_allclose(U @ U.T, np.linalg.inv(cov), rtol=1e-10, atol=1e-14)
+    back = _em.covariances_from_precision_cholesky(precisions_chol)
+    np.testing.assert_allclose(back, covariances, rtol=1e-10)
+
+
+def test_precision_cholesky_refuses_non_positive_definite():
+    with pytest.raises(np.linalg.LinAlgError):
+        _em.precision_cholesky(np.array([[[1.0, 2.0], [2.0, 1.0]]]))
+
+
+# ----------------------------------------------------------------------------- data moments
+def test_chunk_moments_on_uneven_splits_match_numpy(rng):
+    X = rng.normal([3000.0, -5.0], [20.0, 0.1], size=(1001, 2))
+    bounds = [0, 1, 2, 500, 999, 1001]
+    parts = [_em.chunk_moments(X[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    total = _em.combine_moments(parts)
+
+    assert total["n"] == 1001
+    np.testing.assert_allclose(total["mean"], X.mean(axis=0), rtol=1e-13)
+    np.testing.assert_allclose(total["m2"] / total["n"], X.var(axis=0), rtol=1e-10)
+    np.testing.assert_array_equal(total["minimum"], X.min(axis=0))
+    np.testing.assert_array_equal(total["maximum"], X.max(axis=0))
+    assert total["n_nonfinite"] == 0
+
+
+def test_chunk_moments_weighted_matches_numpy(rng):
+    X = rng.normal(100.0, 3.0, size=(300, 1))
+    w = rng.uniform(0, 2, size=300)
+    parts = [_em.chunk_moments(X[:120], w[:120]), _em.chunk_moments(X[120:], w[120:])]
+    total = _em.combine_moments(parts)
+    mean = np.average(X[:, 0], weights=w)
+    assert total["n"] == pytest.approx(w.sum(), rel=1e-14)
+    assert total["mean"][0] == pytest.approx(mean, rel=1e-13)
+    assert total["m2"][0] == pytest.approx(w @ (X[:, 0] - mean) ** 2, rel=1e-10)
+
+
+def test_chunk_moments_count_nonfinite_and_skip_them(rng):
+    X = rng.normal(0, 1, size=(50, 2))
+    X[3, 0] = np.nan
+    X[10, 1] = np.inf
+    X[40] = -np.inf
+    parts = [_em.chunk_moments(X[:7]), _em.chunk_moments(X[7:41]), _em.chunk_moments(X[41:])]
+    total = _em.combine_moments(parts)
+
+    finite = X[np.isfinite(X).all(axis=1)]
+    assert total["n_nonfinite"] == 3
+    assert total["n"] == len(finite) == 47
+    np.testing.assert_allclose(total["mean"], finite.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(total["m2"] / total["n"], finite.var(axis=0), rtol=1e-10)
+
+
+def test_combine_moments_with_an_all_nan_chunk(rng):
+    X = rng.normal(0, 1, size=(20, 1))
+    X[5:9] = np.nan
+    parts = [_em.chunk_moments(X[:5]), _em.chunk_moments(X[5:9]), _em.chunk_moments(X[9:])]
+    assert parts[1]["n"] == 0
+    total = _em.combine_moments(parts)
+    finite = X[np.isfinite(X[:, 0])]
+    assert total["n_nonfinite"] == 4
+    assert total["mean"][0] == pytest.approx(finite.mean(), rel=1e-12)
+    assert total["m2"][0] / total["n"] == pytest.approx(finite.var(), rel=1e-10)
+
+
+# ----------------------------------------------------------------------------- k-means
+def _three_blobs(rng):
+    centers = np.array([[0.0, 0.0], [50.0, 10.0], [20.0, 80.0]])
+    X = np.concatenate([rng.normal(c, 2.0, size=(n, 2)) for c, n in zip(centers, [300, 200, 100])])
+    return X, centers
+
+
+def test_kmeans_deterministic_for_a_seed(rng):
+    X, _ = _three_blobs(rng)
+    w = np.ones(len(X))
+    centers1, labels1 = _kmeans.kmeans(X, w, 3, np.random.default_rng(7))
+    centers2, labels2 = _kmeans.kmeans(X, w, 3, np.random.default_rng(7))
+    np.testing.assert_array_equal(centers1, centers2)
+    np.testing.assert_array_equal(labels1, labels2)
+
+
+def test_kmeans_recovers_separated_clusters(rng):
+    X, centers = _three_blobs(rng)
+    truth = np.repeat([0, 1, 2], [300, 200, 100])
+    found, labels = _kmeans.kmeans(X, np.ones(len(X)), 3, np.random.default_rng(0))
+
+    order = [int(np.argmin(((found - c) ** 2).sum(axis=1))) for c in centers]
+    assert sorted(order) == [0, 1, 2]
+    np.testing.assert_allclose(found[order], centers, atol=0.6)
+    np.testing.assert_array_equal(np.asarray(order)[truth], labels)
+
+
+def test_kmeans_weighted_centers_are_weighted_means():
+    values = np.array([[0.0], [1.0], [2.0], [10.0], [11.0], [30.0], [31.0]])
+    counts = np.array([5.0, 3.0, 1.0, 4.0, 4.0, 2.0, 6.0])
+    centers, labels = _kmeans.kmeans(values, counts, 3, np.random.default_rng(1))
+    expected = {
+        (5 * 0 + 3 * 1 + 1 * 2) / 9,
+        (4 * 10 + 4 * 11) / 8,
+        (2 * 30 + 6 * 31) / 8,
+    }
+    assert sorted(centers.ravel()) == pytest.approx(sorted(expected))
+
+
+def test_parameters_from_clusters_matches_direct_computation(rng):
+    X = rng.normal(0, 5, size=(200, 2))
+    w = rng.uniform(0.5, 2.0, size=200)
+    labels = rng.integers(0, 3, size=200)
+
+    weights, means, covariances = _kmeans.parameters_from_clusters(X, w, labels, 3)
+
+    for k in range(3):
+        members = labels == k
+        assert weights[k] == pytest.approx(w[members].sum() / w.sum(), rel=1e-13)
+        np.testing.assert_allclose(means[k], np.average(X[members], axis=0, weights=w[members]))
+        direct = np.cov(X[members].T, aweights=w[members], bias=True)
+        np.testing.assert_allclose(covariances[k], direct, rtol=1e-12)
+    assert weights.sum() == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- worked example
+def test_worked_example_one_iteration_by_hand():
+    """x = 1, 2, 3, 8, 9, 10; two components; one EM iteration written out in full."""
+    x = [1.0, 2.0, 3.0, 8.0, 9.0, 10.0]
+    pi0, mu0, var0 = [0.4, 0.6], [2.0, 7.0], [1.0, 4.0]
+
+    def normal_pdf(value, mean, var):
+        return math.exp(-((value - mean) ** 2) / (2 * var)) / math.sqrt(2 * math.pi * var)
+
+    # E-step: r_nk = pi_k N(x_n | mu_k, s_k^2) / sum_j pi_j N(x_n | mu_j, s_j^2)
+    r = []
+    for xn in x:
+        p = [pi0[k] * normal_pdf(xn, mu0[k], var0[k]) for k in range(2)]
+        r.append([p[0] / (p[0] + p[1]), p[1] / (p[0] + p[1])])
+    # M-step
+    n_k = [sum(r[n][k] for n in range(6)) for k in range(2)]
+    mu = [sum(r[n][k] * x[n] for n in range(6)) / n_k[k] for k in range(2)]
+    var = [sum(r[n][k] * (x[n] - mu[k]) ** 2 for n in range(6)) / n_k[k] for k in range(2)]
+    pi = [n_k[k] / 6 for k in range(2)]
+    log_lik = sum(
+        math.log(sum(pi[k] * normal_pdf(xn, mu[k], var[k]) for k in range(2))) for xn in x
+    )
+
+    gm = GaussianMixtureEM(
+        2, max_iter=1, tol=0.0, means_init=mu0, covariances_init=var0, weights_init=pi0,
+        variance_floor=1e-9, chunk_size=4,
+    )  # fmt: skip
+    with pytest.warns(ConvergenceWarning, match="max_iter=1"):
+        gm.fit(np.array(x))
+
+    # sanity of the hand computation itself: x=3 is shared, the other points are clear-cut
+    assert 0.5 < r[2][0] < 0.9 and r[0][0] > 0.98 and r[5][1] > 0.99
+    assert gm.n_iter_ == 1
+    np.testing.assert_allclose(gm.weights_, pi, rtol=1e-12)
+    np.testing.assert_allclose(gm.means_.ravel(), mu, rtol=1e-12)
+    np.testing.assert_allclose(gm.covariances_.ravel(), var, rtol=1e-12)
+    assert gm.log_likelihood_ == pytest.approx(log_lik, rel=1e-12)
+    assert gm.log_likelihood_trace_ == [gm.log_likelihood_]
+    initial = sum(
+        math.log(sum(pi0[k] * normal_pdf(xn, mu0[k], var0[k]) for k in range(2))) for xn in x
+    )
+    assert gm.initial_log_likelihood_ == pytest.approx(initial, rel=1e-12)
+    assert gm.log_likelihood_ > gm.initial_log_likelihood_
