@@ -73,9 +73,12 @@ class SegmentationResult:
     responsibilities : float32 array of the spatial shape + (K,)
         Posterior probability of each label; zeros outside the mask. Built from
         :attr:`flat_responsibilities` on each access (it is the largest array of a run).
-    flat_responsibilities : (n_voxels, K) float32 array
+    flat_responsibilities : (n_voxels, K) float32 array or None
         The same probabilities for the fitted voxels only, in :func:`segment.masking.flatten`
-        order.
+        order. None when they would not fit the memory budget: they are then recomputed one
+        component at a time from :attr:`features` when written or accessed.
+    features : (n_voxels, D) array or None
+        The fitted voxels' intensities, kept only when ``flat_responsibilities`` is None.
     estimator : GaussianMixtureEM
         The fitted mixture (``means_``, ``covariances_``, ``weights_``, trace...).
     mask : bool array of the spatial shape
@@ -95,7 +98,7 @@ class SegmentationResult:
     """
 
     labels: np.ndarray
-    flat_responsibilities: np.ndarray
+    flat_responsibilities: np.ndarray | None
     estimator: GaussianMixtureEM
     mask: np.ndarray
     n_nonfinite: int = 0
@@ -104,6 +107,7 @@ class SegmentationResult:
     inputs: list[Path] = field(default_factory=list)
     reference: Any = None
     mask_spec: str = "none"
+    features: np.ndarray | None = None
     written: list[Path] = field(default_factory=list)
     """Files written by :meth:`save`."""
 
@@ -118,11 +122,20 @@ class SegmentationResult:
     @property
     def responsibilities(self) -> np.ndarray:
         """Probabilities on the image grid, spatial shape + (K,), zeros outside the mask."""
+        if self.flat_responsibilities is None:
+            return np.stack(list(self.responsibility_volumes()), axis=-1)
         return masking.unflatten(self.flat_responsibilities, self.mask)
 
     def responsibility_volumes(self) -> _Volumes:
         """The K probability maps as a lazy sequence, one spatial array built per index."""
-        return _Volumes(self.flat_responsibilities, self.mask)
+        return _Volumes(self.flat_responsibilities, self.mask, self.estimator, self.features)
+
+    @property
+    def soft_counts(self) -> np.ndarray:
+        """Sum of each label's probabilities over the voxels, (K,) float64."""
+        if self.flat_responsibilities is None:
+            return self.estimator._soft_counts(self.features)
+        return self.flat_responsibilities.sum(axis=0, dtype=np.float64)
 
     @property
     def log_likelihood_trace(self) -> list[float]:
@@ -136,12 +149,11 @@ class SegmentationResult:
 
     def volumes(self) -> list[dict[str, Any]]:
         """Voxel count and volume in mL of each label, hard and soft (sum of probabilities)."""
-        soft = self.flat_responsibilities.sum(axis=0, dtype=np.float64)
-        return sidecar.label_volumes(self.labels, soft, self.voxel_volume_ml)
+        return sidecar.label_volumes(self.labels, self.soft_counts, self.voxel_volume_ml)
 
     def sidecar(self, outputs: dict[str, str] | None = None, command_line=None) -> dict:
         """The JSON sidecar record (see :mod:`segment.sidecar`)."""
-        soft = self.flat_responsibilities.sum(axis=0, dtype=np.float64)
+        soft = self.soft_counts
         return sidecar.build_sidecar(
             estimator=self.estimator,
             labels=self.labels,
@@ -270,18 +282,26 @@ def bias_output_paths(
 
 
 class _Volumes:
-    """Sequence of K probability maps, each unflattened only when indexed."""
+    """Sequence of K probability maps, each built only when indexed.
 
-    def __init__(self, flat: np.ndarray, mask: np.ndarray):
-        self.flat, self.mask = flat, mask
+    From the stored flat probabilities, or, when there are none, by an E-step over the
+    features chunk by chunk that keeps only component k (memory: one map at a time).
+    """
+
+    def __init__(self, flat, mask, estimator, features):
+        self.flat, self.mask, self.estimator, self.features = flat, mask, estimator, features
 
     def __len__(self) -> int:
-        return self.flat.shape[1]
+        return self.estimator.n_components
 
     def __getitem__(self, k: int) -> np.ndarray:
         if not 0 <= k < len(self):
             raise IndexError(k)
-        return masking.unflatten(self.flat[:, k], self.mask)
+        if self.flat is None:
+            column = self.estimator._responsibility_column(self.features, k)
+        else:
+            column = self.flat[:, k]
+        return masking.unflatten(column, self.mask)
 
 
 def _array_reference(shape: tuple[int, ...]):
@@ -379,6 +399,7 @@ def segment_array(
     channel_axis: int | None = None,
     spacing: Sequence[float] | None = None,
     callback: Callable | None = None,
+    memory_limit: int | str | None = None,
     **options: Any,
 ) -> SegmentationResult:
     """Segment an image array into ``n_components`` tissue classes.
@@ -395,6 +416,10 @@ def segment_array(
         Voxel size in mm per axis (default 1 mm); used by the MRF prior and the bias field.
     callback : callable, optional
         ``callback(iteration, log_likelihood, change)`` after each EM iteration.
+    memory_limit : int or str, optional
+        Memory to aim for, in bytes or as ``"1.5GB"`` (default 3 GB). When the voxels x K
+        probabilities would take more than a third of it, they are not kept: each probability
+        map is recomputed when it is written (one map in memory at a time).
     **options
         ``n_components`` (6), ``max_iter`` (300), ``tol`` (1e-4), ``variance_floor``
         (1e-3 x data variance), ``seed`` (0), ``chunk_size``, ``scheduler``, ``workers``,
@@ -415,6 +440,7 @@ def segment_array(
     (array([1], dtype=uint8), array([2], dtype=uint8))
     """
     estimator = make_estimator(options, callback)
+    _memory_budget(memory_limit)
     channels = _as_channels(array, channel_axis)
     valid, n_nonfinite = masking.valid_voxels(channels, mask)
     if n_nonfinite:
@@ -438,11 +464,15 @@ def segment_array(
         estimator.fit(X)
         timings["fit_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        labels, responsibilities = estimator._labels_and_responsibilities(X)
+        if X.shape[0] * (estimator.n_components + 1) * 4 <= _memory_budget(memory_limit) / 3:
+            labels, responsibilities = estimator._labels_and_responsibilities(X)
+        else:  # too big to keep: labels now, probability maps one at a time when written
+            labels, responsibilities = estimator._labels(X), None
         timings["predict_s"] = time.perf_counter() - start
     return SegmentationResult(
         labels=masking.unflatten(labels, valid),
         flat_responsibilities=responsibilities,
+        features=X if responsibilities is None else None,
         estimator=estimator,
         mask=valid,
         n_nonfinite=n_nonfinite,
@@ -450,6 +480,23 @@ def segment_array(
         timings=timings,
         mask_spec="array" if mask is not None else "none",
     )
+
+
+def _memory_budget(memory_limit: int | str | None) -> float:
+    """Bytes from ``memory_limit`` (default 3 GB)."""
+    if memory_limit is None:
+        return 3e9
+    from dask.utils import parse_bytes
+
+    try:
+        value = parse_bytes(memory_limit) if isinstance(memory_limit, str) else memory_limit
+    except ValueError:
+        value = None
+    if not isinstance(value, (int, float)) or value <= 0:
+        raise SegmentError(
+            f"memory_limit must be a positive size such as 2GB or 1500MB, got {memory_limit!r}"
+        )
+    return float(value)
 
 
 def segment_file(
@@ -465,6 +512,7 @@ def segment_file(
     output_paths: naming.OutputPaths | None = None,
     extra: dict[str, Any] | None = None,
     corrected: bool = False,
+    memory_limit: int | str | None = None,
     **options: Any,
 ) -> SegmentationResult:
     """Segment a scan file (or several co-registered channel files) and optionally save it.
@@ -493,6 +541,8 @@ def segment_file(
         Added to the JSON sidecar (e.g. the pipeline and the final options).
     corrected : bool
         With ``bias_field=True``, also write the bias-corrected scan.
+    memory_limit : int or str, optional
+        See :func:`segment_array`.
     **options
         Model options, see :func:`segment_array`.
 
@@ -503,6 +553,7 @@ def segment_file(
     from . import io
 
     make_estimator(options)  # parameter errors before touching any file
+    _memory_budget(memory_limit)
     paths = [Path(p) for p in ([path_or_paths] if isinstance(path_or_paths, (str, Path))
                                else path_or_paths)]  # fmt: skip
     if not paths:
@@ -530,7 +581,7 @@ def segment_file(
             warnings.simplefilter("always", DataWarning)
             result = segment_array(
                 [s.data for s in scans], mask_array, spacing=scans[0].zooms, callback=callback,
-                **options,
+                memory_limit=memory_limit, **options,
             )  # fmt: skip
     except InputError:
         raise

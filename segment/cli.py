@@ -228,6 +228,9 @@ def _model_kwargs(kwargs: dict) -> dict:
                 type=click.Path(path_type=Path, readable=False))  # fmt: skip
 @click.option("-o", "--out-dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Output folder (created if needed).")  # fmt: skip
+@click.option("--memory-limit", default=None, metavar="SIZE",
+              help="Memory to aim for, e.g. 1.5GB [default: 3GB]: above a third of it the "
+                   "probability maps are streamed one at a time instead of kept.")  # fmt: skip
 @model_options
 @_handle_errors
 def run(inputs: tuple[Path, ...], out_dir: Path, **kwargs) -> None:
@@ -254,6 +257,7 @@ def run(inputs: tuple[Path, ...], out_dir: Path, **kwargs) -> None:
             list(inputs), out_dir, mask=None if kwargs["mask"] == "none" else kwargs["mask"],
             overwrite=kwargs["overwrite"], probseg=not kwargs["no_probseg"],
             qc=not kwargs["no_qc"], callback=callback, corrected=kwargs["write_corrected"],
+            memory_limit=kwargs["memory_limit"],
             command_line=["segment", *sys.argv[1:]], extra=extra, **_model_kwargs(kwargs),
         )  # fmt: skip
     finally:

@@ -734,9 +734,10 @@ def write_nifti_volumes(
 ) -> Path:
     """Write a 4-D NIfTI one 3-D volume at a time, atomically.
 
-    For ``.nii.gz`` each volume is compressed as its own gzip member, in parallel threads (zlib
-    releases the GIL); a multi-member gzip file is a valid gzip file that nibabel, FSL, ITK and
-    AFNI read as one stream. Only ``n_threads + 1`` volumes are in memory at once.
+    For ``.nii.gz`` the data are cut into slabs of about 16 MB, each compressed as its own gzip
+    member in parallel threads (zlib releases the GIL); a multi-member gzip file is a valid gzip
+    file that nibabel, FSL, ITK and AFNI read as one stream. One volume and ``n_threads + 1``
+    slabs are in memory at once.
 
     Parameters
     ----------
@@ -760,8 +761,15 @@ def write_nifti_volumes(
     header.write_to(head)
     head.write(b"\0" * (int(header["vox_offset"]) - head.tell()))
 
-    def raw_bytes(index: int) -> bytes:
-        return np.asarray(volumes[index], dtype=dtype).tobytes(order="F")
+    def slabs():
+        """The image bytes in NIfTI (Fortran) order, in slabs of about 16 MB."""
+        for index in range(len(volumes)):
+            volume = np.asarray(volumes[index], dtype=dtype)
+            per_slice = max(1, volume[..., 0].nbytes)
+            step = max(1, (16 << 20) // per_slice)
+            for start in range(0, volume.shape[-1], step):
+                yield volume[..., start : start + step].tobytes(order="F")
+            del volume
 
     def compress(data: bytes) -> bytes:
         packer = zlib.compressobj(compresslevel, zlib.DEFLATED, 31)  # 31: gzip wrapper
@@ -770,14 +778,13 @@ def write_nifti_volumes(
     with atomic_write(path) as tmp, open(tmp, "wb") as stream:
         if not path.name.lower().endswith(".gz"):
             stream.write(head.getvalue())
-            for index in range(len(volumes)):
-                stream.write(raw_bytes(index))
+            for data in slabs():
+                stream.write(data)
             return path
         n_threads = n_threads or os.cpu_count() or 1
         with ThreadPoolExecutor(n_threads) as pool:
             pending = [pool.submit(compress, head.getvalue())]
-            for index in range(len(volumes)):
-                data = raw_bytes(index)
+            for data in slabs():
                 pending.append(pool.submit(compress, data))
                 del data
                 while len(pending) > n_threads:

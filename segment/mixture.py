@@ -579,6 +579,28 @@ class GaussianMixtureEM:
         both = self._compute(both)
         return both[:, -1].astype(np.uint8), both[:, :-1]
 
+    def _labels(self, X: Any) -> np.ndarray:
+        """Labels 1..K as uint8, (N,), without keeping any (N, K) array."""
+        return (self.predict(X) + 1).astype(np.uint8)
+
+    def _responsibility_column(self, X: Any, k: int) -> np.ndarray:
+        """Responsibilities of component ``k`` only, (N,) float32, chunk by chunk."""
+        X = self._check_fitted_features(X)
+        column = _chunked.map_rows(
+            _chunked.as_feature_array(X, self.chunk_size),
+            _responsibility_column_block, 1, np.float32, (*self._params, k),
+        )  # fmt: skip
+        return self._compute(column)[:, 0]
+
+    def _soft_counts(self, X: Any) -> np.ndarray:
+        """Sum of the responsibilities of each component over ``X``, (K,) float64."""
+        X = self._check_fitted_features(X)
+        with compute_kwargs(self.scheduler, self.n_workers) as ckw:
+            stats = _chunked.statistics(
+                _chunked.as_feature_array(X, self.chunk_size), self._params, None, ckw
+            )
+        return stats["nk"]
+
     def fit_predict(self, X: Any, y: None = None) -> Any:
         """``fit(X)`` then ``predict(X)``."""
         return self.fit(X).predict(X)
@@ -604,6 +626,10 @@ def _responsibilities_block(X, weights, means, precisions_chol):
 def _labels_block(X, weights, means, precisions_chol):
     resp = _em.responsibilities(X, weights, means, precisions_chol)
     return np.argmax(resp, axis=1)[:, None]
+
+
+def _responsibility_column_block(X, weights, means, precisions_chol, k):
+    return _em.responsibilities(X, weights, means, precisions_chol)[:, k, None].astype(np.float32)
 
 
 def _labels_and_responsibilities_block(X, weights, means, precisions_chol):

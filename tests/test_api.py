@@ -349,3 +349,35 @@ def test_interrupted_save_removes_what_it_wrote(picture, tmp_path, monkeypatch, 
         result.save(kept, prefix="p")
     assert files_in(kept) == ["other.txt"]
     assert result.written == []
+
+
+def test_streamed_probabilities_equal_kept_ones(tmp_path):
+    """Under a tiny memory_limit the maps are recomputed per component: same files, same JSON."""
+    import json
+
+    import nibabel as nib
+
+    from segment.samples import make_head_phantom
+
+    image, _, affine = make_head_phantom(shape=(20, 24, 18), seed=3)
+    path = tmp_path / "head.nii.gz"
+    nib.save(nib.Nifti1Image(image, affine), path)
+    kept = segment_file(path, tmp_path / "kept", n_components=4)
+    streamed = segment_file(path, tmp_path / "streamed", n_components=4, memory_limit=1000)
+    assert kept.flat_responsibilities is not None
+    assert streamed.flat_responsibilities is None and streamed.features is not None
+    np.testing.assert_array_equal(kept.labels, streamed.labels)
+    a = nib.load(tmp_path / "kept" / "head_probseg.nii.gz").get_fdata()
+    b = nib.load(tmp_path / "streamed" / "head_probseg.nii.gz").get_fdata()
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(streamed.responsibilities, kept.responsibilities)
+    labels_a = json.loads((tmp_path / "kept" / "head_segment.json").read_text())["labels"]
+    labels_b = json.loads((tmp_path / "streamed" / "head_segment.json").read_text())["labels"]
+    for row_a, row_b in zip(labels_a, labels_b):
+        assert row_a["n_voxels"] == row_b["n_voxels"]
+        assert row_a["soft_volume_ml"] == pytest.approx(row_b["soft_volume_ml"], rel=1e-6)
+
+
+def test_memory_limit_is_validated(tmp_path):
+    with pytest.raises(SegmentError, match="memory_limit must be a positive size"):
+        segment_array(np.arange(100.0).reshape(10, 10), n_components=2, memory_limit="lots")
