@@ -15,25 +15,12 @@ from typing import Any
 import numpy as np
 
 from . import masking, naming, sidecar
+from ._options import DEFAULT_OPTIONS
 from .exceptions import DataWarning, InputError, SegmentError
 from .mixture import GaussianMixtureEM
 
 __all__ = ["segment_array", "segment_file", "SegmentationResult", "DEFAULT_OPTIONS"]
 
-#: Model options shared by the API and the CLI, with their defaults.
-DEFAULT_OPTIONS: dict[str, Any] = {
-    "n_components": 6,
-    "max_iter": 300,
-    "tol": 1e-4,
-    "variance_floor": None,
-    "seed": 0,
-    "chunk_size": None,
-    "scheduler": None,
-    "workers": None,
-    "mrf_beta": 0.0,
-    "bias_field": False,
-    "bias_smoothness": 60.0,
-}
 
 
 def make_estimator(options: dict[str, Any], callback: Callable | None = None) -> GaussianMixtureEM:
@@ -254,7 +241,7 @@ class SegmentationResult:
                 paths.qc, np.asarray(image), self.labels,
                 means=self.estimator.means_, covariances=self.estimator.covariances_,
                 weights=self.estimator.weights_, mask=self.mask,
-                title=self.inputs[0].name if self.inputs else "",
+                title=self.inputs[0].name if self.inputs else "", zooms=reference.zooms,
             )  # fmt: skip
             done.append(paths.qc)
             self.timings["qc_s"] = time.perf_counter() - start

@@ -55,6 +55,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
+from ._options import DEFAULT_OPTIONS, EXECUTION_OPTIONS
 from .exceptions import InputError
 
 __all__ = [
@@ -144,15 +145,7 @@ _SECTIONS = {"model": MODEL_KEYS, "outputs": OUTPUT_KEYS}
 
 #: Final settings when neither a pipeline nor the command line says otherwise.
 DEFAULT_SETTINGS: dict[str, Any] = {
-    "n_components": 6,
-    "max_iter": 300,
-    "tol": 1e-4,
-    "variance_floor": None,
-    "seed": 0,
-    "chunk_size": None,
-    "mrf_beta": 0.0,
-    "bias_field": False,
-    "bias_smoothness": 60.0,
+    **{k: v for k, v in DEFAULT_OPTIONS.items() if k not in EXECUTION_OPTIONS},
     "mask": "none",
     "probseg": True,
     "qc": True,
