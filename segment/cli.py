@@ -182,7 +182,7 @@ _SETTING_PARAMS = {"n_components": "n_components", "max_iter": "max_iter", "tol"
                    "mask": "mask", "probseg": "no_probseg", "qc": "no_qc",
                    "bias_field": "bias_field", "bias_smoothness": "bias_smoothness"}  # fmt: skip
 #: MRF strength that --mrf turns on; chosen on the phantoms (see README, "Spatial prior").
-DEFAULT_MRF_BETA = 0.3
+DEFAULT_MRF_BETA = 0.2
 
 
 def _apply_pipeline(kwargs: dict):

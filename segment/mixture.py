@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 
@@ -281,12 +283,20 @@ class GaussianMixtureEM:
         boxes, degree = _bias_geometry(mask, spacing, self.bias_smoothness)
         n_terms = len(_spatial.bias_terms(degree, n_spatial))
         step = max(1, round((mask.sum() / 200_000) ** (1 / n_spatial)))
-        with compute_kwargs(self.scheduler, self.n_workers) as ckw:
+        with compute_kwargs(self.scheduler, self.n_workers) as ckw, _shared_pool(ckw) as ckw:
             data = self._prepare(_validation.check_features(X), None, ckw)
             if floor is None:
                 floor = RELATIVE_VARIANCE_FLOOR * data.moments["m2"] / data.moments["n"]
             self.variance_floor_ = floor
             weights, means, covariances = self._initial_parameters(data, init, floor, ckw)
+            # Start from the converged plain mixture, as FAST starts its MRF-EM from a plain
+            # segmentation: the spatial EM then refines it instead of re-clustering from k-means
+            # (which let a class drift away on noisy whole-head scans) and needs fewer of its
+            # costlier iterations. The plain fit uses the fast distinct-values path when it can.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                self._run_em(data, weights, means, covariances, floor, ckw)
+            weights, means, covariances = self.weights_, self.means_, self.covariances_
             chunks = _chunked.grid_chunks(mask.shape, self.chunk_size)
             x_grid = _chunked.as_grid_array(image, chunks)
             mask_grid = _chunked.as_grid_array(mask, chunks)
@@ -300,7 +310,12 @@ class GaussianMixtureEM:
             if is_distributed(ckw):
                 x_grid, mask_grid = ckw["scheduler"].persist([x_grid, mask_grid])
 
-            def e_step(params, previous, log_bias):
+            def persist(array):  # on the chosen scheduler, which holds x_grid and mask_grid
+                return (
+                    ckw["scheduler"].persist(array) if is_distributed(ckw) else array.persist(**ckw)
+                )
+
+            def e_step(params, previous, log_bias, beta=beta):
                 out = _chunked.map_grid_overlap(
                     _spatial.spatial_e_step, previous, [x_grid, mask_grid, log_bias],
                     n_spatial, 1 if beta > 0 else 0,
@@ -308,7 +323,7 @@ class GaussianMixtureEM:
                          beta=beta, kernel=kernel),
                     np.float32,
                 )  # fmt: skip
-                out = ckw["scheduler"].persist(out) if is_distributed(ckw) else out.persist(**ckw)
+                out = persist(out)
                 stats = _chunked.map_reduce_grid(
                     _spatial.spatial_statistics, _em.combine_statistics,
                     [x_grid, mask_grid, out, log_bias], n_spatial, (params[1],), ckw,
@@ -316,8 +331,8 @@ class GaussianMixtureEM:
                 return out, stats
 
             params = (weights, means, _em.precision_cholesky(covariances))
-            log_bias = log_bias.persist(**({} if is_distributed(ckw) else ckw))
-            current, stats = e_step(params, current, log_bias)
+            log_bias = persist(log_bias)
+            current, stats = e_step(params, current, log_bias, beta=0.0)  # the plain E-step
             self.initial_log_likelihood_ = previous_objective = stats["log_likelihood"]
             n_samples = stats["n_samples"]
             trace: list[float] = []
@@ -334,10 +349,10 @@ class GaussianMixtureEM:
                         (step, boxes, degree, means, covariances), ckw, with_offset=True,
                     )  # fmt: skip
                     coefficients = _spatial.solve_bias(gram, moment)
-                    log_bias = _chunked.map_grid_new(
+                    log_bias = persist(_chunked.map_grid_new(
                         _spatial.log_bias_grid_block, mask_grid, n_spatial, D, np.float32,
                         (coefficients, boxes, degree),
-                    ).persist(**({} if is_distributed(ckw) else ckw))  # fmt: skip
+                    ))  # fmt: skip
                 params = (weights, means, _em.precision_cholesky(covariances))
                 current, stats = e_step(params, current, log_bias)
                 trace.append(stats["log_likelihood"])
@@ -348,9 +363,8 @@ class GaussianMixtureEM:
                 if abs(change) < self.tol:
                     self.converged_ = True
                     break
-            final = current.compute(**ckw) if not is_distributed(ckw) else current.compute()
-            bias_grid = np.exp(log_bias.compute(**ckw) if not is_distributed(ckw)
-                               else log_bias.compute())  # fmt: skip
+            final, log_bias = dask.compute(current, log_bias, **ckw)
+            bias_grid = np.exp(log_bias)
         self._finish(iteration, trace, params, covariances, change, data, D)
         self.objective_ = (
             "mean-field penalised log-likelihood: sum_i log sum_k pi_ik N(y_i / b_i | k) - "
@@ -639,6 +653,26 @@ def _labels_and_responsibilities_block(X, weights, means, precisions_chol):
     out[:, :-1] = resp
     out[:, -1] = np.argmax(resp, axis=1) + 1
     return out
+
+
+@contextlib.contextmanager
+def _shared_pool(ckw: dict):
+    """``ckw`` with one process pool for the whole grid fit when the scheduler is "processes".
+
+    Without it dask spawns a fresh pool for every compute (several per EM iteration), which
+    took seconds per iteration.
+    """
+    if ckw.get("scheduler") != "processes" or "pool" in ckw:
+        yield ckw
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    import dask.multiprocessing
+
+    with ProcessPoolExecutor(
+        ckw.get("num_workers"), mp_context=dask.multiprocessing.get_context()
+    ) as pool:
+        yield {**ckw, "pool": pool}
 
 
 def _sum_pairs(parts):

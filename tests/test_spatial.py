@@ -1,0 +1,466 @@
+"""Tests of the spatial model: the MRF prior and the bias field (:mod:`segment._spatial`), the
+grid EM (``GaussianMixtureEM.fit_image``) and their options in the API, CLI and batch."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from segment import GaussianMixtureEM, _spatial, segment_array
+from segment.cli import DEFAULT_MRF_BETA, cli
+from segment.evaluate import evaluate_labels
+from segment.exceptions import SegmentError
+from segment.samples import make_head_phantom
+
+HEAD_SHAPE = (24, 28, 20)
+BRAIN = (3, 4, 5)
+
+
+# ------------------------------------------------------------------ helpers
+def blocks_phantom(shape, noise, seed=0):
+    """Piecewise-constant image of three classes (means 100, 200, 300) plus Gaussian noise."""
+    grid = np.indices(shape).astype(float)
+    centre = np.array(shape, float)[(slice(None),) + (None,) * len(shape)] / 2
+    radius = np.sqrt(((grid - centre) ** 2).sum(axis=0))
+    truth = np.where(radius < min(shape) * 0.22, 3, np.where(radius < min(shape) * 0.4, 2, 1))
+    truth[..., : shape[-1] // 5] = 2  # a slab touching the edge
+    image = np.array([0.0, 100.0, 200.0, 300.0])[truth]
+    image += np.random.default_rng(seed).normal(0.0, noise, shape)
+    return image, truth.astype(np.uint8)
+
+
+def mean_dice(labels, truth, mask=None):
+    if mask is not None:
+        labels, truth = np.where(mask, labels, 0), np.where(mask, truth, 0)
+    return evaluate_labels(labels, truth, ignore_zero=mask is not None)["mean_dice"]
+
+
+def smooth_log_field(shape, amplitude=0.25):
+    """A smooth known log field (linear + quadratic in normalised coordinates)."""
+    coords = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    field = 0.6 * coords[0] - 0.4 * coords[1] + 0.5 * coords[0] * coords[1]
+    field += 0.3 * (1.5 * coords[-1] ** 2 - 0.5)
+    return amplitude * field / np.abs(field).max()
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A small noisy head phantom with 20 % non-uniformity and its brain mask."""
+    image, truth, affine = make_head_phantom(HEAD_SHAPE, noise=7.0, nonuniformity=20.0, seed=3)
+    return image, truth, np.isin(truth, BRAIN)
+
+
+# ------------------------------------------------------------------ the maths of _spatial
+def test_neighbour_kernel_3d_anisotropic():
+    kernel = _spatial.neighbour_kernel((1.0, 2.0, 3.0))
+    assert kernel.shape == (3, 3, 3)
+    assert kernel[1, 1, 1] == 0 and np.count_nonzero(kernel) == 26
+    assert kernel[0, 1, 1] == kernel[2, 1, 1] == pytest.approx(1.0)
+    assert kernel[1, 0, 1] == pytest.approx(1 / 2.0)
+    assert kernel[1, 1, 2] == pytest.approx(1 / 3.0)
+    assert kernel[0, 2, 1] == pytest.approx(1 / np.sqrt(5.0))
+    assert kernel[2, 0, 0] == pytest.approx(1 / np.sqrt(14.0))
+    np.testing.assert_array_equal(kernel, kernel[::-1, ::-1, ::-1])  # symmetric
+
+
+def test_neighbour_kernel_2d():
+    kernel = _spatial.neighbour_kernel((0.5, 1.0))
+    assert kernel.shape == (3, 3) and np.count_nonzero(kernel) == 8
+    np.testing.assert_allclose(kernel[:, 1], [2.0, 0.0, 2.0])
+    np.testing.assert_allclose(kernel[1], [1.0, 0.0, 1.0])
+    np.testing.assert_allclose(kernel[0, 0], 1 / np.sqrt(1.25))
+
+
+def test_neighbour_sums_brute_force(rng):
+    resp = rng.random((5, 6, 7, 2))
+    kernel = _spatial.neighbour_kernel((1.0, 1.5, 2.0))
+    expected = np.zeros_like(resp)
+    for i, j, k in np.ndindex(resp.shape[:3]):
+        for di, dj, dk in np.ndindex(3, 3, 3):
+            a, b, c = i + di - 1, j + dj - 1, k + dk - 1
+            if 0 <= a < 5 and 0 <= b < 6 and 0 <= c < 7:
+                expected[i, j, k] += kernel[di, dj, dk] * resp[a, b, c]
+    np.testing.assert_allclose(_spatial.neighbour_sums(resp, kernel), expected, rtol=1e-12)
+
+
+def test_mrf_log_prior_normalised(rng):
+    sums = rng.random((50, 4)) * 20
+    log_prior = _spatial.mrf_log_prior(sums, np.full(4, 0.25), 0.3)
+    assert log_prior.shape == (4, 50)
+    np.testing.assert_allclose(np.exp(log_prior).sum(axis=0), 1.0, rtol=1e-12)
+    # differences between classes are beta times the differences of the neighbour sums
+    np.testing.assert_allclose(
+        log_prior[1] - log_prior[0], 0.3 * (sums[:, 1] - sums[:, 0]), atol=1e-12
+    )
+    flat = _spatial.mrf_log_prior(sums, np.full(4, 0.25), 0.0)
+    np.testing.assert_allclose(flat, np.log(0.25))
+
+
+def test_bias_terms_and_zero_mean_over_box():
+    assert len(_spatial.bias_terms(1, 3)) == 3
+    assert len(_spatial.bias_terms(2, 3)) == 9
+    assert len(_spatial.bias_terms(3, 2)) == 9
+    assert all(0 < sum(p) <= 3 for p in _spatial.bias_terms(3, 3))
+    n, box = 41, (5.0, 45.0)
+    coords = [_spatial.axis_coordinates(5, 46, box)] * 2
+    assert coords[0][0] == -1 and coords[0][-1] == 1 and len(coords[0]) == n
+    design = _spatial.design_matrix(coords, 3)
+    # zero mean over the box up to the discretisation of the Legendre integral, O(1/n)
+    assert np.abs(design.mean(axis=0)).max() <= 1.0 / (n - 1) + 1e-12
+    # odd terms exactly zero by symmetry
+    odd = [m for m, p in enumerate(_spatial.bias_terms(3, 2)) if any(q % 2 for q in p)]
+    np.testing.assert_allclose(design[:, odd].mean(axis=0), 0.0, atol=1e-12)
+    # log_bias_block evaluates the same basis
+    coefficients = np.arange(1.0, 10.0)[:, None] / 10
+    np.testing.assert_allclose(
+        _spatial.log_bias_block(coefficients, coords, 3).reshape(-1),
+        design @ coefficients[:, 0],
+        rtol=1e-12,
+    )
+
+
+def test_solve_bias_recovers_exact_polynomial(rng):
+    coords = [
+        _spatial.axis_coordinates(0, 12, (0, 11)),
+        _spatial.axis_coordinates(0, 10, (0, 9)),
+        _spatial.axis_coordinates(0, 9, (0, 8)),
+    ]
+    design = _spatial.design_matrix(coords, 2)
+    truth = rng.normal(0, 0.1, (design.shape[1], 2))
+    z = rng.integers(0, 3, len(design))
+    resp = np.eye(3)[z]
+    means = np.array([[100.0, 50.0], [200.0, 150.0], [300.0, 400.0]])
+    covariances = np.stack([np.diag([25.0, 16.0])] * 3)
+    intensities = means[z] * np.exp(design @ truth)
+    gram, moment = _spatial.bias_statistics(intensities, resp, design, means, covariances)
+    np.testing.assert_allclose(_spatial.solve_bias(gram, moment), truth, atol=1e-5)
+
+
+# ------------------------------------------------------------------ what the issue requires
+@pytest.mark.parametrize(
+    "shape, noise, gain", [((64, 64), 50.0, 0.025), ((24, 28, 20), 75.0, 0.08)]
+)
+def test_mrf_raises_dice_on_noisy_piecewise_constant(shape, noise, gain):
+    image, truth = blocks_phantom(shape, noise)
+    plain = segment_array(image, n_components=3)
+    mrf = segment_array(image, n_components=3, mrf_beta=DEFAULT_MRF_BETA)
+    plain_dice, mrf_dice = mean_dice(plain.labels, truth), mean_dice(mrf.labels, truth)
+    assert plain_dice < 0.85  # the noise is heavy ...
+    # ... and the spatial prior measurably helps (less in 2-D: 8 neighbours weigh 6.8, 26 weigh 19)
+    assert mrf_dice > plain_dice + gain
+    assert mrf.estimator.converged_
+
+
+def test_known_smooth_field_is_recovered():
+    image, truth, affine = make_head_phantom((32, 36, 28), noise=2.0, seed=1)
+    mask = np.isin(truth, BRAIN)
+    log_field = smooth_log_field(image.shape)
+    biased = image * np.exp(log_field)
+    result = segment_array(biased, mask, n_components=3, bias_field=True, bias_smoothness=15.0)
+    estimated = np.log(result.bias_field[..., 0])
+    assert result.estimator.bias_degree_ == 2
+    correlation = np.corrcoef(log_field[mask], estimated[mask])[0, 1]
+    assert correlation > 0.95
+    # the field is normalised over the box, not fitted to the tissue means: the fitted means
+    # stay those of the unbiased image up to the field's mean over the mask
+    plain = segment_array(image, mask, n_components=3)
+    shift = np.exp(np.mean(log_field[mask] - estimated[mask]))
+    np.testing.assert_allclose(result.estimator.means_ / shift, plain.estimator.means_, rtol=0.03)
+    assert mean_dice(result.labels, truth, mask) > 0.95
+
+
+def _spatial_fit(image, mask, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return GaussianMixtureEM(
+            3,
+            mrf_beta=DEFAULT_MRF_BETA,
+            bias_field=True,
+            bias_smoothness=20.0,
+            max_iter=10,
+            **kwargs,
+        ).fit_image(image, mask, spacing=(1.0, 1.2, 1.5))
+
+
+@pytest.fixture(scope="module")
+def odd_chunks_fit(head):
+    image, _, mask = head
+    per_slab = HEAD_SHAPE[1] * HEAD_SHAPE[2]
+    return _spatial_fit(image, mask, chunk_size=5 * per_slab, scheduler="synchronous")
+
+
+def test_chunk_invariance(head, odd_chunks_fit):
+    image, _, mask = head
+    one_block = _spatial_fit(image, mask, scheduler="synchronous")
+    assert one_block.n_iter_ == odd_chunks_fit.n_iter_
+    # per-voxel maths is identical; only the order of the chunk sums differs (1e-16 relative),
+    # and the responsibilities are stored in float32, so agreement is at float32 level
+    np.testing.assert_allclose(one_block.means_, odd_chunks_fit.means_, rtol=1e-9)
+    np.testing.assert_allclose(
+        one_block.responsibilities_, odd_chunks_fit.responsibilities_, atol=1e-6
+    )
+    np.testing.assert_allclose(one_block.bias_field_, odd_chunks_fit.bias_field_, rtol=1e-6)
+    np.testing.assert_allclose(
+        one_block.log_likelihood_trace_, odd_chunks_fit.log_likelihood_trace_, rtol=1e-9
+    )
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "processes", "distributed"])
+def test_scheduler_invariance(head, odd_chunks_fit, scheduler):
+    image, _, mask = head
+    per_slab = HEAD_SHAPE[1] * HEAD_SHAPE[2]
+    if scheduler == "distributed":
+        distributed = pytest.importorskip("distributed")
+        with distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster:
+            fit = _spatial_fit(
+                image, mask, chunk_size=5 * per_slab, scheduler=cluster.scheduler_address
+            )
+    else:
+        fit = _spatial_fit(image, mask, chunk_size=5 * per_slab, scheduler=scheduler, n_workers=2)
+    # same chunking, sums combined in a fixed order: the same numbers bit for bit
+    np.testing.assert_array_equal(fit.means_, odd_chunks_fit.means_)
+    np.testing.assert_array_equal(fit.responsibilities_, odd_chunks_fit.responsibilities_)
+    np.testing.assert_array_equal(fit.bias_field_, odd_chunks_fit.bias_field_)
+
+
+def test_both_off_is_bit_for_bit_the_plain_mixture(head):
+    image, _, mask = head
+    plain = GaussianMixtureEM(3).fit(image[mask])
+    grid = GaussianMixtureEM(3, mrf_beta=0.0, bias_field=False).fit_image(image, mask)
+    for name in ("means_", "covariances_", "weights_"):
+        np.testing.assert_array_equal(getattr(grid, name), getattr(plain, name))
+    assert grid.log_likelihood_trace_ == plain.log_likelihood_trace_
+    assert grid.bias_field_ is None and grid.fit_path_ == plain.fit_path_
+    before = segment_array(image, mask, n_components=3)
+    after = segment_array(
+        image, mask, n_components=3, mrf_beta=0.0, bias_field=False, bias_smoothness=25.0
+    )
+    np.testing.assert_array_equal(before.labels, after.labels)
+    np.testing.assert_array_equal(before.flat_responsibilities, after.flat_responsibilities)
+    np.testing.assert_array_equal(before.labels[mask], plain.predict(image[mask]) + 1)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"mrf_beta": -0.1}, r"mrf_beta must be a number >= 0, got -0\.1"),
+        ({"mrf_beta": float("nan")}, r"mrf_beta must be a number >= 0"),
+        ({"bias_smoothness": 0.0}, r"bias_smoothness must be a number > 0, got 0\.0"),
+        ({"bias_smoothness": -60.0}, r"bias_smoothness must be a number > 0, got -60"),
+        ({"bias_field": "yes"}, r"bias_field must be True or False"),
+    ],
+)
+def test_bad_values_api(options, match):
+    image, _ = blocks_phantom((16, 16), 5.0)
+    with pytest.raises(SegmentError, match=match):
+        segment_array(image, n_components=3, **options)
+    with pytest.raises(SegmentError, match=match):
+        GaussianMixtureEM(3, **options).fit_image(image)
+
+
+def test_fit_refuses_spatial_options_without_grid():
+    with pytest.raises(SegmentError, match=r"call fit_image"):
+        GaussianMixtureEM(2, mrf_beta=0.3).fit(np.arange(100.0))
+
+
+def write_head(path, shape=HEAD_SHAPE, noise=5.0, nonuniformity=20.0, seed=0):
+    image, truth, affine = make_head_phantom(
+        shape, noise=noise, nonuniformity=nonuniformity, seed=seed
+    )
+    nib.save(nib.Nifti1Image(image, affine), path)
+    return image, truth, affine
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--mrf-beta", "-1"], "--mrf-beta"),
+        (["--bias-smoothness", "0"], "--bias-smoothness"),
+        (["--bias-smoothness", "-5"], "--bias-smoothness"),
+    ],
+)
+def test_bad_values_cli(tmp_path, args, match):
+    write_head(tmp_path / "scan.nii.gz")
+    result = CliRunner().invoke(
+        cli, ["run", str(tmp_path / "scan.nii.gz"), "-o", str(tmp_path / "out"), *args]
+    )
+    assert result.exit_code == 2, result.output
+    assert match in result.output
+
+
+# ------------------------------------------------------------------ the objective in the trace
+def _log_gaussian_mixture(x, weights, means, covariances):
+    """sum_k pi_k N(x | mu_k, Sigma_k) in the log domain for (n, D) x, directly."""
+    terms = []
+    for w, mu, cov in zip(weights, means, covariances):
+        diff = x - mu
+        maha = np.einsum("nd,de,ne->n", diff, np.linalg.inv(cov), diff)
+        _, logdet = np.linalg.slogdet(2 * np.pi * cov)
+        terms.append(np.log(w) - 0.5 * (maha + logdet))
+    return np.logaddexp.reduce(np.stack(terms), axis=0)
+
+
+def test_objective_with_bias_only_is_the_observed_log_likelihood(head):
+    image, _, mask = head
+    fit = GaussianMixtureEM(3, bias_field=True, bias_smoothness=20.0).fit_image(image, mask)
+    assert fit.converged_ and "log-likelihood of the observed intensities" in fit.objective_
+    b = fit.bias_field_[mask].astype(np.float64)
+    y = image[mask].astype(np.float64)[:, None]
+    direct = _log_gaussian_mixture(y / b, fit.weights_, fit.means_, fit.covariances_)
+    direct = float(np.sum(direct - np.log(b[:, 0])))
+    assert fit.log_likelihood_trace_[-1] == pytest.approx(direct, rel=1e-6)
+    trace = np.array([fit.initial_log_likelihood_] + fit.log_likelihood_trace_)
+    # the bias update is a weighted least-squares step, not an exact M-step: the trace rises
+    # overall and is monotone up to tiny dips
+    assert trace[-1] > trace[0]
+    assert np.diff(trace).min() > -1e-3 * fit.n_samples_
+
+
+def test_objective_with_mrf_is_the_documented_penalised_likelihood(head):
+    image, truth, mask = head
+    fit = GaussianMixtureEM(
+        3, mrf_beta=DEFAULT_MRF_BETA, bias_field=True, bias_smoothness=20.0
+    ).fit_image(image, mask)
+    assert fit.converged_ and "mean-field penalised log-likelihood" in fit.objective_
+    assert np.all(np.isfinite(fit.log_likelihood_trace_))
+    # recompute the last entry from the final responsibilities as the neighbours' labels (at
+    # convergence they equal the previous iteration's to within tol)
+    resp = np.zeros(mask.shape + (3,))
+    resp[mask] = fit.responsibilities_
+    sums = _spatial.neighbour_sums(resp, _spatial.neighbour_kernel((1.0, 1.0, 1.0)))[mask]
+    log_prior = _spatial.mrf_log_prior(sums, fit.weights_, DEFAULT_MRF_BETA).T  # (n, K)
+    b = fit.bias_field_[mask].astype(np.float64)
+    x = image[mask].astype(np.float64)[:, None] / b
+    terms = [
+        _log_gaussian_mixture(x, [1.0], fit.means_[k : k + 1], fit.covariances_[k : k + 1])
+        for k in range(3)
+    ]
+    direct = np.logaddexp.reduce(np.stack(terms, axis=1) + log_prior, axis=1) - np.log(b[:, 0])
+    assert fit.log_likelihood_trace_[-1] == pytest.approx(direct.sum(), rel=1e-3)
+
+
+# ------------------------------------------------------------------ 2-D, multichannel, CLI, batch
+def test_2d_with_both_on():
+    image, truth = blocks_phantom((64, 64), 50.0, seed=2)
+    log_field = smooth_log_field(image.shape, 0.2)
+    result = segment_array(
+        image * np.exp(log_field),
+        n_components=3,
+        spacing=(0.5, 0.5),
+        mrf_beta=DEFAULT_MRF_BETA,
+        bias_field=True,
+        bias_smoothness=10.0,
+    )
+    assert result.bias_field.shape == (64, 64, 1)
+    plain = segment_array(image * np.exp(log_field), n_components=3)
+    assert mean_dice(result.labels, truth) > max(0.75, mean_dice(plain.labels, truth) + 0.05)
+
+
+def test_multichannel_with_both_on():
+    i, j, k = np.indices((24, 28, 20))
+    wave = 2 * np.sin(j / 4.0) + 2 * np.cos(k / 5.0)
+    truth = (1 + (i + wave > 8) + (i - wave > 16)).astype(np.uint8)  # three wavy bands
+    noise = np.random.default_rng(5).normal(0, 30.0, (2,) + truth.shape)
+    image = np.array([0.0, 100.0, 200.0, 300.0])[truth] + noise[0]
+    second = np.array([0.0, 300.0, 100.0, 200.0])[truth] + noise[1]  # another contrast
+    field = np.exp(smooth_log_field(truth.shape, 0.15))
+    result = segment_array(
+        [image * field, second * field],
+        n_components=3,
+        mrf_beta=DEFAULT_MRF_BETA,
+        bias_field=True,
+        bias_smoothness=15.0,
+    )
+    assert result.bias_field.shape == truth.shape + (2,)
+    assert result.estimator.means_.shape == (3, 2)
+    assert mean_dice(result.labels, truth) > 0.99
+    for channel in range(2):
+        estimated = np.log(result.bias_field[..., channel]).ravel()
+        truth_field = smooth_log_field(truth.shape, 0.15).ravel()
+        assert np.corrcoef(estimated, truth_field)[0, 1] > 0.95
+
+
+def test_cli_run_writes_bias_field_and_corrected(tmp_path):
+    image, _, affine = write_head(tmp_path / "scan.nii.gz")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            str(tmp_path / "scan.nii.gz"),
+            "-o",
+            str(out),
+            "-k",
+            "6",
+            "--mrf",
+            "--bias-field",
+            "--write-corrected",
+            "--max-iter",
+            "60",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    for name in ("scan_biasfield.nii.gz", "scan_corrected.nii.gz"):
+        written = nib.load(out / name)
+        assert written.shape == image.shape
+        np.testing.assert_allclose(written.affine, affine)
+    field = np.asarray(nib.load(out / "scan_biasfield.nii.gz").dataobj)
+    corrected = np.asarray(nib.load(out / "scan_corrected.nii.gz").dataobj)
+    np.testing.assert_allclose(corrected * field, image, rtol=1e-4, atol=1e-2)
+    sidecar = json.loads((out / "scan_segment.json").read_text())
+    model = _find_key(sidecar, "bias_field", dict)
+    assert model["mrf_beta"] == DEFAULT_MRF_BETA
+    assert model["bias_field"]["degree"] >= 1
+    assert len(model["bias_field"]["coefficients"]) > 0
+
+
+def _find_key(record, key, kind=object):
+    """The (nested) dict of a JSON record holding ``key`` with a value of type ``kind``."""
+    if isinstance(record, dict):
+        if isinstance(record.get(key), kind):
+            return record
+        for value in record.values():
+            found = _find_key(value, key, kind)
+            if found is not None:
+                return found
+    return None
+
+
+def test_batch_with_spatial_pipeline(tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for seed in (0, 1):
+        write_head(scans / f"head{seed}.nii.gz", seed=seed)
+    preset = tmp_path / "spatial.toml"
+    preset.write_text(
+        'description = "both on"\nmask = "none"\n[model]\nn_components = 6\n'
+        "max_iter = 60\nmrf_beta = 0.3\nbias_field = true\n"
+        "bias_smoothness = 40.0\n"
+    )
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "batch",
+            str(scans),
+            "-o",
+            str(out),
+            "--pipeline",
+            str(preset),
+            "--scheduler",
+            "synchronous",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    for seed in (0, 1):
+        assert (out / f"head{seed}_biasfield.nii.gz").exists()
+        sidecar = json.loads((out / f"head{seed}_segment.json").read_text())
+        model = _find_key(sidecar, "bias_field", dict)
+        assert model["mrf_beta"] == 0.3 and model["bias_field"]["smoothness_mm"] == 40.0
