@@ -147,6 +147,10 @@ def log_bias_block(coefficients: np.ndarray, coords: list[np.ndarray], degree: i
     return log_bias
 
 
+#: Classes whose mean is under this many standard deviations do not inform the bias field.
+MIN_SNR = 3.0
+
+
 def bias_statistics(
     intensities: np.ndarray,
     responsibilities: np.ndarray,
@@ -171,7 +175,10 @@ def bias_statistics(
     """
     variances = np.diagonal(covariances, axis1=1, axis2=2)  # (K, D)
     predicted = responsibilities @ means  # (n, D)
-    weight = responsibilities @ (means**2 / variances)  # (n, D)
+    snr2 = means**2 / variances  # (K, D): inverse variance of log y for each class
+    # Classes with SNR < 3 (air, cortical bone) are noise, which the field does not multiply:
+    # they carry no information on it and, left in, let it trade off against the class means.
+    weight = responsibilities @ np.where(snr2 >= MIN_SNR**2, snr2, 0.0)  # (n, D)
     usable = (intensities > 0) & (predicted > 0)
     weight = np.where(usable, weight, 0.0)
     residual = np.log(np.where(usable, intensities, 1.0) / np.where(usable, predicted, 1.0))
