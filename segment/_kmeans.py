@@ -77,12 +77,14 @@ def kmeans(
     scale = np.sqrt(((X - X.mean(axis=0)) ** 2).mean()) or 1.0
     for _ in range(max_iter):
         labels = _nearest(X, centers)
+        totals = np.bincount(labels, weights=sample_weight, minlength=n_clusters)
+        sums = np.stack(
+            [np.bincount(labels, weights=sample_weight * X[:, d], minlength=n_clusters)
+             for d in range(X.shape[1])], axis=1,
+        )  # fmt: skip
+        occupied = totals > 0
         new_centers = centers.copy()
-        for k in range(n_clusters):
-            members = labels == k
-            total = sample_weight[members].sum()
-            if total > 0:
-                new_centers[k] = sample_weight[members] @ X[members] / total
+        new_centers[occupied] = sums[occupied] / totals[occupied, None]
         shift = np.abs(new_centers - centers).max()
         centers = new_centers
         if shift <= tol * scale:

@@ -58,15 +58,29 @@ def compute_kwargs(scheduler: Any = None, n_workers: int | None = None) -> Itera
             yield {"scheduler": client}
         finally:
             client.close()
-    elif isinstance(scheduler, str):
-        kwargs: dict = {"scheduler": scheduler}
-        if n_workers is not None and scheduler != "synchronous":
-            kwargs["num_workers"] = int(n_workers)
-        yield kwargs
+    elif scheduler == "synchronous":
+        import dask.local
+
+        yield {"scheduler": dask.local.get_sync}
+    elif scheduler == "threads":
+        # The get function itself, not the name: dask resolves a name by importing
+        # distributed first (over a second at every start-up).
+        import dask.threaded
+
+        yield {"scheduler": dask.threaded.get, "num_workers": n_workers}
+    elif scheduler == "processes":
+        # One pool for the whole fit: by name, dask starts a new pool for every compute.
+        from concurrent.futures import ProcessPoolExecutor
+
+        import dask.multiprocessing
+
+        context = dask.multiprocessing.get_context()
+        with ProcessPoolExecutor(n_workers, mp_context=context) as pool:
+            yield {"scheduler": dask.multiprocessing.get, "pool": pool}
     else:
         yield {"scheduler": scheduler}
 
 
 def is_distributed(kwargs: dict) -> bool:
     """True when ``kwargs`` point at a distributed Client."""
-    return not isinstance(kwargs.get("scheduler"), str)
+    return hasattr(kwargs.get("scheduler"), "submit")

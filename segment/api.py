@@ -22,7 +22,6 @@ from .mixture import GaussianMixtureEM
 __all__ = ["segment_array", "segment_file", "SegmentationResult", "DEFAULT_OPTIONS"]
 
 
-
 def make_estimator(options: dict[str, Any], callback: Callable | None = None) -> GaussianMixtureEM:
     """A :class:`GaussianMixtureEM` from the shared option names (``seed``, ``workers``...)."""
     unknown = set(options) - set(DEFAULT_OPTIONS)
@@ -120,9 +119,7 @@ class SegmentationResult:
     @property
     def soft_counts(self) -> np.ndarray:
         """Sum of each label's probabilities over the voxels, (K,) float64."""
-        if self.flat_responsibilities is None:
-            return self.estimator._soft_counts(self.features)
-        return self.flat_responsibilities.sum(axis=0, dtype=np.float64)
+        return np.asarray(self.estimator.soft_counts_, dtype=np.float64)
 
     @property
     def log_likelihood_trace(self) -> list[float]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,7 +107,9 @@ class GaussianMixtureEM:
     n_samples_ : float
         Number of voxels fitted (sum of sample weights).
     fit_path_ : str
-        ``"distinct-values"`` or ``"per-voxel"``.
+        ``"distinct-values"``, ``"per-voxel"`` or ``"grid"`` (spatial model).
+    soft_counts_ : (K,) array
+        Sum of each component's responsibilities over the fitted voxels (final E-step).
 
     Notes
     -----
@@ -283,7 +284,7 @@ class GaussianMixtureEM:
         boxes, degree = _bias_geometry(mask, spacing, self.bias_smoothness)
         n_terms = len(_spatial.bias_terms(degree, n_spatial))
         step = max(1, round((mask.sum() / 200_000) ** (1 / n_spatial)))
-        with compute_kwargs(self.scheduler, self.n_workers) as ckw, _shared_pool(ckw) as ckw:
+        with compute_kwargs(self.scheduler, self.n_workers) as ckw:
             data = self._prepare(_validation.check_features(X), None, ckw)
             if floor is None:
                 floor = RELATIVE_VARIANCE_FLOOR * data.moments["m2"] / data.moments["n"]
@@ -365,6 +366,7 @@ class GaussianMixtureEM:
                     break
             final, log_bias = dask.compute(current, log_bias, **ckw)
             bias_grid = np.exp(log_bias)
+        self.soft_counts_ = stats["nk"].copy()
         self._finish(iteration, trace, params, covariances, change, data, D)
         self.objective_ = (
             "mean-field penalised log-likelihood: sum_i log sum_k pi_ik N(y_i / b_i | k) - "
@@ -518,6 +520,7 @@ class GaussianMixtureEM:
             if abs(change) < self.tol:
                 self.converged_ = True
                 break
+        self.soft_counts_ = stats["nk"].copy()
         self._finish(iteration, trace, params, covariances, change, data, means.shape[1])
 
     def _finish(self, iteration, trace, params, covariances, change, data, n_features) -> None:
@@ -546,6 +549,7 @@ class GaussianMixtureEM:
         self.means_ = self.means_[order]
         self.covariances_ = self.covariances_[order]
         self.precisions_cholesky_ = self.precisions_cholesky_[order]
+        self.soft_counts_ = self.soft_counts_[order]
         return order
 
     # ------------------------------------------------------------------ prediction
@@ -579,7 +583,7 @@ class GaussianMixtureEM:
         lazy = isinstance(X, da.Array)
         labels = _chunked.map_rows(
             _chunked.as_feature_array(X, self.chunk_size),
-            _labels_block, 1, np.intp, self._params,
+            _labels_block, 1, np.intp, (*self._params, 0),
         )[:, 0]  # fmt: skip
         return labels if lazy else self._compute(labels)
 
@@ -595,7 +599,12 @@ class GaussianMixtureEM:
 
     def _labels(self, X: Any) -> np.ndarray:
         """Labels 1..K as uint8, (N,), without keeping any (N, K) array."""
-        return (self.predict(X) + 1).astype(np.uint8)
+        X = self._check_fitted_features(X)
+        labels = _chunked.map_rows(
+            _chunked.as_feature_array(X, self.chunk_size),
+            _labels_block, 1, np.uint8, (*self._params, 1),
+        )[:, 0]  # fmt: skip
+        return self._compute(labels)
 
     def _responsibility_column(self, X: Any, k: int) -> np.ndarray:
         """Responsibilities of component ``k`` only, (N,) float32, chunk by chunk."""
@@ -605,15 +614,6 @@ class GaussianMixtureEM:
             _responsibility_column_block, 1, np.float32, (*self._params, k),
         )  # fmt: skip
         return self._compute(column)[:, 0]
-
-    def _soft_counts(self, X: Any) -> np.ndarray:
-        """Sum of the responsibilities of each component over ``X``, (K,) float64."""
-        X = self._check_fitted_features(X)
-        with compute_kwargs(self.scheduler, self.n_workers) as ckw:
-            stats = _chunked.statistics(
-                _chunked.as_feature_array(X, self.chunk_size), self._params, None, ckw
-            )
-        return stats["nk"]
 
     def fit_predict(self, X: Any, y: None = None) -> Any:
         """``fit(X)`` then ``predict(X)``."""
@@ -637,9 +637,10 @@ def _responsibilities_block(X, weights, means, precisions_chol):
     return _em.responsibilities(X, weights, means, precisions_chol)
 
 
-def _labels_block(X, weights, means, precisions_chol):
+def _labels_block(X, weights, means, precisions_chol, first_label):
     resp = _em.responsibilities(X, weights, means, precisions_chol)
-    return np.argmax(resp, axis=1)[:, None]
+    labels = np.argmax(resp, axis=1)[:, None]
+    return (labels + 1).astype(np.uint8) if first_label == 1 else labels
 
 
 def _responsibility_column_block(X, weights, means, precisions_chol, k):
@@ -653,26 +654,6 @@ def _labels_and_responsibilities_block(X, weights, means, precisions_chol):
     out[:, :-1] = resp
     out[:, -1] = np.argmax(resp, axis=1) + 1
     return out
-
-
-@contextlib.contextmanager
-def _shared_pool(ckw: dict):
-    """``ckw`` with one process pool for the whole grid fit when the scheduler is "processes".
-
-    Without it dask spawns a fresh pool for every compute (several per EM iteration), which
-    took seconds per iteration.
-    """
-    if ckw.get("scheduler") != "processes" or "pool" in ckw:
-        yield ckw
-        return
-    from concurrent.futures import ProcessPoolExecutor
-
-    import dask.multiprocessing
-
-    with ProcessPoolExecutor(
-        ckw.get("num_workers"), mp_context=dask.multiprocessing.get_context()
-    ) as pool:
-        yield {**ckw, "pool": pool}
 
 
 def _sum_pairs(parts):

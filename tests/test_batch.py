@@ -311,11 +311,13 @@ def test_bids_derivative_layout(bids_dataset):
             "batch_summary.tsv",
             "dataset_description.json",
             "dseg.tsv",
+            "sub-01/anat/sub-01_desc-t1brain3class_biasfield.nii.gz",  # the preset fits one
             "sub-01/anat/sub-01_desc-t1brain3class_dseg.json",
             "sub-01/anat/sub-01_desc-t1brain3class_dseg.nii.gz",
             "sub-01/anat/sub-01_desc-t1brain3class_probseg.json",
             "sub-01/anat/sub-01_desc-t1brain3class_probseg.nii.gz",
             "sub-01/figures/sub-01_desc-t1brain3class_qc.png",
+            "sub-02/ses-pre/anat/sub-02_ses-pre_acq-fast_desc-t1brain3class_biasfield.nii.gz",
             "sub-02/ses-pre/anat/sub-02_ses-pre_acq-fast_desc-t1brain3class_dseg.json",
             "sub-02/ses-pre/anat/sub-02_ses-pre_acq-fast_desc-t1brain3class_dseg.nii.gz",
             "sub-02/ses-pre/anat/sub-02_ses-pre_acq-fast_desc-t1brain3class_probseg.json",
