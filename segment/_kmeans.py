@@ -75,6 +75,9 @@ def kmeans(
     sample_weight = np.asarray(sample_weight, dtype=np.float64)
     centers = kmeans_plusplus(X, sample_weight, n_clusters, rng)
     scale = np.sqrt(((X - X.mean(axis=0)) ** 2).mean()) or 1.0
+    if X.shape[1] == 1:
+        centers = _lloyd_1d(X[:, 0], sample_weight, centers, max_iter, tol * scale)
+        return centers, _nearest(X, centers)
     for _ in range(max_iter):
         labels = _nearest(X, centers)
         totals = np.bincount(labels, weights=sample_weight, minlength=n_clusters)
@@ -90,6 +93,36 @@ def kmeans(
         if shift <= tol * scale:
             break
     return centers, _nearest(X, centers)
+
+
+def _lloyd_1d(
+    x: np.ndarray, sample_weight: np.ndarray, centers: np.ndarray, max_iter: int, tol: float
+) -> np.ndarray:
+    """Lloyd iterations in one dimension, where each cluster is an interval of sorted values.
+
+    The same steps as the general loop (nearest centre, then weighted means), but each costs
+    O(K log N) with cumulative sums instead of O(N K).
+    """
+    order = np.argsort(x, kind="stable")
+    values, weights = x[order], sample_weight[order]
+    cum_weight = np.concatenate([[0.0], np.cumsum(weights)])
+    cum_moment = np.concatenate([[0.0], np.cumsum(weights * values)])
+    centers = centers.copy()
+    for _ in range(max_iter):
+        rank = np.argsort(centers[:, 0], kind="stable")
+        sorted_centers = centers[rank, 0]
+        cuts = np.searchsorted(values, (sorted_centers[:-1] + sorted_centers[1:]) / 2, "right")
+        cuts = np.concatenate([[0], cuts, [len(values)]])
+        totals = cum_weight[cuts[1:]] - cum_weight[cuts[:-1]]
+        moments = cum_moment[cuts[1:]] - cum_moment[cuts[:-1]]
+        updated = np.where(totals > 0, moments / np.where(totals > 0, totals, 1.0), sorted_centers)
+        new_centers = centers.copy()
+        new_centers[rank, 0] = updated
+        shift = np.abs(new_centers - centers).max()
+        centers = new_centers
+        if shift <= tol:
+            break
+    return centers
 
 
 def _nearest(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
