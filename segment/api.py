@@ -438,7 +438,7 @@ def segment_array(
     start = time.perf_counter()
     if estimator._uses_grid:  # the spatial model needs the image grid, not a flat vector
         estimator.fit_image(np.stack(channels, -1), valid, spacing=spacing, channel_axis=-1)
-        responsibilities = estimator.responsibilities_
+        X, responsibilities = None, estimator.responsibilities_
         labels = (np.argmax(responsibilities, axis=1) + 1).astype(np.uint8)
         timings = {"fit_s": time.perf_counter() - start}
     else:
