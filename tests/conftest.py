@@ -143,3 +143,21 @@ def make_image(tmp_path, shape2d):
         return path
 
     return _make
+
+
+@pytest.fixture
+def picture(rng) -> np.ndarray:
+    """(40, 50) float picture with three classes (~40, ~120, ~200) and noise (sd 6)."""
+    data = np.full((40, 50), 40.0)
+    data[8:32, 10:40] = 120.0
+    data[15:25, 20:30] = 200.0
+    return data + rng.normal(0.0, 6.0, data.shape)
+
+
+@pytest.fixture
+def tissues(rng) -> np.ndarray:
+    """(20, 24, 16) volume, three nested classes (~100, ~400, ~800) with noise, integer values."""
+    data = np.full((20, 24, 16), 100.0)
+    data[4:16, 4:20, 3:13] = 400.0
+    data[8:12, 8:16, 6:10] = 800.0
+    return np.round(data + rng.normal(0.0, 15.0, data.shape))

@@ -77,28 +77,9 @@ def outputs(out_dir: Path, stem: str = "scan") -> dict[str, Path]:
 
 
 @pytest.fixture
-def tissues(rng) -> np.ndarray:
-    """(20, 24, 16) volume, three nested classes (~100, ~400, ~800) with noise, integer values."""
-    data = np.full((20, 24, 16), 100.0)
-    data[4:16, 4:20, 3:13] = 400.0
-    data[8:12, 8:16, 6:10] = 800.0
-    data += rng.normal(0.0, 15.0, data.shape)
-    return np.round(data)
-
-
-@pytest.fixture
 def scan(make_nifti, tissues) -> Path:
     """``scan.nii.gz`` (int16, the conftest affine, sform code 2 / qform code 1)."""
     return make_nifti(tissues, "scan.nii.gz")
-
-
-@pytest.fixture
-def picture(rng) -> np.ndarray:
-    """(40, 50) float picture with three classes (~40, ~120, ~200)."""
-    data = np.full((40, 50), 40.0)
-    data[8:32, 10:40] = 120.0
-    data[15:25, 20:30] = 200.0
-    return data + rng.normal(0.0, 6.0, data.shape)
 
 
 @pytest.fixture
