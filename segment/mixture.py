@@ -33,6 +33,7 @@ class _FitData:
     sample_weight: Any  # (M,) counts, (N,) Dask weights, or None
     path: str  # "distinct-values" or "per-voxel"
     moments: _em.Moments
+    in_memory: np.ndarray | None = None  # the (N, D) features when given as numpy
 
 
 class GaussianMixtureEM:
@@ -440,7 +441,8 @@ class GaussianMixtureEM:
                 "distinct_values=True needs no sample_weight and at most "
                 f"{MAX_DISTINCT} distinct rows; use distinct_values='auto'"
             )
-        return _FitData(Xd, wd, "per-voxel", moments)
+        in_memory = X if isinstance(X, np.ndarray) and sample_weight is None else None
+        return _FitData(Xd, wd, "per-voxel", moments, in_memory)
 
     def _initial_parameters(self, data: _FitData, init: tuple, floor: np.ndarray, ckw: dict):
         """Explicit initial parameters, completed by weighted k-means where not given."""
@@ -469,13 +471,16 @@ class GaussianMixtureEM:
             indices = np.sort(rng.choice(n_samples, self.init_sample_size, replace=False))
         else:
             indices = np.arange(n_samples)
-        sample = _chunked.take_rows(data.X, indices, ckw).astype(np.float64)
+        if data.in_memory is not None:  # plain indexing: dask's fancy indexing is serial work
+            sample = data.in_memory[indices].astype(np.float64)
+        else:
+            sample = _chunked.take_rows(data.X, indices, ckw).astype(np.float64)
         weight = (
             np.ones(len(sample))
             if data.sample_weight is None
             else _chunked.take_rows(data.sample_weight[:, None], indices, ckw)[:, 0]
         )
-        n_distinct = len(np.unique(sample, axis=0))
+        n_distinct = len(np.unique(sample[:, 0] if sample.shape[1] == 1 else sample, axis=0))
         if n_distinct < self.n_components:  # the subsample may miss rare values: count them all
             distinct = _chunked.distinct_rows(data.X, MAX_DISTINCT, ckw)
             if distinct is None:
