@@ -270,7 +270,17 @@ class GaussianMixtureEM:
             self.objective_ = "log-likelihood"
             self.bias_field_ = None
             return self
-        return self._fit_grid(image, mask, X, spacing)
+        # Work on the bounding box of the mask only: outside it every voxel is unfitted (zero
+        # responsibilities), so the neighbour sums and the results are the same.
+        box = _bounding_box(mask)
+        self._fit_grid(image[box], mask[box], X, spacing)
+        if self.bias_field:  # the field on the whole input grid, from the same polynomial
+            offset = tuple(-b.start for b in box)
+            self.bias_field_ = np.exp(_spatial.log_bias_grid_block(
+                spatial_shape, offset, self.bias_coefficients_, self._bias_boxes,
+                self.bias_degree_,
+            ))  # fmt: skip
+        return self
 
     def _fit_grid(self, image, mask, X, spacing) -> GaussianMixtureEM:
         """EM with a mean-field MRF E-step and/or a bias field, over spatial blocks."""
@@ -378,6 +388,7 @@ class GaussianMixtureEM:
         self.bias_field_ = bias_grid.astype(np.float32) if self.bias_field else None
         self.bias_coefficients_ = coefficients
         self.bias_degree_ = degree
+        self._bias_boxes = boxes
         responsibilities = final[mask][:, :K]
         if self.sort_components:
             responsibilities = responsibilities[:, self._sort_components()]
@@ -666,6 +677,15 @@ def _sum_pairs(parts):
     gram = sum(p[0] for p in parts)
     moment = sum(p[1] for p in parts)
     return gram, moment
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """Slices of the smallest box holding every True voxel of ``mask``."""
+    box = []
+    for axis in range(mask.ndim):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(present[0]), int(present[-1]) + 1))
+    return tuple(box)
 
 
 def _bias_geometry(mask: np.ndarray, spacing, smoothness: float):
