@@ -77,7 +77,7 @@ def neighbour_sums(responsibilities: np.ndarray, kernel: np.ndarray) -> np.ndarr
     return sums
 
 
-def mrf_log_prior(sums: np.ndarray, weights: np.ndarray, beta: float) -> np.ndarray:
+def mrf_log_prior(sums: np.ndarray, beta: float) -> np.ndarray:
     """Normalised log prior ``log pi_ik`` with ``pi_ik ~ exp(beta sum_j w_ij r_jk)``.
 
     The global weights are not multiplied in (see the module docstring); with no neighbour
@@ -86,7 +86,6 @@ def mrf_log_prior(sums: np.ndarray, weights: np.ndarray, beta: float) -> np.ndar
     Parameters
     ----------
     sums : (n, K) array, neighbour sums of the voxels
-    weights : (K,) mixture weights, not used (the local prior replaces them)
     beta : float, MRF strength
 
     Returns
@@ -247,7 +246,7 @@ def spatial_e_step(
     log_prior = None
     if beta > 0:
         sums = neighbour_sums(previous[..., :n_components], kernel)[mask]
-        log_prior = mrf_log_prior(sums, weights, beta)
+        log_prior = mrf_log_prior(sums, beta)
     resp, log_norm = _em.e_step(x, weights, means, precisions_chol, log_prior)
     out = np.zeros(mask.shape + (n_components + 1,), dtype=np.float32)
     out[mask, :n_components] = resp.T

@@ -689,11 +689,8 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
 
 
 def _bias_geometry(mask: np.ndarray, spacing, smoothness: float):
-    """Bounding box of the mask per axis (voxel indices) and the polynomial degree."""
-    boxes = []
-    for axis in range(mask.ndim):
-        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        boxes.append((float(present[0]), float(present[-1])))
+    """Bounding box of the mask per axis (first, last voxel index) and the polynomial degree."""
+    boxes = [(float(b.start), float(b.stop - 1)) for b in _bounding_box(mask)]
     extent = max((hi - lo + 1) * size for (lo, hi), size in zip(boxes, spacing))
     degree = int(np.clip(round(extent / smoothness), 1, 6))
     return boxes, degree

@@ -90,14 +90,14 @@ def test_neighbour_sums_brute_force(rng):
 
 def test_mrf_log_prior_normalised(rng):
     sums = rng.random((50, 4)) * 20
-    log_prior = _spatial.mrf_log_prior(sums, np.full(4, 0.25), 0.3)
+    log_prior = _spatial.mrf_log_prior(sums, 0.3)
     assert log_prior.shape == (4, 50)
     np.testing.assert_allclose(np.exp(log_prior).sum(axis=0), 1.0, rtol=1e-12)
     # differences between classes are beta times the differences of the neighbour sums
     np.testing.assert_allclose(
         log_prior[1] - log_prior[0], 0.3 * (sums[:, 1] - sums[:, 0]), atol=1e-12
     )
-    flat = _spatial.mrf_log_prior(sums, np.full(4, 0.25), 0.0)
+    flat = _spatial.mrf_log_prior(sums, 0.0)
     np.testing.assert_allclose(flat, np.log(0.25))
 
 
@@ -335,7 +335,7 @@ def test_objective_with_mrf_is_the_documented_penalised_likelihood(head):
     resp = np.zeros(mask.shape + (3,))
     resp[mask] = fit.responsibilities_
     sums = _spatial.neighbour_sums(resp, _spatial.neighbour_kernel((1.0, 1.0, 1.0)))[mask]
-    log_prior = _spatial.mrf_log_prior(sums, fit.weights_, DEFAULT_MRF_BETA).T  # (n, K)
+    log_prior = _spatial.mrf_log_prior(sums, DEFAULT_MRF_BETA).T  # (n, K)
     b = fit.bias_field_[mask].astype(np.float64)
     x = image[mask].astype(np.float64)[:, None] / b
     terms = [
