@@ -7,7 +7,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,13 +58,15 @@ class SegmentationResult:
         0 outside the mask (and for non-finite voxels), 1..K in ascending mean intensity.
     responsibilities : float32 array of the spatial shape + (K,)
         Posterior probability of each label; zeros outside the mask. Built from
-        :attr:`flat_responsibilities` on each access (it is the largest array of a run).
+        :attr:`flat_responsibilities` on each access (it is the largest array of a run), or
+        recomputed from :attr:`channels` when those were not kept.
     flat_responsibilities : (n_voxels, K) float32 array or None
         The same probabilities for the fitted voxels only, in :func:`segment.masking.flatten`
-        order. None when they would not fit the memory budget: they are then recomputed one
-        component at a time from :attr:`features` when written or accessed.
-    features : (n_voxels, D) array or None
-        The fitted voxels' intensities, kept only when ``flat_responsibilities`` is None.
+        order. None when they would not fit the memory budget: they are then recomputed from
+        :attr:`channels` when written or accessed, one slab of all K maps at a time.
+    channels : list of D arrays of the spatial shape, or None
+        The image channels (for files: the scans' data, memory maps for ``.nii``), kept only
+        when ``flat_responsibilities`` is None.
     estimator : GaussianMixtureEM
         The fitted mixture (``means_``, ``covariances_``, ``weights_``, trace...).
     mask : bool array of the spatial shape
@@ -93,7 +95,7 @@ class SegmentationResult:
     inputs: list[Path] = field(default_factory=list)
     reference: Any = None
     mask_spec: str = "none"
-    features: np.ndarray | None = None
+    channels: list[np.ndarray] | None = None
     written: list[Path] = field(default_factory=list)
     """Files written by :meth:`save`."""
 
@@ -109,12 +111,18 @@ class SegmentationResult:
     def responsibilities(self) -> np.ndarray:
         """Probabilities on the image grid, spatial shape + (K,), zeros outside the mask."""
         if self.flat_responsibilities is None:
-            return np.stack(list(self.responsibility_volumes()), axis=-1)
+            return self.responsibility_volumes().stacked()
         return masking.unflatten(self.flat_responsibilities, self.mask)
 
-    def responsibility_volumes(self) -> _Volumes:
-        """The K probability maps as a lazy sequence, one spatial array built per index."""
-        return _Volumes(self.flat_responsibilities, self.mask, self.estimator, self.features)
+    def responsibility_volumes(self) -> _Volumes | _StreamedVolumes:
+        """The K probability maps as a lazy sequence, one spatial array built per index.
+
+        When the probabilities were not kept, the sequence also has ``slabs(step)``, which
+        :func:`segment.io.write_probabilities` uses to write all K maps in one pass.
+        """
+        if self.flat_responsibilities is None:
+            return _StreamedVolumes(self.channels, self.mask, self.estimator)
+        return _Volumes(self.flat_responsibilities, self.mask)
 
     @property
     def soft_counts(self) -> np.ndarray:
@@ -266,26 +274,92 @@ def bias_output_paths(
 
 
 class _Volumes:
-    """Sequence of K probability maps, each built only when indexed.
+    """Sequence of the K probability maps stored as (N, K) flat values, unflattened per index."""
 
-    From the stored flat probabilities, or, when there are none, by an E-step over the
-    features chunk by chunk that keeps only component k (memory: one map at a time).
-    """
-
-    def __init__(self, flat, mask, estimator, features):
-        self.flat, self.mask, self.estimator, self.features = flat, mask, estimator, features
+    def __init__(self, flat: np.ndarray, mask: np.ndarray):
+        self.flat, self.mask = flat, mask
 
     def __len__(self) -> int:
-        return self.estimator.n_components
+        return self.flat.shape[1]
 
     def __getitem__(self, k: int) -> np.ndarray:
         if not 0 <= k < len(self):
             raise IndexError(k)
-        if self.flat is None:
-            column = self.estimator._responsibility_column(self.features, k)
-        else:
-            column = self.flat[:, k]
-        return masking.unflatten(column, self.mask)
+        return masking.unflatten(self.flat[:, k], self.mask)
+
+
+class _StreamedVolumes:
+    """The K probability maps recomputed from the fitted model, a slab of all K at a time.
+
+    For results whose (N, K) probabilities were too big to keep. :meth:`slabs` walks the last
+    spatial axis once: per slab it gathers the mask's voxels from the image channels in
+    Fortran order (the order NIfTI stores them), runs the E-step on them ``chunk_size`` voxels
+    at a time, and scatters each component into its own slab. Memory: the channels (memory
+    maps for ``.nii`` inputs) and a few slabs of K maps; no whole map, no (N, D) features.
+    Values are those of :meth:`GaussianMixtureEM._labels_and_responsibilities`: the same
+    E-step per voxel, rounded to float32.
+    """
+
+    def __init__(self, channels: list[np.ndarray], mask: np.ndarray, estimator):
+        self.channels, self.mask, self.estimator = channels, mask, estimator
+
+    def __len__(self) -> int:
+        return self.estimator.n_components
+
+    def slabs(self, step: int) -> Iterator[list[np.ndarray]]:
+        """Yield, for ``start = 0, step, ...`` along the last axis, the K maps' slabs.
+
+        Each slab is a list of K float32 arrays of shape ``(*S[:-1], n)``, n <= step, each
+        Fortran-contiguous (zeros outside the mask).
+        """
+        from . import _em
+        from ._chunked import DEFAULT_CHUNK_SIZE
+
+        chunk = int(self.estimator.chunk_size or DEFAULT_CHUNK_SIZE)
+        params = self.estimator._params
+        for start in range(0, self.mask.shape[-1], step):
+            where = (Ellipsis, slice(start, start + step))
+            # Transposed Fortran-order copies: C-contiguous arrays in the slab's NIfTI order.
+            inside = np.asfortranarray(self.mask[where]).T
+            slab = [np.asfortranarray(c[where]).T for c in self.channels]
+            X = masking.flatten(slab[0] if len(slab) == 1 else np.stack(slab, -1), inside)
+            del slab
+            probabilities = np.empty((len(self), len(X)), np.float32)
+            for first in range(0, len(X), chunk):
+                stop = first + chunk
+                probabilities[:, first:stop] = _em.responsibilities(X[first:stop], *params).T
+            del X
+            maps = np.zeros((len(self),) + inside.shape, np.float32)
+            for k in range(len(self)):
+                maps[k][inside] = probabilities[k]
+            del probabilities
+            yield [maps[k].T for k in range(len(self))]
+            del maps
+
+    def _by_slab(self) -> Iterator[tuple[tuple[slice, ...], list[np.ndarray]]]:
+        """``(index into the grid, the K maps' slabs)`` for each slab of the default size."""
+        from .io import slab_step
+
+        step = slab_step(self.mask.shape, np.float32)
+        leading = (slice(None),) * (self.mask.ndim - 1)
+        for start, maps in zip(range(0, self.mask.shape[-1], step), self.slabs(step)):
+            yield leading + (slice(start, start + step),), maps
+
+    def stacked(self) -> np.ndarray:
+        """All K maps as one (*S, K) float32 array, in one pass."""
+        out = np.zeros(self.mask.shape + (len(self),), np.float32)
+        for where, maps in self._by_slab():
+            out[where] = np.stack(maps, axis=-1)
+        return out
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        """Map ``k`` alone (a whole pass over the data; :meth:`slabs` gives all K in one)."""
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        out = np.zeros(self.mask.shape, np.float32)
+        for where, maps in self._by_slab():
+            out[where] = maps[k]
+        return out
 
 
 def _array_reference(shape: tuple[int, ...]):
@@ -402,8 +476,9 @@ def segment_array(
         ``callback(iteration, log_likelihood, change)`` after each EM iteration.
     memory_limit : int or str, optional
         Memory to aim for, in bytes or as ``"1.5GB"`` (default 3 GB). When the voxels x K
-        probabilities would take more than a third of it, they are not kept: each probability
-        map is recomputed when it is written (one map in memory at a time).
+        probabilities would take more than a third of it, they are not kept: the probability
+        maps are recomputed when written, in one pass over slabs of all K maps (no whole map
+        in memory; see :meth:`SegmentationResult.responsibility_volumes`).
     **options
         ``n_components`` (6), ``max_iter`` (300), ``tol`` (1e-4), ``variance_floor``
         (1e-3 x data variance), ``seed`` (0), ``chunk_size``, ``scheduler``, ``workers``,
@@ -450,13 +525,13 @@ def segment_array(
         start = time.perf_counter()
         if X.shape[0] * (estimator.n_components + 1) * 4 <= _memory_budget(memory_limit) / 3:
             labels, responsibilities = estimator._labels_and_responsibilities(X)
-        else:  # too big to keep: labels now, probability maps one at a time when written
+        else:  # too big to keep: labels now, probability maps recomputed slab by slab
             labels, responsibilities = estimator._labels(X), None
         timings["predict_s"] = time.perf_counter() - start
     return SegmentationResult(
         labels=masking.unflatten(labels, valid),
         flat_responsibilities=responsibilities,
-        features=X if responsibilities is None else None,
+        channels=channels if responsibilities is None else None,
         estimator=estimator,
         mask=valid,
         n_nonfinite=n_nonfinite,

@@ -14,14 +14,17 @@ results give identical bytes.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
+import shutil
 import struct
 import uuid
 import warnings
 import zlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +44,8 @@ __all__ = [
     "scan_stem",
     "write_labels",
     "write_nifti",
+    "write_nifti_slabs",
+    "write_nifti_volumes",
     "write_probabilities",
 ]
 
@@ -643,9 +648,11 @@ def write_probabilities(
     Parameters
     ----------
     probabilities : (*reference.shape, K) array, or a sequence of K arrays of reference.shape
-        Responsibilities in 0..1, components along the last axis. A sequence (e.g. a generator
-        object wrapped in a list-like that computes each volume when indexed) lets a
-        ``.nii.gz`` be written one component volume at a time, without holding all K.
+        Responsibilities in 0..1, components along the last axis. A sequence (e.g. a
+        list-like that computes each volume when indexed) lets a NIfTI be written one
+        component volume at a time, without holding all K. A sequence that also has a
+        ``slabs(step)`` method (see :func:`write_nifti_slabs`) is written from slabs of all K
+        maps at once, in one pass, without holding any whole map.
     reference : Scan
         The segmented input.
     path : str or Path
@@ -684,6 +691,10 @@ def write_probabilities(
         zooms[: len(reference.zooms)] = reference.zooms
         zooms[-1] = 1.0
         img.header.set_zooms(zooms)
+        if callable(getattr(volumes, "slabs", None)):
+            return write_nifti_slabs(
+                img.header, volumes.slabs, path, shape=reference.shape, compresslevel=compresslevel
+            )
         return write_nifti_volumes(img.header, volumes, path, compresslevel=compresslevel)
     _check_2d(np.asarray(volumes[0]), path, "probability map")
     import tifffile
@@ -724,6 +735,40 @@ def write_map(
     return path
 
 
+#: Bytes of one volume per gzip member of a 4-D ``.nii.gz`` (whole slices along the last
+#: spatial axis). Both 4-D writers cut at the same places, so equal maps give equal bytes.
+#: :func:`write_nifti_slabs` holds about three slabs of all volumes at once (K = 6: ~75 MB);
+#: members of 4 MB compress as fast and as well as larger ones.
+SLAB_BYTES = 4 << 20
+
+
+def slab_step(shape: Sequence[int], dtype) -> int:
+    """Slices along the last axis of ``shape`` in one slab of about :data:`SLAB_BYTES`."""
+    per_slice = max(1, int(np.prod(shape[:-1], dtype=np.int64)) * np.dtype(dtype).itemsize)
+    return max(1, SLAB_BYTES // per_slice)
+
+
+def _fortran_bytes(part: np.ndarray, dtype) -> np.ndarray:
+    """A C-contiguous array whose buffer is ``part`` in NIfTI (Fortran) order (no copy if F)."""
+    return np.asfortranarray(np.asarray(part, dtype=dtype)).T
+
+
+def _gzip_member(data, level: int) -> bytes:
+    """``data`` (bytes or a C-contiguous array) as one complete gzip member, mtime 0."""
+    packer = zlib.compressobj(level, zlib.DEFLATED, 31)  # 31: gzip wrapper
+    return packer.compress(data) + packer.flush()
+
+
+def _nifti_head(header) -> bytes:
+    """Header, extensions and padding up to ``vox_offset``."""
+    import io as _io
+
+    head = _io.BytesIO()
+    header.write_to(head)
+    head.write(b"\0" * (int(header["vox_offset"]) - head.tell()))
+    return head.getvalue()
+
+
 def write_nifti_volumes(
     header,
     volumes: Sequence[np.ndarray],
@@ -734,10 +779,10 @@ def write_nifti_volumes(
 ) -> Path:
     """Write a 4-D NIfTI one 3-D volume at a time, atomically.
 
-    For ``.nii.gz`` the data are cut into slabs of about 16 MB, each compressed as its own gzip
-    member in parallel threads (zlib releases the GIL); a multi-member gzip file is a valid gzip
-    file that nibabel, FSL, ITK and AFNI read as one stream. One volume and ``n_threads + 1``
-    slabs are in memory at once.
+    For ``.nii.gz`` each volume is cut into slabs of about :data:`SLAB_BYTES`, each compressed
+    as its own gzip member in parallel threads (zlib releases the GIL); a multi-member gzip file
+    is a valid gzip file that nibabel, FSL, ITK and AFNI read as one stream. One volume and
+    ``n_threads + 1`` slabs are in memory at once.
 
     Parameters
     ----------
@@ -750,48 +795,169 @@ def write_nifti_volumes(
         gzip level (1 is ~3x faster than 6 for ~10 % larger files of probabilities).
     n_threads : int, optional
         Compression threads (default: number of cores).
+
+    See Also
+    --------
+    write_nifti_slabs : the same file from slabs of all volumes at once.
     """
-    import io as _io
-    import zlib
-    from concurrent.futures import ThreadPoolExecutor
-
-    path = Path(path)
     dtype = header.get_data_dtype()
-    head = _io.BytesIO()
-    header.write_to(head)
-    head.write(b"\0" * (int(header["vox_offset"]) - head.tell()))
 
-    def slabs():
-        """The image bytes in NIfTI (Fortran) order, in slabs of about 16 MB."""
+    def members():
         for index in range(len(volumes)):
             volume = np.asarray(volumes[index], dtype=dtype)
-            per_slice = max(1, volume[..., 0].nbytes)
-            step = max(1, (16 << 20) // per_slice)
+            step = slab_step(volume.shape, dtype)
             for start in range(0, volume.shape[-1], step):
-                yield volume[..., start : start + step].tobytes(order="F")
+                yield 0, _fortran_bytes(volume[..., start : start + step], dtype)
             del volume
 
-    def compress(data: bytes) -> bytes:
-        packer = zlib.compressobj(compresslevel, zlib.DEFLATED, 31)  # 31: gzip wrapper
-        return packer.compress(data) + packer.flush()
-
+    path = Path(path)
     with atomic_write(path) as tmp, open(tmp, "wb") as stream:
         if not path.name.lower().endswith(".gz"):
-            stream.write(head.getvalue())
-            for data in slabs():
+            stream.write(_nifti_head(header))
+            for _, data in members():
                 stream.write(data)
             return path
-        n_threads = n_threads or os.cpu_count() or 1
-        with ThreadPoolExecutor(n_threads) as pool:
-            pending = [pool.submit(compress, head.getvalue())]
-            for data in slabs():
-                pending.append(pool.submit(compress, data))
-                del data
-                while len(pending) > n_threads:
-                    stream.write(pending.pop(0).result())
-            for future in pending:
-                stream.write(future.result())
+        _write_members([stream], _nifti_head(header), members(), compresslevel, n_threads, 0)
     return path
+
+
+def write_nifti_slabs(
+    header,
+    slabs: Callable[[int], Iterable[Sequence[np.ndarray]]],
+    path: str | Path,
+    *,
+    shape: Sequence[int],
+    compresslevel: int = DEFAULT_COMPRESSLEVEL,
+    n_threads: int | None = None,
+) -> Path:
+    """Write a 4-D NIfTI from slabs that hold all its volumes at once, atomically.
+
+    For volumes computed together (e.g. the K probability maps of one E-step) this needs one
+    pass over the data and a few slabs of memory, where :func:`write_nifti_volumes` needs one
+    whole volume at a time (and K passes if each volume must be recomputed).
+
+    Parameters
+    ----------
+    header : nibabel.Nifti1Header or Nifti2Header
+        Header of the whole image (shape, dtype, geometry already set).
+    slabs : callable
+        ``slabs(step)`` yields, for ``start = 0, step, 2 * step, ...`` along the last axis of
+        ``shape``, a sequence of the V volumes' slabs, each of shape
+        ``(*shape[:-1], min(step, shape[-1] - start))``.
+    path : str or Path
+        ``.nii.gz`` or ``.nii``.
+    shape : sequence of int
+        Spatial shape of one volume (its last axis is the one cut into slabs).
+    compresslevel, n_threads :
+        As in :func:`write_nifti_volumes`.
+
+    Notes
+    -----
+    The file holds all of volume 0, then all of volume 1, and so on, but each slab holds a
+    piece of every volume. ``.nii``: each piece is written at its offset. ``.nii.gz``: each
+    piece is compressed as its own gzip member (the members of :func:`write_nifti_volumes`,
+    so the bytes are the same); volume 0's members go to the output, the other volumes' to
+    hidden spill files next to it (one per volume, about its compressed size), which are
+    appended in order at the end (``os.copy_file_range``, no copy through Python) and
+    removed, also on error or Ctrl-C. While the next slab is computed, at most one slab of
+    all volumes waits to be compressed.
+    """
+    path = Path(path)
+    dtype = np.dtype(header.get_data_dtype())
+    n_volumes = int(header.get_data_shape()[-1])
+    step = slab_step(shape, dtype)
+    spatial_shape = tuple(int(n) for n in shape)
+
+    def members():
+        for index, parts in enumerate(slabs(step)):
+            start = index * step
+            expected = spatial_shape[:-1] + (min(step, spatial_shape[-1] - start),)
+            if len(parts) != n_volumes or any(np.shape(p) != expected for p in parts):
+                raise ValueError(
+                    f"slab {index} must be {n_volumes} arrays of shape {expected}; got "
+                    f"{[np.shape(p) for p in parts]}"
+                )
+            for volume, part in enumerate(parts):
+                yield volume, _fortran_bytes(part, dtype)
+            parts = part = None  # let compressed slabs go while the next one is computed
+
+    head = _nifti_head(header)
+    with atomic_write(path) as tmp:
+        if not path.name.lower().endswith(".gz"):
+            volume_bytes = int(np.prod(spatial_shape, dtype=np.int64)) * dtype.itemsize
+            offsets = [len(head) + v * volume_bytes for v in range(n_volumes)]
+            with open(tmp, "wb") as stream:
+                stream.write(head)
+                for volume, data in members():
+                    stream.seek(offsets[volume])
+                    stream.write(data)
+                    offsets[volume] += data.nbytes
+            return path
+        spills = [tmp.with_name(f"{tmp.name}.{v}") for v in range(1, n_volumes)]
+        try:
+            with ExitStack() as files:
+                streams = [files.enter_context(open(p, "wb")) for p in [tmp, *spills]]
+                _write_members(streams, head, members(), compresslevel, n_threads, n_volumes)
+                for spill, stream in zip(spills, streams[1:]):
+                    stream.close()
+                    _append_file(streams[0], spill)
+        finally:
+            for spill in spills:
+                with suppress(OSError):
+                    spill.unlink()
+    return path
+
+
+def _write_members(streams, head, members, compresslevel, n_threads, backlog) -> None:
+    """Write ``head`` and the ``(stream index, data)`` items as gzip members to ``streams``.
+
+    Compressed in ``n_threads`` threads, at most ``n_threads + backlog`` items in flight;
+    each stream gets its members in the order ``members`` produced them (``head`` to
+    ``streams[0]`` first).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    n_threads = n_threads or os.cpu_count() or 1
+    pending: deque = deque()
+    with ThreadPoolExecutor(n_threads) as pool:
+        try:
+            pending.append((0, pool.submit(_gzip_member, head, compresslevel)))
+            for index, data in members:
+                pending.append((index, pool.submit(_gzip_member, data, compresslevel)))
+                del data
+                while len(pending) > n_threads + backlog:
+                    index, future = pending.popleft()
+                    streams[index].write(future.result())
+            while pending:
+                index, future = pending.popleft()
+                streams[index].write(future.result())
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+def _append_file(stream, source: Path) -> None:
+    """Append the file ``source`` to the open binary ``stream`` (in the kernel where possible)."""
+    stream.flush()
+    with open(source, "rb") as src:
+        remaining = os.fstat(src.fileno()).st_size
+        try:
+            while remaining > 0:
+                copied = os.copy_file_range(src.fileno(), stream.fileno(), remaining)
+                if copied == 0:
+                    break
+                remaining -= copied
+        except (AttributeError, OSError) as error:  # no copy_file_range here: copy in Python
+            if isinstance(error, OSError) and error.errno not in _NO_COPY_RANGE:
+                raise
+        if remaining > 0:
+            src.seek(-remaining, os.SEEK_END)
+            stream.seek(0, os.SEEK_END)
+            shutil.copyfileobj(src, stream, 1 << 20)
+
+
+#: copy_file_range errors that mean "not supported here", not a failed write.
+_NO_COPY_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM)
 
 
 def _check_2d(array: np.ndarray, path: Path, what: str) -> None:

@@ -333,31 +333,116 @@ def test_interrupted_save_removes_what_it_wrote(picture, tmp_path, monkeypatch, 
     assert result.written == []
 
 
-def test_streamed_probabilities_equal_kept_ones(tmp_path):
-    """Under a tiny memory_limit the maps are recomputed per component: same files, same JSON."""
-    import json
-
-    import nibabel as nib
-
+@pytest.fixture
+def head(tmp_path) -> Path:
     from segment.samples import make_head_phantom
 
     image, _, affine = make_head_phantom(shape=(20, 24, 18), seed=3)
     path = tmp_path / "head.nii.gz"
     nib.save(nib.Nifti1Image(image, affine), path)
-    kept = segment_file(path, tmp_path / "kept", n_components=4)
-    streamed = segment_file(path, tmp_path / "streamed", n_components=4, memory_limit=1000)
-    assert kept.flat_responsibilities is not None
-    assert streamed.flat_responsibilities is None and streamed.features is not None
+    return path
+
+
+def _kept_and_streamed(tmp_path, inputs, **options):
+    """Segment ``inputs`` twice: probabilities kept, and streamed under a 1 kB memory limit."""
+    options = {"qc": False, **options}
+    kept = segment_file(inputs, tmp_path / "kept", **options)
+    streamed = segment_file(inputs, tmp_path / "streamed", memory_limit=1000, **options)
+    assert kept.flat_responsibilities is not None and kept.channels is None
+    assert streamed.flat_responsibilities is None and streamed.channels is not None
+    return kept, streamed
+
+
+def _assert_same_outputs(tmp_path, kept, streamed):
+    """Same labels, probabilities and output files, byte for byte (the JSON up to timings)."""
     np.testing.assert_array_equal(kept.labels, streamed.labels)
-    a = nib.load(tmp_path / "kept" / "head_probseg.nii.gz").get_fdata()
-    b = nib.load(tmp_path / "streamed" / "head_probseg.nii.gz").get_fdata()
-    np.testing.assert_array_equal(a, b)
-    np.testing.assert_allclose(streamed.responsibilities, kept.responsibilities)
-    labels_a = json.loads((tmp_path / "kept" / "head_segment.json").read_text())["labels"]
-    labels_b = json.loads((tmp_path / "streamed" / "head_segment.json").read_text())["labels"]
-    for row_a, row_b in zip(labels_a, labels_b):
+    np.testing.assert_array_equal(streamed.responsibilities, kept.responsibilities)
+    assert [p.name for p in kept.written] == [p.name for p in streamed.written]
+    for a, b in zip(kept.written[:-1], streamed.written[:-1]):  # all but the JSON sidecar
+        assert a.read_bytes() == b.read_bytes(), a.name
+    probseg = next(p for p in streamed.written if "_probseg." in p.name)
+    if probseg.name.endswith(".nii.gz"):
+        img = nib.load(probseg)
+        assert img.get_data_dtype() == np.float32
+        np.testing.assert_array_equal(np.asanyarray(img.dataobj), kept.responsibilities)
+    json_a, json_b = (json.loads(r.written[-1].read_text()) for r in (kept, streamed))
+    for row_a, row_b in zip(json_a["labels"], json_b["labels"]):
         assert row_a["n_voxels"] == row_b["n_voxels"]
         assert row_a["soft_volume_ml"] == pytest.approx(row_b["soft_volume_ml"], rel=1e-6)
+    assert files_in(tmp_path / "kept") == files_in(tmp_path / "streamed")  # no spill files left
+
+
+def test_streamed_probabilities_equal_kept_ones(tmp_path, head):
+    """3-D, one chunk, one slab: a tiny memory_limit gives the same files, byte for byte."""
+    kept, streamed = _kept_and_streamed(tmp_path, head, n_components=4)
+    _assert_same_outputs(tmp_path, kept, streamed)
+
+
+def test_streamed_probabilities_multi_chunk_and_slab(tmp_path, head, monkeypatch):
+    """Odd chunks, several gzip members per map, a mask, NaN voxels: still the same bytes."""
+    import segment.io
+
+    image = nib.load(head)
+    data = image.get_fdata(dtype=np.float32)
+    data[3, 4, 5] = data[10, 11, 17] = np.nan
+    path = tmp_path / "holes.nii.gz"
+    nib.save(nib.Nifti1Image(data, image.affine), path)
+    monkeypatch.setattr(segment.io, "SLAB_BYTES", 20 * 24 * 4 * 5)  # 5 slices per member
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        kept, streamed = _kept_and_streamed(
+            tmp_path, path, n_components=4, chunk_size=997, mask="auto"
+        )
+    assert not kept.mask.all() and kept.labels[3, 4, 5] == 0
+    assert gzip_members(tmp_path / "kept" / "holes_probseg.nii.gz") == 1 + 4 * 4  # head + 4x4
+    _assert_same_outputs(tmp_path, kept, streamed)
+
+
+def test_streamed_probabilities_two_channels_uncompressed(tmp_path, head, monkeypatch):
+    """Two channels from uncompressed ``.nii`` memory maps, several slabs: same bytes."""
+    import segment.io
+
+    image = nib.load(head)
+    first = image.get_fdata(dtype=np.float32)
+    second = np.sqrt(first + 1.0) * 7.0 + np.random.default_rng(1).normal(0, 1, first.shape)
+    paths = [tmp_path / "t1.nii", tmp_path / "t2.nii"]
+    for channel, path in zip((first, second.astype(np.float32)), paths):
+        nib.save(nib.Nifti1Image(channel, image.affine), path)
+    monkeypatch.setattr(segment.io, "SLAB_BYTES", 20 * 24 * 4 * 4 + 1)
+    kept, streamed = _kept_and_streamed(tmp_path, paths, n_components=3, chunk_size=1001)
+    assert isinstance(streamed.reference.data, np.memmap)  # read slab by slab, not copied
+    assert np.shares_memory(streamed.channels[0], streamed.reference.data)
+    _assert_same_outputs(tmp_path, kept, streamed)
+
+
+def test_streamed_probabilities_2d_picture(tmp_path, make_image, picture):
+    """A 2-D picture: the K-page TIFF is the same when the maps are recomputed."""
+    path = make_image(picture.astype(np.float32), "slice.tif")
+    kept, streamed = _kept_and_streamed(tmp_path, path, n_components=K)
+    _assert_same_outputs(tmp_path, kept, streamed)
+
+
+def test_streamed_volumes_index_like_the_kept_ones(head):
+    kept = segment_file(head, n_components=4)
+    streamed = segment_file(head, n_components=4, memory_limit=1000)
+    volumes = streamed.responsibility_volumes()
+    assert len(volumes) == 4 and callable(volumes.slabs)
+    for k in (0, 3):
+        np.testing.assert_array_equal(volumes[k], kept.responsibilities[..., k])
+    with pytest.raises(IndexError):
+        volumes[4]
+
+
+def gzip_members(path: Path) -> int:
+    """Number of gzip members in ``path``."""
+    import zlib
+
+    data, count = path.read_bytes(), 0
+    while data:
+        unpacker = zlib.decompressobj(31)
+        unpacker.decompress(data)
+        data, count = unpacker.unused_data, count + 1
+    return count
 
 
 def test_memory_limit_is_validated(tmp_path):

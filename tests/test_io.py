@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import warnings
+import zlib
 
 import nibabel as nib
 import numpy as np
@@ -21,6 +23,7 @@ from segment.io import (
     scan_stem,
     write_labels,
     write_nifti,
+    write_nifti_slabs,
     write_probabilities,
 )
 
@@ -394,6 +397,136 @@ def test_write_nifti_uncompressed(tmp_path, volume, affine):
     path = write_nifti(img, tmp_path / "plain.nii")
     assert path.read_bytes()[344:348] == b"n+1\x00"
     np.testing.assert_array_equal(nib.load(path).get_fdata(), volume)
+
+
+# --------------------------------------------------------------------------------------------
+# 4-D maps written from slabs of all volumes at once
+# --------------------------------------------------------------------------------------------
+
+
+class _SlabVolumes(list):
+    """K volumes that can also be read as slabs of all K (what ``write_probabilities`` uses)."""
+
+    def __init__(self, volumes, fail_after=None):
+        super().__init__(volumes)
+        self.fail_after = fail_after
+        self.steps = []
+
+    def slabs(self, step):
+        self.steps.append(step)
+        for index, start in enumerate(range(0, self[0].shape[-1], step)):
+            if index == self.fail_after:
+                raise KeyboardInterrupt
+            yield [v[..., start : start + step] for v in self]
+
+
+def _members(data: bytes) -> int:
+    count = 0
+    while data:
+        unpacker = zlib.decompressobj(31)
+        unpacker.decompress(data)
+        data, count = unpacker.unused_data, count + 1
+    return count
+
+
+@pytest.fixture
+def small_slabs(monkeypatch):
+    """Slabs of 2 slices of the 7 x 8 x 9 test grid: several gzip members per volume."""
+    import segment.io
+
+    monkeypatch.setattr(segment.io, "SLAB_BYTES", 7 * 8 * 4 * 2)
+
+
+@pytest.mark.parametrize("name", ["p.nii.gz", "p.nii"])
+@pytest.mark.parametrize("nifti2", [False, True])
+def test_slab_writer_gives_the_bytes_of_the_volume_writer(
+    tmp_path, make_nifti, rng, small_slabs, name, nifti2
+):
+    scan = load_scan(make_nifti(nifti2=nifti2))
+    probabilities = rng.dirichlet(np.ones(3), size=scan.shape).astype(np.float32)
+    volumes = _SlabVolumes([probabilities[..., k] for k in range(3)])
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    by_volume = write_probabilities(probabilities, scan, tmp_path / "a" / name)
+    by_slab = write_probabilities(volumes, scan, tmp_path / "b" / name)
+    assert volumes.steps == [2]  # the slab path was taken
+    assert by_slab.read_bytes() == by_volume.read_bytes()
+    out = nib.load(by_slab)
+    assert out.shape == (7, 8, 9, 3) and out.get_data_dtype() == np.float32
+    np.testing.assert_array_equal(np.asanyarray(out.dataobj), probabilities)
+    if name.endswith(".gz"):
+        assert _members(by_slab.read_bytes()) == 1 + 3 * 5  # header + 5 slabs of 3 volumes
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [name]  # no spill files
+
+
+def test_slab_writer_2d_grid(tmp_path, make_nifti, volume, rng, small_slabs):
+    scan = load_scan(make_nifti(volume[:, :, 0], name="slice.nii.gz"))
+    probabilities = rng.random(scan.shape + (2,)).astype(np.float32)
+    volumes = _SlabVolumes([probabilities[..., k] for k in range(2)])
+    out = nib.load(write_probabilities(volumes, scan, tmp_path / "p.nii.gz"))
+    assert out.shape == (7, 8, 1, 2)
+    np.testing.assert_array_equal(np.asanyarray(out.dataobj)[:, :, 0], probabilities)
+
+
+def _copy_a_little_then_refuse(src, dst, count, *args):
+    """A copy_file_range that copies 5 bytes once, then says the file system cannot."""
+    if getattr(_copy_a_little_then_refuse, "done", False):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+    _copy_a_little_then_refuse.done = True
+    return os.write(dst, os.read(src, min(5, count)))
+
+
+@pytest.mark.parametrize(
+    "replacement", [None, _copy_a_little_then_refuse], ids=["missing", "partial"]
+)
+def test_slab_writer_without_copy_file_range(
+    tmp_path, make_nifti, rng, small_slabs, monkeypatch, replacement
+):
+    scan = load_scan(make_nifti())
+    probabilities = rng.random(scan.shape + (4,)).astype(np.float32)
+    expected = write_probabilities(probabilities, scan, tmp_path / "a.nii.gz").read_bytes()
+    if replacement is None:
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    else:
+        _copy_a_little_then_refuse.done = False
+        monkeypatch.setattr(os, "copy_file_range", replacement)
+    volumes = _SlabVolumes([probabilities[..., k] for k in range(4)])
+    assert write_probabilities(volumes, scan, tmp_path / "b.nii.gz").read_bytes() == expected
+
+
+@pytest.mark.parametrize("name", ["p.nii.gz", "p.nii"])
+def test_interrupted_slab_write_leaves_nothing(tmp_path, make_nifti, rng, small_slabs, name):
+    scan = load_scan(make_nifti())
+    before = sorted(p.name for p in tmp_path.iterdir())
+    volumes = _SlabVolumes([rng.random(scan.shape) for _ in range(3)], fail_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        write_probabilities(volumes, scan, tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_failed_append_leaves_nothing(tmp_path, make_nifti, rng, small_slabs, monkeypatch):
+    scan = load_scan(make_nifti())
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "copy_file_range", disk_full)
+    volumes = _SlabVolumes([rng.random(scan.shape) for _ in range(3)])
+    with pytest.raises(OSError, match="No space left"):
+        write_probabilities(volumes, scan, tmp_path / "p.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_slab_writer_checks_the_slabs(tmp_path, make_nifti):
+    scan = load_scan(make_nifti())
+    img = nib.Nifti1Image(np.zeros((7, 8, 9, 2), np.float32), np.eye(4))
+
+    def wrong(step):
+        yield [np.zeros((7, 8, step), np.float32)]  # one volume instead of two
+
+    with pytest.raises(ValueError, match=r"slab 0 must be 2 arrays of shape \(7, 8, 9\)"):
+        write_nifti_slabs(img.header, wrong, tmp_path / "p.nii.gz", shape=scan.shape)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii.gz"]
 
 
 # --------------------------------------------------------------------------------------------
