@@ -7,6 +7,7 @@ One command measures, side by side in one run, on generated head-like volumes of
                    float32 probability map (segment's own outputs, read before the clock starts);
 * ``run``          ``segment run INPUT -o OUT --no-qc --overwrite -q`` end to end (console script);
 * ``run+qc``       the same with the QC picture (its cost is the difference);
+* ``run+spatial``  the same with ``--mrf --bias-field`` (issue 7: at most 3x ``run``);
 * ``run-phases``   ``segment.api.segment_file`` in-process, with peak RSS per phase (load, fit,
                    predict, write, sidecar) to attribute memory;
 * ``segment-fit``  ``GaussianMixtureEM.fit`` on the flattened voxels, 1 and 2 workers;
@@ -471,9 +472,9 @@ def run_case(name: str, opts: dict, env_extra: dict | None = None) -> dict:
     return {**measured, **result}
 
 
-def run_cli(input_path: Path, out_dir: Path, qc: bool, opts: dict) -> dict:
+def run_cli(input_path: Path, out_dir: Path, qc: bool, opts: dict, extra=()) -> dict:
     command = [SEGMENT, "run", str(input_path), "-o", str(out_dir), "--overwrite", "-q",
-               "--tol", str(opts["tol"]), "--workers", str(opts["workers"])]  # fmt: skip
+               "--tol", str(opts["tol"]), "--workers", str(opts["workers"]), *extra]  # fmt: skip
     if not qc:
         command.append("--no-qc")
     measured = run_child(command)
@@ -564,6 +565,11 @@ def run_suite(args) -> tuple[list[dict], list[str]]:
                 add("run+qc", args.workers, measured(
                     lambda: run_cli(input_path, out / "runqc", True, run_opts), "run+qc",
                     args.max_busy))  # fmt: skip
+            if args.spatial:  # issue 7: MRF and bias field on, the same scan and options
+                add("run+spatial", args.workers, measured(
+                    lambda: run_cli(input_path, out / "spatial", False, run_opts,
+                                    ("--mrf", "--bias-field")),
+                    "run+spatial", args.max_busy))  # fmt: skip
             floor_opts = {
                 "input": str(input_path), "out_dir": str(out / "floor"),
                 "dseg": str(next((out / "run").glob("*_dseg.nii*"))),
@@ -695,6 +701,15 @@ def ratios(rows: list[dict], args) -> str:
                     f"segment's own timings: "
                     + ", ".join(f"{k} {v:.2f}" for k, v in run["timings"].items())
                 )
+            spatial = find(rows, "run+spatial", scale, dtype)
+            if run and spatial:
+                out.append(
+                    f"- {tag}: `segment run --mrf --bias-field` / `segment run` = "
+                    f"{spatial['wall_s']:.2f} / {run['wall_s']:.2f} s = "
+                    f"**{spatial['wall_s'] / run['wall_s']:.2f}×** (target ≤ 3×); fit "
+                    f"{spatial['fit_s']:.2f} / {run['fit_s']:.2f} s; peak RSS "
+                    f"{spatial['peak_rss_mb']:.0f} MB vs {run['peak_rss_mb']:.0f} MB"
+                )
             if run and qc:
                 out.append(
                     f"- {tag}: QC picture cost = {qc['wall_s'] - run['wall_s']:+.2f} s wall "
@@ -749,6 +764,12 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--no-phases", dest="phases", action="store_false")
     parser.add_argument("--skip-qc", action="store_true")
+    parser.add_argument(
+        "--no-spatial",
+        dest="spatial",
+        action="store_false",
+        help="skip the `segment run --mrf --bias-field` case",
+    )
     parser.add_argument("--out", type=Path, help="also write the Markdown report here")
     parser.add_argument("--rows-out", type=Path, help="append each case as a JSON line here")
     parser.add_argument(

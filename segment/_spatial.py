@@ -1,20 +1,23 @@
 """Spatial extensions of the mixture, as pure numpy functions on image blocks.
 
 - **MRF prior.** A Potts prior ``beta * sum_j w_ij [z_i = z_j]`` over the 26-neighbourhood (8 in
-  2-D) with ``w_ij = 1 / distance_mm``, applied by a mean-field E-step: the label indicator of
-  each neighbour is replaced by its responsibilities from the previous iteration, so the prior
-  of voxel i is ``pi_ik proportional to exp(beta sum_j w_ij r_jk)``. As in FSL FAST the local
-  prior replaces the global weights ``pi_k``: multiplying both in counts the class proportions
-  twice and, on the phantoms, starves the smallest class (CSF collapsed at beta 0.3). Updating
-  every voxel from the previous iteration's neighbours (not in place) makes the result
-  independent of the chunking.
+  2-D) with ``w_ij = 1 / distance_mm``, applied by mean-field sweeps: the label indicator of
+  each neighbour is replaced by its posterior from the previous sweep, so the prior of voxel i
+  is ``pi_ik proportional to exp(beta sum_j w_ij q_jk)`` and its posterior
+  ``q_ik ~ pi_ik N(y_i / b_i | mu_k, Sigma_k)``. As in FSL FAST the local prior replaces the
+  global weights ``pi_k``. Updating every voxel from the previous sweep's neighbours (not in
+  place) makes the result independent of the chunking. The posterior gives the labels, the
+  probability maps and the bias field's class memberships; the class parameters stay those of
+  the mixture (updating them from the MRF posterior, as HMRF-EM does, let a thin class drift
+  into a boundary class on noisy whole-head phantoms).
 - **Bias field.** A smooth multiplicative field ``b(x) = exp(sum_m c_m phi_m(x))`` per channel,
   with ``phi_m`` products of Legendre polynomials of total degree 1..P over the bounding box of
   the fitted voxels (mapped to [-1, 1]^3). Legendre products without the constant term have zero
   mean over the box, so the field has geometric mean 1 there and does not shift the tissue means.
-  Each iteration it is refitted by weighted least squares to the log residuals
+  Each iteration it is refitted by penalised weighted least squares to the log residuals
   ``log y_i - log sum_k r_ik mu_k`` with weights ``sum_k r_ik mu_k^2 / sigma_k^2`` (the inverse
-  variance of ``log y``), on a regular subsample of the voxels.
+  variance of ``log y``), on a regular subsample of the voxels, with a ridge prior pulling the
+  coefficients to zero (:data:`BIAS_PRIOR_WEIGHT`).
 
 No I/O and no Dask: :mod:`segment._chunked` maps these over blocks.
 
@@ -66,14 +69,15 @@ def neighbour_sums(responsibilities: np.ndarray, kernel: np.ndarray) -> np.ndarr
 
     Returns
     -------
-    sums : (*spatial, K) float64 array
+    sums : (K, *spatial) array, component-major, float32 for float32 input, else float64
     """
-    sums = np.empty(responsibilities.shape, dtype=np.float64)
-    for k in range(responsibilities.shape[-1]):
+    dtype = np.float32 if responsibilities.dtype == np.float32 else np.float64
+    n_components = responsibilities.shape[-1]
+    sums = np.empty((n_components,) + responsibilities.shape[:-1], dtype=dtype)
+    for k in range(n_components):
         ndimage.correlate(
-            responsibilities[..., k].astype(np.float64), kernel, output=sums[..., k],
-            mode="constant", cval=0.0,
-        )  # fmt: skip
+            responsibilities[..., k], kernel, output=sums[k], mode="constant", cval=0.0
+        )
     return sums
 
 
@@ -81,18 +85,19 @@ def mrf_log_prior(sums: np.ndarray, beta: float) -> np.ndarray:
     """Normalised log prior ``log pi_ik`` with ``pi_ik ~ exp(beta sum_j w_ij r_jk)``.
 
     The global weights are not multiplied in (see the module docstring); with no neighbour
-    information (all sums equal, e.g. the first E-step) the prior is uniform.
+    information (all sums equal) the prior is uniform. The E-step only needs ``beta * sums``
+    (the normaliser cancels in the posterior); this is the prior itself, for reporting.
 
     Parameters
     ----------
-    sums : (n, K) array, neighbour sums of the voxels
+    sums : (K, n) array, neighbour sums of the voxels (component-major)
     beta : float, MRF strength
 
     Returns
     -------
-    log_prior : (K, n) array (component-major, as :func:`segment._em.e_step` takes it)
+    log_prior : (K, n) float64 array
     """
-    log_prior = (beta * sums).T.copy()
+    log_prior = beta * np.asarray(sums, dtype=np.float64)
     log_prior -= log_prior.max(axis=0)
     log_prior -= np.log(np.exp(log_prior).sum(axis=0))
     return log_prior
@@ -210,9 +215,30 @@ def design_matrix(coords: list[np.ndarray], degree: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# One block of the spatial E-step and its statistics
+# Block functions of the grid EM
 # --------------------------------------------------------------------------------------------
-def spatial_e_step(
+def likelihood_statistics(
+    intensities: np.ndarray,
+    mask: np.ndarray,
+    log_bias: np.ndarray,
+    weights: np.ndarray,
+    means: np.ndarray,
+    precisions_chol: np.ndarray,
+) -> _em.Statistics:
+    """E-step statistics of the bias-corrected intensities ``y_i / b_i`` of one block.
+
+    The class parameters are estimated from these, the mixture's own responsibilities (global
+    weights, no spatial prior). ``log_likelihood`` is that of the observed intensities,
+    ``sum_i log p(y_i / b_i) - log b_i`` (the Jacobian of the field included).
+    """
+    log_b = log_bias[mask].astype(np.float64)
+    x = intensities[mask].astype(np.float64) * np.exp(-log_b)
+    stats = _em.chunk_statistics(x, weights, means, precisions_chol)
+    stats["log_likelihood"] = stats["log_likelihood"] - log_b.sum()
+    return stats
+
+
+def mean_field_sweep(
     previous: np.ndarray,
     intensities: np.ndarray,
     mask: np.ndarray,
@@ -223,53 +249,89 @@ def spatial_e_step(
     beta: float,
     kernel: np.ndarray,
 ) -> np.ndarray:
-    """Mean-field E-step on one block (with its one-voxel halo).
+    """One mean-field sweep of the MRF posterior on one block (with its one-voxel halo).
+
+    ``q_ik ~ exp(beta sum_j w_ij q'_jk) N(y_i / b_i | mu_k, Sigma_k)`` with ``q'`` the previous
+    sweep's posterior. Every voxel is updated from the previous sweep (not in place), so the
+    result does not depend on the chunking.
 
     Parameters
     ----------
-    previous : (*block, K + 1) responsibilities of the previous iteration (last slot unused)
+    previous : (*block, K + 1) posterior of the previous sweep in the first K slots
     intensities : (*block, D) raw intensities
     mask : (*block) bool, the fitted voxels
     log_bias : (*block, D) log of the bias field
     weights, means, precisions_chol : mixture parameters
-    beta : float, MRF strength (0: no spatial prior)
+    beta : float
+        MRF strength. With 0 the sweep is the plain E-step (global weights ``pi_k``): the
+        starting point of the sweeps.
     kernel : neighbour weights
 
     Returns
     -------
     out : (*block, K + 1) float32
-        Responsibilities in the first K slots and ``log p(y_i)`` (bias Jacobian included) in the
-        last, for voxels in the mask; zeros elsewhere.
+        The posterior ``q_ik`` in the first K slots and ``sum_k |q_ik - previous_ik| / 2`` (the
+        change of this sweep, in [0, 1]) in the last, for voxels in the mask; zeros elsewhere.
     """
     n_components = means.shape[0]
-    x = intensities[mask].astype(np.float64) * np.exp(-log_bias[mask])
+    voxels = np.flatnonzero(mask) if not mask.all() else slice(None)
+    x = intensities.reshape(-1, intensities.shape[-1])[voxels].astype(np.float64)
+    x *= np.exp(-log_bias.reshape(-1, log_bias.shape[-1])[voxels])
     log_prior = None
     if beta > 0:
-        sums = neighbour_sums(previous[..., :n_components], kernel)[mask]
-        log_prior = mrf_log_prior(sums, beta)
-    resp, log_norm = _em.e_step(x, weights, means, precisions_chol, log_prior)
+        sums = neighbour_sums(previous[..., :n_components], kernel)
+        log_prior = beta * sums.reshape(n_components, -1)[:, voxels]
+    posterior, _ = _em.e_step(x, weights, means, precisions_chol, log_prior)
     out = np.zeros(mask.shape + (n_components + 1,), dtype=np.float32)
-    out[mask, :n_components] = resp.T
-    out[mask, n_components] = log_norm - log_bias[mask].sum(axis=1)
+    flat_out = out.reshape(-1, n_components + 1)
+    flat_out[voxels, :n_components] = posterior.T
+    before = previous.reshape(-1, n_components + 1)[voxels, :n_components]
+    change = np.abs(flat_out[voxels, :n_components] - before).sum(axis=1)
+    flat_out[voxels, n_components] = 0.5 * change
     return out
 
 
-def spatial_statistics(
-    intensities: np.ndarray,
-    mask: np.ndarray,
-    current: np.ndarray,
-    log_bias: np.ndarray,
-    means: np.ndarray,
-) -> _em.Statistics:
-    """Sufficient statistics of the bias-corrected intensities of one block."""
-    n_components = means.shape[0]
-    x = intensities[mask].astype(np.float64) * np.exp(-log_bias[mask])
-    values = current[mask].astype(np.float64)
-    resp = values[:, :n_components].T.copy()
-    return _em._moments(x, resp, means, values[:, n_components].sum(), float(len(x)))
+def sweep_change(current: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Sum over the block's fitted voxels of the last sweep's change, and their count."""
+    return np.array([current[..., -1][mask].sum(dtype=np.float64), float(mask.sum())])
+
+
+#: Weight of the prior ``log b = 0`` per fitted voxel, against a voxel's data weight of its
+#: class's SNR^2 (about 20 to 1000 for tissue). See :func:`bias_block_statistics`.
+BIAS_PRIOR_WEIGHT = 5.0
 
 
 def bias_block_statistics(
+    intensities: np.ndarray,
+    mask: np.ndarray,
+    log_bias: np.ndarray,
+    offset: tuple[int, ...],
+    step: int,
+    boxes: list[tuple[float, float]],
+    degree: int,
+    weights: np.ndarray,
+    means: np.ndarray,
+    covariances: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`bias_statistics` of the block's voxels on the global grid ``index % step == 0``.
+
+    Class memberships are the mixture's responsibilities of the bias-corrected intensities.
+    The sample depends only on global voxel indices, so it is the same for any chunking.
+
+    A Gaussian prior pulls the coefficients to zero: :data:`BIAS_PRIOR_WEIGHT` times the number
+    of sampled voxels is added to the diagonal of the normal equations (a ridge penalty per
+    voxel). Without it, on a whole head at high noise the field and the class parameters trade
+    off without end (the likelihood keeps rising as a radial field grows and classes swap); the
+    prior stops that drift and costs little where the data determine the field.
+    """
+    sample, design = _bias_sample(mask, offset, step, boxes, degree)
+    y = intensities[sample].astype(np.float64)
+    x = y * np.exp(-log_bias[sample].astype(np.float64))
+    memberships = _em.e_step(x, weights, means, _em.precision_cholesky(covariances))[0].T
+    return _penalised_bias_statistics(y, memberships, design, means, covariances)
+
+
+def bias_block_statistics_mrf(
     intensities: np.ndarray,
     mask: np.ndarray,
     current: np.ndarray,
@@ -280,29 +342,33 @@ def bias_block_statistics(
     means: np.ndarray,
     covariances: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`bias_statistics` of the block's voxels on the global grid ``index % step == 0``.
+    """:func:`bias_block_statistics` with the MRF posterior (first K slots of ``current``)."""
+    sample, design = _bias_sample(mask, offset, step, boxes, degree)
+    memberships = current[sample][:, : means.shape[0]].astype(np.float64)
+    y = intensities[sample].astype(np.float64)
+    return _penalised_bias_statistics(y, memberships, design, means, covariances)
 
-    The sample depends only on global voxel indices, so it is the same for any chunking.
-    """
-    n_components = means.shape[0]
+
+def _bias_sample(mask, offset, step, boxes, degree):
+    """Boolean index of the block's sampled fitted voxels and their basis values (n, M)."""
     picks = tuple(slice((-o) % step, None, step) for o in offset)
-    sub_mask = mask[picks]
-    n_terms = len(bias_terms(degree, mask.ndim))
-    n_channels = intensities.shape[-1]
-    if not sub_mask.any():
-        return np.zeros((n_channels, n_terms, n_terms)), np.zeros((n_channels, n_terms))
     coords = [
         axis_coordinates(o + p.start, o + size, box)[::step]
         for o, p, size, box in zip(offset, picks, mask.shape, boxes)
     ]
-    design = design_matrix(coords, degree)[sub_mask.ravel()]
-    return bias_statistics(
-        intensities[picks][sub_mask].astype(np.float64),
-        current[picks][sub_mask][:, :n_components].astype(np.float64),
-        design,
-        means,
-        covariances,
-    )
+    sample = np.zeros(mask.shape, bool)
+    sample[picks] = mask[picks]
+    design = design_matrix(coords, degree)[mask[picks].ravel()]
+    return sample, design
+
+
+def _penalised_bias_statistics(y, memberships, design, means, covariances):
+    n_terms = design.shape[1]
+    if len(y) == 0:
+        return np.zeros((y.shape[1], n_terms, n_terms)), np.zeros((y.shape[1], n_terms))
+    gram, moment = bias_statistics(y, memberships, design, means, covariances)
+    gram += BIAS_PRIOR_WEIGHT * len(y) * np.eye(n_terms)
+    return gram, moment
 
 
 def log_bias_grid_block(

@@ -23,6 +23,11 @@ RELATIVE_VARIANCE_FLOOR = 1e-3
 MAX_DISTINCT = 1 << 17
 #: A component whose responsibilities add up to less than one voxel is re-seeded.
 MIN_COMPONENT_VOXELS = 1.0
+#: Mean-field sweeps stop when the posterior changes by less than this per voxel (half the L1
+#: distance, in [0, 1]) ...
+MRF_TOL = 1e-2
+#: ... or after this many sweeps.
+MAX_MRF_SWEEPS = 50
 
 
 @dataclass
@@ -80,7 +85,9 @@ class GaussianMixtureEM:
     mrf_beta : float, default 0.0
         Strength of the Potts (Markov random field) prior used by :meth:`fit_image`:
         ``beta * sum_j w_ij [z_i = z_j]`` over the 26-neighbourhood (8 in 2-D), ``w_ij`` = 1 /
-        distance in mm. 0 switches it off. See :mod:`segment._spatial`.
+        distance in mm. 0 switches it off. It shapes the posterior (labels, probability
+        maps), computed by mean-field sweeps, not the class parameters. See
+        :mod:`segment._spatial`.
     bias_field : bool, default False
         Estimate a smooth multiplicative bias field inside the EM (:meth:`fit_image` only).
     bias_smoothness : float, default 60.0
@@ -247,7 +254,9 @@ class GaussianMixtureEM:
         self
             Besides the attributes of :meth:`fit`: ``responsibilities_`` (n_fitted, K) float32
             for the voxels of ``mask`` in C order, ``bias_field_`` (*spatial, D) float32 or
-            None, ``bias_coefficients_``, and ``objective_`` naming what the trace holds.
+            None, ``bias_coefficients_``, ``objective_`` naming what the trace holds, and with
+            the MRF ``n_mrf_sweeps_`` and ``mrf_change_`` (the mean change of the posterior per
+            voxel in the last sweep).
         """
         self._check_parameters()
         if channel_axis is not None:
@@ -283,7 +292,14 @@ class GaussianMixtureEM:
         return self
 
     def _fit_grid(self, image, mask, X, spacing) -> GaussianMixtureEM:
-        """EM with a mean-field MRF E-step and/or a bias field, over spatial blocks."""
+        """The mixture with a bias field and/or the MRF posterior, over spatial blocks.
+
+        The class parameters are always those of the mixture (fitted from its own
+        responsibilities of the bias-corrected intensities); the MRF prior shapes the posterior
+        (labels, probability maps, bias-field weights), which mean-field sweeps compute. Updating
+        the class parameters from the MRF posterior instead (HMRF-EM) let a thin class (CSF)
+        drift into a boundary class on noisy whole-head phantoms; see the README.
+        """
         n_spatial = mask.ndim
         K, D = self.n_components, image.shape[-1]
         floor = _validation.check_variance_floor(self.variance_floor, D)
@@ -301,24 +317,18 @@ class GaussianMixtureEM:
                 floor = RELATIVE_VARIANCE_FLOOR * data.moments["m2"] / data.moments["n"]
             self.variance_floor_ = floor
             weights, means, covariances = self._initial_parameters(data, init, floor, ckw)
-            # Start from the converged plain mixture, as FAST starts its MRF-EM from a plain
-            # segmentation: the spatial EM then refines it instead of re-clustering from k-means
-            # (which let a class drift away on noisy whole-head scans) and needs fewer of its
-            # costlier iterations. The plain fit uses the fast distinct-values path when it can.
+            # The plain mixture first, on the fast distinct-values path when it can: with no
+            # bias field it is the fit; with one, the field's EM starts from it.
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
+                if self.bias_field:
+                    warnings.simplefilter("ignore", ConvergenceWarning)
                 self._run_em(data, weights, means, covariances, floor, ckw)
-            weights, means, covariances = self.weights_, self.means_, self.covariances_
+            params = (self.weights_, self.means_, self.precisions_cholesky_)
+            covariances = self.covariances_
+
             chunks = _chunked.grid_chunks(mask.shape, self.chunk_size)
             x_grid = _chunked.as_grid_array(image, chunks)
             mask_grid = _chunked.as_grid_array(mask, chunks)
-            coefficients = np.zeros((n_terms, D))
-            log_bias = _chunked.map_grid_new(
-                _spatial.log_bias_grid_block, mask_grid, n_spatial, D, np.float32,
-                (coefficients, boxes, degree),
-            )  # fmt: skip
-            current = da.zeros(mask.shape + (K + 1,), dtype=np.float32,
-                               chunks=chunks + (K + 1,))  # fmt: skip
             if is_distributed(ckw):
                 x_grid, mask_grid = ckw["scheduler"].persist([x_grid, mask_grid])
 
@@ -327,65 +337,104 @@ class GaussianMixtureEM:
                     ckw["scheduler"].persist(array) if is_distributed(ckw) else array.persist(**ckw)
                 )
 
-            def e_step(params, previous, log_bias, beta=beta):
-                out = _chunked.map_grid_overlap(
-                    _spatial.spatial_e_step, previous, [x_grid, mask_grid, log_bias],
+            def field(coefficients):
+                return persist(_chunked.map_grid_new(
+                    _spatial.log_bias_grid_block, mask_grid, n_spatial, D, np.float32,
+                    (coefficients, boxes, degree),
+                ))  # fmt: skip
+
+            def sweep(previous, params, log_bias, beta):
+                return persist(_chunked.map_grid_overlap(
+                    _spatial.mean_field_sweep, previous, [x_grid, mask_grid, log_bias],
                     n_spatial, 1 if beta > 0 else 0,
                     dict(weights=params[0], means=params[1], precisions_chol=params[2],
                          beta=beta, kernel=kernel),
                     np.float32,
-                )  # fmt: skip
-                out = persist(out)
-                stats = _chunked.map_reduce_grid(
-                    _spatial.spatial_statistics, _em.combine_statistics,
-                    [x_grid, mask_grid, out, log_bias], n_spatial, (params[1],), ckw,
-                )  # fmt: skip
-                return out, stats
+                ))  # fmt: skip
 
-            params = (weights, means, _em.precision_cholesky(covariances))
-            log_bias = persist(log_bias)
-            current, stats = e_step(params, current, log_bias, beta=0.0)  # the plain E-step
-            self.initial_log_likelihood_ = previous_objective = stats["log_likelihood"]
-            n_samples = stats["n_samples"]
-            trace: list[float] = []
-            self.converged_ = False
-            for iteration in range(1, self.max_iter + 1):
-                weights, means, covariances = _em.m_step(stats, params[1], floor)
-                weights, means, covariances = _reseed_empty(
-                    stats["nk"], weights, means, covariances
-                )
-                if self.bias_field:
-                    gram, moment = _chunked.map_reduce_grid(
-                        _spatial.bias_block_statistics, _sum_pairs,
-                        [x_grid, mask_grid, current], n_spatial,
-                        (step, boxes, degree, means, covariances), ckw, with_offset=True,
-                    )  # fmt: skip
+            coefficients = np.zeros((n_terms, D))
+            log_bias = field(coefficients)
+            current = da.zeros(mask.shape + (K + 1,), dtype=np.float32, chunks=chunks + (K + 1,))
+            current = sweep(current, params, log_bias, 0.0)  # the mixture's responsibilities
+            self.n_mrf_sweeps_ = 0
+            if self.bias_field:
+                trace = list(self.log_likelihood_trace_)
+                stats = _chunked.map_reduce_grid(
+                    _spatial.likelihood_statistics, _em.combine_statistics,
+                    [x_grid, mask_grid, log_bias], n_spatial, params, ckw,
+                )  # fmt: skip
+                previous, n_samples = stats["log_likelihood"], stats["n_samples"]
+                self.converged_ = False
+                for iteration in range(1, self.max_iter + 1):
+                    weights, means, covariances = _em.m_step(stats, params[1], floor)
+                    weights, means, covariances = _reseed_empty(
+                        stats["nk"], weights, means, covariances
+                    )
+                    params = (weights, means, _em.precision_cholesky(covariances))
+                    if beta > 0:
+                        current = sweep(current, params, log_bias, beta)
+                        self.n_mrf_sweeps_ += 1
+                        gram, moment = _chunked.map_reduce_grid(
+                            _spatial.bias_block_statistics_mrf, _sum_pairs,
+                            [x_grid, mask_grid, current], n_spatial,
+                            (step, boxes, degree, means, covariances), ckw, with_offset=True,
+                        )  # fmt: skip
+                    else:
+                        gram, moment = _chunked.map_reduce_grid(
+                            _spatial.bias_block_statistics, _sum_pairs,
+                            [x_grid, mask_grid, log_bias], n_spatial,
+                            (step, boxes, degree, weights, means, covariances), ckw,
+                            with_offset=True,
+                        )  # fmt: skip
                     coefficients = _spatial.solve_bias(gram, moment)
-                    log_bias = persist(_chunked.map_grid_new(
-                        _spatial.log_bias_grid_block, mask_grid, n_spatial, D, np.float32,
-                        (coefficients, boxes, degree),
-                    ))  # fmt: skip
-                params = (weights, means, _em.precision_cholesky(covariances))
-                current, stats = e_step(params, current, log_bias)
-                trace.append(stats["log_likelihood"])
-                change = (stats["log_likelihood"] - previous_objective) / n_samples
-                previous_objective = stats["log_likelihood"]
-                if self.callback is not None:
-                    self.callback(iteration, stats["log_likelihood"], change)
-                if abs(change) < self.tol:
-                    self.converged_ = True
-                    break
+                    log_bias = field(coefficients)
+                    stats = _chunked.map_reduce_grid(
+                        _spatial.likelihood_statistics, _em.combine_statistics,
+                        [x_grid, mask_grid, log_bias], n_spatial, params, ckw,
+                    )  # fmt: skip
+                    trace.append(stats["log_likelihood"])
+                    change = (stats["log_likelihood"] - previous) / n_samples
+                    previous = stats["log_likelihood"]
+                    if self.callback is not None:
+                        self.callback(iteration, stats["log_likelihood"], change)
+                    if abs(change) < self.tol:
+                        self.converged_ = True
+                        break
+                self.soft_counts_ = stats["nk"].copy()
+                self._finish(self.n_iter_ + iteration, trace, params, covariances, change,
+                             data, D)  # fmt: skip
+            if beta > 0:
+                self.mrf_change_ = np.inf
+                while self.n_mrf_sweeps_ < MAX_MRF_SWEEPS and self.mrf_change_ >= MRF_TOL:
+                    current = sweep(current, params, log_bias, beta)
+                    self.n_mrf_sweeps_ += 1
+                    total, count = _chunked.map_reduce_grid(
+                        _spatial.sweep_change, sum, [current, mask_grid], n_spatial, (), ckw
+                    )  # fmt: skip
+                    self.mrf_change_ = total / max(count, 1.0)
+                if self.mrf_change_ >= MRF_TOL:
+                    warnings.warn(
+                        f"the MRF mean-field sweeps did not settle in {MAX_MRF_SWEEPS} sweeps "
+                        f"(mean change {self.mrf_change_:.3g} per voxel); lower mrf_beta",
+                        ConvergenceWarning,
+                        stacklevel=3,
+                    )
+            elif self.bias_field:  # the mixture's responsibilities under the final field
+                current = sweep(current, params, log_bias, 0.0)
             final, log_bias = dask.compute(current, log_bias, **ckw)
-            bias_grid = np.exp(log_bias)
-        self.soft_counts_ = stats["nk"].copy()
-        self._finish(iteration, trace, params, covariances, change, data, D)
+        self.fit_path_ = "grid"
         self.objective_ = (
-            "mean-field penalised log-likelihood: sum_i log sum_k pi_ik N(y_i / b_i | k) - "
-            "log b_i, with pi_ik from the previous iteration's neighbours"
+            "log-likelihood of the observed intensities, bias Jacobian included"
+            if self.bias_field
+            else "log-likelihood"
+        ) + (
+            "; the MRF prior shapes the posterior (labels, probability maps"
+            + (", bias-field weights" if self.bias_field else "")
+            + "), computed by mean-field sweeps, not the class parameters"
             if beta > 0
-            else "log-likelihood of the observed intensities, bias Jacobian included"
+            else ""
         )
-        self.bias_field_ = bias_grid.astype(np.float32) if self.bias_field else None
+        self.bias_field_ = np.exp(log_bias).astype(np.float32) if self.bias_field else None
         self.bias_coefficients_ = coefficients
         self.bias_degree_ = degree
         self._bias_boxes = boxes

@@ -42,7 +42,12 @@ def label_volumes(
     -------
     list of dict, one per label 1..K: ``label``, ``n_voxels``, ``volume_ml``, ``soft_volume_ml``
     """
-    counts = np.bincount(np.asarray(labels).ravel(), minlength=len(soft_counts) + 1)
+    flat = np.asarray(labels).reshape(-1)
+    counts = np.zeros(max(len(soft_counts) + 1, int(flat.max(initial=0)) + 1), dtype=np.int64)
+    slab = 1 << 22  # bincount converts to intp: count in slabs, not a 64-bit copy of the map
+    for start in range(0, len(flat), slab):
+        part = np.bincount(flat[start : start + slab], minlength=len(counts))
+        counts[: len(part)] += part
     return [
         {
             "label": k + 1,
@@ -77,6 +82,10 @@ def model_record(estimator) -> dict[str, Any]:
         "n_voxels_fitted": float(estimator.n_samples_),
         "objective": getattr(estimator, "objective_", "log-likelihood"),
         "mrf_beta": float(estimator.mrf_beta),
+        "mrf_sweeps": int(getattr(estimator, "n_mrf_sweeps_", 0)),
+        "mrf_last_change": (
+            float(estimator.mrf_change_) if getattr(estimator, "mrf_change_", None) else None
+        ),
         "bias_field": _bias_record(estimator),
     }
 

@@ -15,6 +15,7 @@ from segment import GaussianMixtureEM, _spatial, segment_array
 from segment.cli import DEFAULT_MRF_BETA, cli
 from segment.evaluate import evaluate_labels
 from segment.exceptions import SegmentError
+from segment.mixture import MRF_TOL
 from segment.samples import make_head_phantom
 
 HEAD_SHAPE = (24, 28, 20)
@@ -85,19 +86,23 @@ def test_neighbour_sums_brute_force(rng):
             a, b, c = i + di - 1, j + dj - 1, k + dk - 1
             if 0 <= a < 5 and 0 <= b < 6 and 0 <= c < 7:
                 expected[i, j, k] += kernel[di, dj, dk] * resp[a, b, c]
-    np.testing.assert_allclose(_spatial.neighbour_sums(resp, kernel), expected, rtol=1e-12)
+    sums = _spatial.neighbour_sums(resp, kernel)  # component-major
+    np.testing.assert_allclose(np.moveaxis(sums, 0, -1), expected, rtol=1e-12)
+    as_float32 = _spatial.neighbour_sums(resp.astype(np.float32), kernel)
+    assert as_float32.dtype == np.float32
+    np.testing.assert_allclose(np.moveaxis(as_float32, 0, -1), expected, rtol=1e-5)
 
 
 def test_mrf_log_prior_normalised(rng):
     sums = rng.random((50, 4)) * 20
-    log_prior = _spatial.mrf_log_prior(sums, 0.3)
+    log_prior = _spatial.mrf_log_prior(sums.T, 0.3)
     assert log_prior.shape == (4, 50)
     np.testing.assert_allclose(np.exp(log_prior).sum(axis=0), 1.0, rtol=1e-12)
     # differences between classes are beta times the differences of the neighbour sums
     np.testing.assert_allclose(
         log_prior[1] - log_prior[0], 0.3 * (sums[:, 1] - sums[:, 0]), atol=1e-12
     )
-    flat = _spatial.mrf_log_prior(sums, 0.0)
+    flat = _spatial.mrf_log_prior(sums.T, 0.0)
     np.testing.assert_allclose(flat, np.log(0.25))
 
 
@@ -323,27 +328,61 @@ def test_objective_with_bias_only_is_the_observed_log_likelihood(head):
     assert np.diff(trace).min() > -1e-3 * fit.n_samples_
 
 
-def test_objective_with_mrf_is_the_documented_penalised_likelihood(head):
+def test_mrf_posterior_is_the_documented_mean_field_fixed_point(head):
     image, truth, mask = head
     fit = GaussianMixtureEM(
         3, mrf_beta=DEFAULT_MRF_BETA, bias_field=True, bias_smoothness=20.0
     ).fit_image(image, mask)
-    assert fit.converged_ and "mean-field penalised log-likelihood" in fit.objective_
-    assert np.all(np.isfinite(fit.log_likelihood_trace_))
-    # recompute the last entry from the final responsibilities as the neighbours' labels (at
-    # convergence they equal the previous iteration's to within tol)
-    resp = np.zeros(mask.shape + (3,))
-    resp[mask] = fit.responsibilities_
-    sums = _spatial.neighbour_sums(resp, _spatial.neighbour_kernel((1.0, 1.0, 1.0)))[mask]
-    log_prior = _spatial.mrf_log_prior(sums, DEFAULT_MRF_BETA).T  # (n, K)
+    assert fit.converged_ and "log-likelihood of the observed intensities" in fit.objective_
+    assert "MRF prior shapes the posterior" in fit.objective_
+    # the class parameters are the mixture's: the trace is its log-likelihood under the field
     b = fit.bias_field_[mask].astype(np.float64)
     x = image[mask].astype(np.float64)[:, None] / b
+    direct = _log_gaussian_mixture(x, fit.weights_, fit.means_, fit.covariances_)
+    assert fit.log_likelihood_trace_[-1] == pytest.approx(
+        float(np.sum(direct - np.log(b[:, 0]))), rel=1e-6
+    )
+    # one more sweep from the returned posterior q moves it by less than the stopping tolerance:
+    # q_ik ~ exp(beta sum_j w_ij q_jk) N(x_i | k)
+    q = np.zeros(mask.shape + (3,))
+    q[mask] = fit.responsibilities_
+    sums = _spatial.neighbour_sums(q, _spatial.neighbour_kernel((1.0, 1.0, 1.0)))
+    log_prior = _spatial.mrf_log_prior(sums[:, mask], DEFAULT_MRF_BETA).T  # (n, K)
     terms = [
         _log_gaussian_mixture(x, [1.0], fit.means_[k : k + 1], fit.covariances_[k : k + 1])
         for k in range(3)
     ]
-    direct = np.logaddexp.reduce(np.stack(terms, axis=1) + log_prior, axis=1) - np.log(b[:, 0])
-    assert fit.log_likelihood_trace_[-1] == pytest.approx(direct.sum(), rel=1e-3)
+    log_q = np.stack(terms, axis=1) + log_prior
+    again = np.exp(log_q - np.logaddexp.reduce(log_q, axis=1, keepdims=True))
+    change = 0.5 * np.abs(again - fit.responsibilities_).sum(axis=1).mean()
+    assert 0 < fit.mrf_change_ < MRF_TOL and fit.n_mrf_sweeps_ >= 2
+    assert change < MRF_TOL
+    # the MRF does not touch the class parameters directly: they stay near the bias-only fit's
+    # (the field differs a little, being weighted by the MRF posterior)
+    bias_only = GaussianMixtureEM(3, bias_field=True, bias_smoothness=20.0).fit_image(image, mask)
+    np.testing.assert_allclose(fit.means_, bias_only.means_, rtol=0.01)
+    np.testing.assert_allclose(fit.weights_, bias_only.weights_, rtol=0.05)
+    assert mean_dice(_labels_on_grid(fit, mask), truth, mask) >= mean_dice(
+        _labels_on_grid(bias_only, mask), truth, mask
+    )
+
+
+def test_mrf_only_keeps_the_plain_parameters(head):
+    image, _, mask = head
+    plain = GaussianMixtureEM(3).fit(image[mask])
+    mrf = GaussianMixtureEM(3, mrf_beta=DEFAULT_MRF_BETA).fit_image(image, mask)
+    for name in ("means_", "covariances_", "weights_"):
+        np.testing.assert_array_equal(getattr(mrf, name), getattr(plain, name))
+    assert mrf.log_likelihood_trace_ == plain.log_likelihood_trace_
+    assert mrf.n_mrf_sweeps_ >= 1
+    # but the posterior differs from the mixture's responsibilities
+    assert np.abs(mrf.responsibilities_ - plain.predict_proba(image[mask])).max() > 0.1
+
+
+def _labels_on_grid(fit, mask):
+    labels = np.zeros(mask.shape, int)
+    labels[mask] = fit.responsibilities_.argmax(axis=1) + 1
+    return labels
 
 
 # ------------------------------------------------------------------ 2-D, multichannel, CLI, batch
@@ -384,7 +423,9 @@ def test_multichannel_with_both_on():
     for channel in range(2):
         estimated = np.log(result.bias_field[..., channel]).ravel()
         truth_field = smooth_log_field(truth.shape, 0.15).ravel()
-        assert np.corrcoef(estimated, truth_field)[0, 1] > 0.95
+        # SNR 3-10 here: the ridge prior (BIAS_PRIOR_WEIGHT) shrinks the higher-order terms
+        # noticeably, so the shape is recovered less exactly than on the head phantom
+        assert np.corrcoef(estimated, truth_field)[0, 1] > 0.9
 
 
 def test_cli_run_writes_bias_field_and_corrected(tmp_path):
