@@ -565,7 +565,7 @@ def run_suite(args) -> tuple[list[dict], list[str]]:
                 add("run+qc", args.workers, measured(
                     lambda: run_cli(input_path, out / "runqc", True, run_opts), "run+qc",
                     args.max_busy))  # fmt: skip
-            if args.spatial:  # issue 7: MRF and bias field on, the same scan and options
+            if scale <= args.spatial_up_to:  # issue 7: MRF + bias field, same scan, options
                 add("run+spatial", args.workers, measured(
                     lambda: run_cli(input_path, out / "spatial", False, run_opts,
                                     ("--mrf", "--bias-field")),
@@ -765,10 +765,11 @@ def main(argv=None) -> None:
     parser.add_argument("--no-phases", dest="phases", action="store_false")
     parser.add_argument("--skip-qc", action="store_true")
     parser.add_argument(
-        "--no-spatial",
-        dest="spatial",
-        action="store_false",
-        help="skip the `segment run --mrf --bias-field` case",
+        "--spatial-up-to",
+        type=float,
+        default=2.0,
+        help="run `segment run --mrf --bias-field` up to this scale (0: never); the spatial "
+        "path keeps K+1 float32 maps per voxel in memory",
     )
     parser.add_argument("--out", type=Path, help="also write the Markdown report here")
     parser.add_argument("--rows-out", type=Path, help="append each case as a JSON line here")

@@ -6,10 +6,10 @@
   is ``pi_ik proportional to exp(beta sum_j w_ij q_jk)`` and its posterior
   ``q_ik ~ pi_ik N(y_i / b_i | mu_k, Sigma_k)``. As in FSL FAST the local prior replaces the
   global weights ``pi_k``. Updating every voxel from the previous sweep's neighbours (not in
-  place) makes the result independent of the chunking. The posterior gives the labels, the
-  probability maps and the bias field's class memberships; the class parameters stay those of
-  the mixture (updating them from the MRF posterior, as HMRF-EM does, let a thin class drift
-  into a boundary class on noisy whole-head phantoms).
+  place) makes the result independent of the chunking. The posterior gives the labels and the
+  probability maps; the class parameters and the bias field stay those of the mixture
+  (updating them from the MRF posterior, as HMRF-EM does, let a thin class drift into a
+  boundary class on noisy whole-head phantoms).
 - **Bias field.** A smooth multiplicative field ``b(x) = exp(sum_m c_m phi_m(x))`` per channel,
   with ``phi_m`` products of Legendre polynomials of total degree 1..P over the bounding box of
   the fitted voxels (mapped to [-1, 1]^3). Legendre products without the constant term have zero
@@ -72,12 +72,16 @@ def neighbour_sums(responsibilities: np.ndarray, kernel: np.ndarray) -> np.ndarr
     sums : (K, *spatial) array, component-major, float32 for float32 input, else float64
     """
     dtype = np.float32 if responsibilities.dtype == np.float32 else np.float64
-    n_components = responsibilities.shape[-1]
-    sums = np.empty((n_components,) + responsibilities.shape[:-1], dtype=dtype)
-    for k in range(n_components):
-        ndimage.correlate(
-            responsibilities[..., k], kernel, output=sums[k], mode="constant", cval=0.0
-        )
+    return _component_sums(
+        np.ascontiguousarray(np.moveaxis(responsibilities, -1, 0), dtype=dtype), kernel
+    )
+
+
+def _component_sums(values: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """:func:`neighbour_sums` of contiguous component-major ``(K, *spatial)`` values."""
+    sums = np.empty_like(values)
+    for k in range(values.shape[0]):
+        ndimage.correlate(values[k], kernel, output=sums[k], mode="constant", cval=0.0)
     return sums
 
 
@@ -140,15 +144,16 @@ def log_bias_block(coefficients: np.ndarray, coords: list[np.ndarray], degree: i
     log_bias : (*block_shape, D) float64 array
     """
     ndim = len(coords)
-    polys = _axis_polynomials(coords, degree)
-    shape = tuple(len(c) for c in coords)
-    log_bias = np.zeros(shape + (coefficients.shape[1],))
+    polys = _axis_polynomials(coords, degree)  # per axis (degree + 1, n_axis)
+    # sum_m c_m prod_a P_{p_ma}(x_a) as a contraction of the coefficient tensor with one
+    # polynomial table per axis: a few BLAS calls instead of M outer products of the block
+    tensor = np.zeros((degree + 1,) * ndim + (coefficients.shape[1],))
     for m, powers in enumerate(bias_terms(degree, ndim)):
-        term = polys[0][powers[0]]
-        for axis in range(1, ndim):
-            term = np.multiply.outer(term, polys[axis][powers[axis]])
-        log_bias += term[..., None] * coefficients[m]
-    return log_bias
+        tensor[powers] = coefficients[m]
+    for axis in range(ndim):  # contract the leading power index; the voxel axis goes last
+        tensor = np.tensordot(tensor, polys[axis], axes=(0, 0))
+    # axes are now (D, x_0, ..., x_{ndim-1})
+    return np.moveaxis(tensor, 0, -1)
 
 
 #: Classes whose mean is under this many standard deviations do not inform the bias field.
@@ -277,16 +282,17 @@ def mean_field_sweep(
     voxels = np.flatnonzero(mask) if not mask.all() else slice(None)
     x = intensities.reshape(-1, intensities.shape[-1])[voxels].astype(np.float64)
     x *= np.exp(-log_bias.reshape(-1, log_bias.shape[-1])[voxels])
+    # component-major copy of the previous posterior: contiguous rows for the correlations
+    before = np.ascontiguousarray(np.moveaxis(previous[..., :n_components], -1, 0))
     log_prior = None
     if beta > 0:
-        sums = neighbour_sums(previous[..., :n_components], kernel)
+        sums = _component_sums(before, kernel)
         log_prior = beta * sums.reshape(n_components, -1)[:, voxels]
     posterior, _ = _em.e_step(x, weights, means, precisions_chol, log_prior)
+    change = np.abs(posterior - before.reshape(n_components, -1)[:, voxels]).sum(axis=0)
     out = np.zeros(mask.shape + (n_components + 1,), dtype=np.float32)
     flat_out = out.reshape(-1, n_components + 1)
     flat_out[voxels, :n_components] = posterior.T
-    before = previous.reshape(-1, n_components + 1)[voxels, :n_components]
-    change = np.abs(flat_out[voxels, :n_components] - before).sum(axis=1)
     flat_out[voxels, n_components] = 0.5 * change
     return out
 
@@ -328,24 +334,6 @@ def bias_block_statistics(
     y = intensities[sample].astype(np.float64)
     x = y * np.exp(-log_bias[sample].astype(np.float64))
     memberships = _em.e_step(x, weights, means, _em.precision_cholesky(covariances))[0].T
-    return _penalised_bias_statistics(y, memberships, design, means, covariances)
-
-
-def bias_block_statistics_mrf(
-    intensities: np.ndarray,
-    mask: np.ndarray,
-    current: np.ndarray,
-    offset: tuple[int, ...],
-    step: int,
-    boxes: list[tuple[float, float]],
-    degree: int,
-    means: np.ndarray,
-    covariances: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`bias_block_statistics` with the MRF posterior (first K slots of ``current``)."""
-    sample, design = _bias_sample(mask, offset, step, boxes, degree)
-    memberships = current[sample][:, : means.shape[0]].astype(np.float64)
-    y = intensities[sample].astype(np.float64)
     return _penalised_bias_statistics(y, memberships, design, means, covariances)
 
 

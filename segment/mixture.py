@@ -294,11 +294,12 @@ class GaussianMixtureEM:
     def _fit_grid(self, image, mask, X, spacing) -> GaussianMixtureEM:
         """The mixture with a bias field and/or the MRF posterior, over spatial blocks.
 
-        The class parameters are always those of the mixture (fitted from its own
-        responsibilities of the bias-corrected intensities); the MRF prior shapes the posterior
-        (labels, probability maps, bias-field weights), which mean-field sweeps compute. Updating
-        the class parameters from the MRF posterior instead (HMRF-EM) let a thin class (CSF)
-        drift into a boundary class on noisy whole-head phantoms; see the README.
+        The class parameters and the field are those of the mixture (fitted from its own
+        responsibilities of the bias-corrected intensities); the MRF prior then shapes the
+        posterior (labels, probability maps), which mean-field sweeps compute at the fitted
+        parameters. Updating the class parameters from the MRF posterior instead (HMRF-EM) let a
+        thin class (CSF) drift into a boundary class on noisy whole-head phantoms; weighting the
+        field by it was slower and no more accurate. See the README.
         """
         n_spatial = mask.ndim
         K, D = self.n_components, image.shape[-1]
@@ -354,9 +355,6 @@ class GaussianMixtureEM:
 
             coefficients = np.zeros((n_terms, D))
             log_bias = field(coefficients)
-            current = da.zeros(mask.shape + (K + 1,), dtype=np.float32, chunks=chunks + (K + 1,))
-            current = sweep(current, params, log_bias, 0.0)  # the mixture's responsibilities
-            self.n_mrf_sweeps_ = 0
             if self.bias_field:
                 trace = list(self.log_likelihood_trace_)
                 stats = _chunked.map_reduce_grid(
@@ -371,21 +369,12 @@ class GaussianMixtureEM:
                         stats["nk"], weights, means, covariances
                     )
                     params = (weights, means, _em.precision_cholesky(covariances))
-                    if beta > 0:
-                        current = sweep(current, params, log_bias, beta)
-                        self.n_mrf_sweeps_ += 1
-                        gram, moment = _chunked.map_reduce_grid(
-                            _spatial.bias_block_statistics_mrf, _sum_pairs,
-                            [x_grid, mask_grid, current], n_spatial,
-                            (step, boxes, degree, means, covariances), ckw, with_offset=True,
-                        )  # fmt: skip
-                    else:
-                        gram, moment = _chunked.map_reduce_grid(
-                            _spatial.bias_block_statistics, _sum_pairs,
-                            [x_grid, mask_grid, log_bias], n_spatial,
-                            (step, boxes, degree, weights, means, covariances), ckw,
-                            with_offset=True,
-                        )  # fmt: skip
+                    gram, moment = _chunked.map_reduce_grid(
+                        _spatial.bias_block_statistics, _sum_pairs,
+                        [x_grid, mask_grid, log_bias], n_spatial,
+                        (step, boxes, degree, weights, means, covariances), ckw,
+                        with_offset=True,
+                    )  # fmt: skip
                     coefficients = _spatial.solve_bias(gram, moment)
                     log_bias = field(coefficients)
                     stats = _chunked.map_reduce_grid(
@@ -403,34 +392,43 @@ class GaussianMixtureEM:
                 self.soft_counts_ = stats["nk"].copy()
                 self._finish(self.n_iter_ + iteration, trace, params, covariances, change,
                              data, D)  # fmt: skip
-            if beta > 0:
-                self.mrf_change_ = np.inf
-                while self.n_mrf_sweeps_ < MAX_MRF_SWEEPS and self.mrf_change_ >= MRF_TOL:
-                    current = sweep(current, params, log_bias, beta)
-                    self.n_mrf_sweeps_ += 1
-                    total, count = _chunked.map_reduce_grid(
-                        _spatial.sweep_change, sum, [current, mask_grid], n_spatial, (), ckw
-                    )  # fmt: skip
-                    self.mrf_change_ = total / max(count, 1.0)
-                if self.mrf_change_ >= MRF_TOL:
+            # the mixture's responsibilities under the final field, then the MRF posterior
+            current = da.zeros(mask.shape + (K + 1,), dtype=np.float32, chunks=chunks + (K + 1,))
+            current = sweep(current, params, log_bias, 0.0)
+            self.n_mrf_sweeps_, self.mrf_change_ = 0, None
+            while beta > 0 and self.n_mrf_sweeps_ < MAX_MRF_SWEEPS:
+                current = sweep(current, params, log_bias, beta)
+                self.n_mrf_sweeps_ += 1
+                total, count = _chunked.map_reduce_grid(
+                    _spatial.sweep_change, sum, [current, mask_grid], n_spatial, (), ckw
+                )  # fmt: skip
+                self.mrf_change_ = total / max(count, 1.0)
+                if self.mrf_change_ < MRF_TOL:
+                    break
+            else:
+                if beta > 0:
                     warnings.warn(
                         f"the MRF mean-field sweeps did not settle in {MAX_MRF_SWEEPS} sweeps "
                         f"(mean change {self.mrf_change_:.3g} per voxel); lower mrf_beta",
                         ConvergenceWarning,
                         stacklevel=3,
                     )
-            elif self.bias_field:  # the mixture's responsibilities under the final field
-                current = sweep(current, params, log_bias, 0.0)
-            final, log_bias = dask.compute(current, log_bias, **ckw)
+            order = (
+                np.argsort(self.means_[:, 0], kind="stable")
+                if self.sort_components
+                else np.arange(K)
+            )
+            posterior = current[..., order]  # the K posterior slots, sorted, without a copy
+            final, log_bias = dask.compute(posterior, log_bias, **ckw)
+            del current, posterior
         self.fit_path_ = "grid"
         self.objective_ = (
             "log-likelihood of the observed intensities, bias Jacobian included"
             if self.bias_field
             else "log-likelihood"
         ) + (
-            "; the MRF prior shapes the posterior (labels, probability maps"
-            + (", bias-field weights" if self.bias_field else "")
-            + "), computed by mean-field sweeps, not the class parameters"
+            "; the MRF prior shapes the posterior (labels, probability maps), computed by "
+            "mean-field sweeps at the fitted parameters, not the parameters themselves"
             if beta > 0
             else ""
         )
@@ -438,10 +436,9 @@ class GaussianMixtureEM:
         self.bias_coefficients_ = coefficients
         self.bias_degree_ = degree
         self._bias_boxes = boxes
-        responsibilities = final[mask][:, :K]
         if self.sort_components:
-            responsibilities = responsibilities[:, self._sort_components()]
-        self.responsibilities_ = np.ascontiguousarray(responsibilities)
+            self._sort_components()  # the same order as the posterior's
+        self.responsibilities_ = final.reshape(-1, K) if mask.all() else final[mask]
         return self
 
     def _check_parameters(self) -> None:
