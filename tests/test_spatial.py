@@ -458,6 +458,8 @@ def test_cli_run_writes_bias_field_and_corrected(tmp_path):
     sidecar = json.loads((out / "scan_segment.json").read_text())
     model = _find_key(sidecar, "bias_field", dict)
     assert model["mrf_beta"] == DEFAULT_MRF_BETA
+    assert model["mrf_sweeps"] >= 1 and 0 <= model["mrf_last_change"] < MRF_TOL
+    assert "MRF prior shapes the posterior" in model["objective"]
     assert model["bias_field"]["degree"] >= 1
     assert len(model["bias_field"]["coefficients"]) > 0
 
