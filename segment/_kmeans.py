@@ -32,14 +32,14 @@ def kmeans_plusplus(
     n_trials = 2 + int(np.log(n_clusters))
     probabilities = sample_weight / sample_weight.sum()
     centers = [X[rng.choice(len(X), p=probabilities)]]
-    closest = ((X - centers[0]) ** 2).sum(axis=1)
+    closest = _squared_distances(X, centers[0][None, :])[0]
     for _ in range(1, n_clusters):
         potential = sample_weight * closest
         if potential.sum() <= 0:  # fewer distinct points than clusters: caller checks first
             break
         candidates = rng.choice(len(X), size=n_trials, p=potential / potential.sum())
-        distances = ((X[None, :, :] - X[candidates][:, None, :]) ** 2).sum(axis=2)
-        candidate_closest = np.minimum(closest[None, :], distances)
+        distances = _squared_distances(X, X[candidates])
+        candidate_closest = np.minimum(closest[None, :], distances, out=distances)
         best = int(np.argmin(candidate_closest @ sample_weight))
         centers.append(X[candidates[best]])
         closest = candidate_closest[best]
@@ -103,7 +103,8 @@ def _lloyd_1d(
     The same steps as the general loop (nearest centre, then weighted means), but each costs
     O(K log N) with cumulative sums instead of O(N K).
     """
-    order = np.argsort(x, kind="stable")
+    # Tied values may come in any order: it changes no cluster, only the order of a cumsum.
+    order = np.argsort(x)  # several times faster than kind="stable" on 10^5 floats
     values, weights = x[order], sample_weight[order]
     cum_weight = np.concatenate([[0.0], np.cumsum(weights)])
     cum_moment = np.concatenate([[0.0], np.cumsum(weights * values)])
@@ -125,9 +126,26 @@ def _lloyd_1d(
     return centers
 
 
+def _squared_distances(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """``|x_n - c_j|^2`` as a (J, N) array (centre-major, so each row is contiguous)."""
+    if X.shape[1] == 1:  # the same numbers as the general sum, without its length-1 axis
+        distances = np.subtract(X[:, 0], centers[:, :1])
+        return np.square(distances, out=distances)
+    return ((X[None, :, :] - centers[:, None, :]) ** 2).sum(axis=2)
+
+
 def _nearest(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    distances = ((X[:, None, :] - centers[None, :, :]) ** 2).sum(axis=2)
-    return np.argmin(distances, axis=1)
+    """Index of the nearest centre of each row (the first on a tie), (N,).
+
+    ``argmin(distances, axis=0)`` row by row: argmin across the short axis would copy the array.
+    """
+    distances = _squared_distances(X, centers)
+    labels = np.zeros(distances.shape[1], dtype=np.intp)
+    nearest = distances[0]
+    for k in range(1, len(distances)):
+        labels[distances[k] < nearest] = k
+        nearest = np.minimum(nearest, distances[k], out=nearest)
+    return labels
 
 
 def parameters_from_clusters(
@@ -146,8 +164,13 @@ def parameters_from_clusters(
     weights = np.zeros(n_clusters)
     means = np.zeros((n_clusters, n_features))
     covariances = np.zeros((n_clusters, n_features, n_features))
+    # Group the rows by cluster once (a stable sort keeps each cluster's rows in their order),
+    # then each cluster is a contiguous slice instead of a mask and two copies per cluster.
+    order = np.argsort(labels, kind="stable")
+    X, sample_weight = X[order], np.asarray(sample_weight)[order]
+    bounds = np.searchsorted(labels[order], np.arange(n_clusters + 1))
     for k in range(n_clusters):
-        members = labels == k
+        members = slice(bounds[k], bounds[k + 1])
         w = sample_weight[members]
         weights[k] = w.sum()
         if weights[k] > 0:

@@ -200,6 +200,66 @@ def test_m_step_with_sample_weight_matches_reference(rng):
         np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-12)
 
 
+def _general_statistics(X, params, sample_weight=None):
+    """The statistics by the general path: ``e_step`` then ``_moments`` on the whole array."""
+    X = np.asarray(X, dtype=np.float64)
+    resp, log_norm = _em.e_step(X, *params)
+    if sample_weight is None:
+        return _em._moments(X, resp, params[1], log_norm.sum(), len(X))
+    resp *= sample_weight
+    return _em._moments(X, resp, params[1], log_norm @ sample_weight, sample_weight.sum())
+
+
+@pytest.mark.parametrize(
+    "n_voxels", [0, 1, 7, _em.BLOCK_1D, _em.BLOCK_1D + 1, 3 * _em.BLOCK_1D - 5]
+)
+def test_one_channel_kernel_matches_general_e_step_and_moments(rng, n_voxels):
+    """The fused one-channel kernel gives the statistics of e_step + _moments, blocks or not."""
+    X = _mixture_sample(rng, [2950.0, 3000.0, 3080.0], [20.0, 15.0, 25.0], [n_voxels, 0, 0])
+    X[: n_voxels // 3] += 100.0 * rng.normal(size=(n_voxels // 3, 1))  # spread the voxels out
+    weights = np.array([0.3, 0.4, 0.3])
+    means = np.array([[2940.0], [3010.0], [3070.0]])
+    params = (weights, means, _em.precision_cholesky(np.array([[[300.0]], [[200.0]], [[700.0]]])))
+
+    fused = _em.chunk_statistics(X, *params)
+
+    _assert_stats_equal(fused, _general_statistics(X, params), rtol=1e-12)
+    assert fused["nk"].shape == (3,) and fused["sum_centered"].shape == (3, 1)
+    assert fused["scatter"].shape == (3, 1, 1) and fused["n_samples"] == n_voxels
+
+
+def test_one_channel_kernel_float32_and_sample_weight(rng):
+    """float32 voxels are read exactly (as float64) and weights multiply each voxel's share."""
+    X32 = _mixture_sample(rng, [10.0, 60.0, 150.0], [3.0, 8.0, 12.0], [9000, 6000, 5000])
+    X32 = X32.astype(np.float32)
+    sample_weight = rng.uniform(0, 3, size=len(X32))
+    params = (
+        np.array([0.5, 0.2, 0.3]),
+        np.array([[12.0], [55.0], [140.0]]),
+        _em.precision_cholesky(np.array([[[16.0]], [[90.0]], [[100.0]]])),
+    )
+
+    fused = _em.chunk_statistics(X32, *params, sample_weight=sample_weight)
+    general = _general_statistics(X32.astype(np.float64), params, sample_weight)
+
+    _assert_stats_equal(fused, general, rtol=1e-12)
+
+
+def test_one_channel_kernel_far_away_voxels_stay_finite():
+    X = np.array([[0.0], [1e6], [-40.0], [3.0]])
+    params = (
+        np.array([0.3, 0.7]),
+        np.array([[0.0], [5.0]]),
+        _em.precision_cholesky(np.array([[[1.0]], [[4.0]]])),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats = _em.chunk_statistics(X, *params)
+    general = _general_statistics(X, params)
+    _assert_stats_equal(stats, general, rtol=1e-12)
+    assert stats["nk"].sum() == pytest.approx(4.0, rel=1e-14)
+
+
 # ----------------------------------------------------------------------------- covariances
 def test_floor_covariances_1d_is_maximum():
     covariances = np.array([[[0.5]], [[2.0]], [[1.0]]])
@@ -283,6 +343,24 @@ def test_chunk_moments_count_nonfinite_and_skip_them(rng):
     np.testing.assert_allclose(total["m2"] / total["n"], finite.var(axis=0), rtol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.int16])
+def test_chunk_moments_of_narrow_dtypes_match_float64(rng, dtype):
+    X = rng.normal(120.0, 30.0, size=(5000, 1)).clip(0, 250).astype(dtype)
+    parts = [_em.chunk_moments(X[:1234]), _em.chunk_moments(X[1234:])]
+    total = _em.combine_moments(parts)
+    exact = X.astype(np.float64)
+    np.testing.assert_allclose(total["mean"], exact.mean(axis=0), rtol=1e-13)
+    np.testing.assert_allclose(total["m2"] / total["n"], exact.var(axis=0), rtol=1e-10)
+    assert total["minimum"].dtype == total["maximum"].dtype == np.float64
+    np.testing.assert_array_equal(total["minimum"], exact.min(axis=0))
+    np.testing.assert_array_equal(total["maximum"], exact.max(axis=0))
+
+
+def test_chunk_moments_of_an_all_nonfinite_chunk():
+    moments = _em.chunk_moments(np.array([[np.nan], [np.inf]], dtype=np.float32))
+    assert moments["n"] == 0 and moments["n_nonfinite"] == 2
+
+
 def test_combine_moments_with_an_all_nan_chunk(rng):
     X = rng.normal(0, 1, size=(20, 1))
     X[5:9] = np.nan
@@ -332,6 +410,27 @@ def test_kmeans_weighted_centers_are_weighted_means():
         (2 * 30 + 6 * 31) / 8,
     }
     assert sorted(centers.ravel()) == pytest.approx(sorted(expected))
+
+
+@pytest.mark.parametrize("n_features", [1, 2])
+def test_nearest_matches_argmin_and_takes_the_first_on_a_tie(rng, n_features):
+    X = rng.integers(0, 6, size=(500, n_features)).astype(float)
+    centers = np.array([[1.0] * n_features, [3.0] * n_features, [3.0] * n_features])
+    distances = ((X[:, None, :] - centers[None, :, :]) ** 2).sum(axis=2)
+    labels = _kmeans._nearest(X, centers)
+    np.testing.assert_array_equal(labels, np.argmin(distances, axis=1))
+    assert not np.any(labels == 2)  # centre 2 ties with centre 1 everywhere: 1 wins
+    np.testing.assert_array_equal(
+        _kmeans._squared_distances(X, centers), distances.T
+    )  # bitwise, so k-means++ and Lloyd see the same numbers in 1-D and in D-D
+
+
+def test_parameters_from_clusters_with_an_empty_cluster(rng):
+    X = rng.normal(0, 5, size=(50, 1))
+    labels = np.where(X[:, 0] > 0, 2, 0)
+    weights, means, covariances = _kmeans.parameters_from_clusters(X, np.ones(50), labels, 3)
+    assert weights[1] == 0 and np.all(means[1] == 0) and np.all(covariances[1] == 0)
+    assert means[2, 0] == pytest.approx(X[X[:, 0] > 0, 0].mean(), rel=1e-13)
 
 
 def test_parameters_from_clusters_matches_direct_computation(rng):
