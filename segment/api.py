@@ -512,6 +512,7 @@ def segment_array(
         raise SegmentError("no voxel to fit: every voxel in the mask is NaN or inf")
     start = time.perf_counter()
     if estimator._uses_grid:  # the spatial model needs the image grid, not a flat vector
+        _check_spatial_memory(valid, estimator.n_components, len(channels), memory_limit)
         estimator.fit_image(np.stack(channels, -1), valid, spacing=spacing, channel_axis=-1)
         X, responsibilities = None, estimator.responsibilities_
         labels = (np.argmax(responsibilities, axis=1) + 1).astype(np.uint8)
@@ -539,6 +540,34 @@ def segment_array(
         timings=timings,
         mask_spec="array" if mask is not None else "none",
     )
+
+
+def spatial_memory_estimate(mask: np.ndarray, n_components: int, n_channels: int = 1) -> float:
+    """Bytes the MRF / bias-field path holds at its peak, measured on our benchmarks.
+
+    The posterior grid (K + 1 float32 values per voxel of the mask's bounding box) exists twice
+    during a sweep, plus block copies and temporaries (about three grids in all), the returned
+    K float32 responsibilities per fitted voxel and the corrected intensities.
+    """
+    from .mixture import _bounding_box
+
+    box = int(np.prod([s.stop - s.start for s in _bounding_box(mask)]))
+    per_box_voxel = 3 * (n_components + 1) * 4 + 4 * n_channels + 8
+    return float(box * per_box_voxel + int(mask.sum()) * n_components * 4)
+
+
+def _check_spatial_memory(mask, n_components, n_channels, memory_limit) -> None:
+    needed, budget = (
+        spatial_memory_estimate(mask, n_components, n_channels),
+        _memory_budget(memory_limit),
+    )
+    if needed > budget:
+        raise SegmentError(
+            f"the MRF prior and bias field keep the posterior on the image grid: about "
+            f"{needed / 1e9:.1f} GB for this scan ({int(mask.sum()):,} voxels, K={n_components})"
+            f", over the memory limit of {budget / 1e9:.1f} GB; raise --memory-limit "
+            "(memory_limit=), fit inside a mask, or turn them off"
+        )
 
 
 def _memory_budget(memory_limit: int | str | None) -> float:

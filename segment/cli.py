@@ -230,7 +230,8 @@ def _model_kwargs(kwargs: dict) -> dict:
               help="Output folder (created if needed).")  # fmt: skip
 @click.option("--memory-limit", default=None, metavar="SIZE",
               help="Memory to aim for, e.g. 1.5GB [default: 3GB]: above a third of it the "
-                   "probability maps are streamed one at a time instead of kept.")  # fmt: skip
+                   "probability maps are streamed slab by slab instead of kept; --mrf and "
+                   "--bias-field refuse scans whose estimated need exceeds it.")  # fmt: skip
 @model_options
 @_handle_errors
 def run(inputs: tuple[Path, ...], out_dir: Path, **kwargs) -> None:
