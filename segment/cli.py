@@ -54,8 +54,9 @@ def _handle_errors(func):
                 if debug:
                     raise
                 raise click.ClickException(str(error)) from None
-            except KeyboardInterrupt:
-                raise click.Abort() from None
+            except KeyboardInterrupt:  # 128 + SIGINT, as shells report an interrupted command
+                click.echo("Interrupted: no output was left half-written.", err=True)
+                raise click.exceptions.Exit(130) from None
             except OSError as error:
                 if debug:
                     raise

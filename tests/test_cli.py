@@ -455,8 +455,8 @@ def test_ctrl_c_while_writing_leaves_no_partial_file(scan, out_dir, monkeypatch)
 
     monkeypatch.setattr(segment.io, "write_probabilities", interrupted)
     result = invoke("run", scan, "-o", out_dir, "-k", K)
-    assert result.exit_code == 1
-    assert "Aborted" in result.stderr and "Traceback" not in result.stderr
+    assert result.exit_code == 130
+    assert "Interrupted" in result.stderr and "Traceback" not in result.stderr
     assert result.stdout == ""
     assert leftovers(out_dir) == []
 
@@ -467,7 +467,7 @@ def test_ctrl_c_while_fitting_writes_nothing(scan, out_dir, monkeypatch):
 
     monkeypatch.setattr(segment.GaussianMixtureEM, "fit", interrupted)
     result = invoke("run", scan, "-o", out_dir, "-k", K)
-    assert result.exit_code == 1 and "Aborted" in result.stderr
+    assert result.exit_code == 130 and "Interrupted" in result.stderr
     assert not out_dir.exists()
 
 
