@@ -465,6 +465,7 @@ def run_batch(
     overwrite: bool = False,
     on_result: Callable[[dict[str, Any], int, int], None] | None = None,
     command_line: Sequence[str] | None = None,
+    memory_limit: int | str | None = None,
 ) -> BatchResult:
     """Segment every scan found in ``input_dir``; see the module docstring.
 
@@ -491,12 +492,15 @@ def run_batch(
         Skip complete scans made with the same options; redo everything.
     on_result : callable, optional
         ``on_result(row, n_done, n_total)`` after each scan (skipped ones first).
+    memory_limit : int or str, optional
+        Per scan, as for :func:`segment.api.segment_file` (default 3 GB). It does not change the
+        results, so it is not compared when resuming.
 
     Returns
     -------
     BatchResult
     """
-    from .api import check_out_dir_creatable, make_estimator
+    from .api import _memory_budget, check_out_dir_creatable, make_estimator
     from .pipelines import DEFAULT_SETTINGS, class_names
 
     input_dir = Path(input_dir).absolute()
@@ -509,6 +513,8 @@ def run_batch(
     em_options = {**model, "scheduler": "threads" if workers and workers > 1 else "synchronous",
                   "workers": workers}  # fmt: skip
     make_estimator(em_options)  # option errors before any scan is touched
+    _memory_budget(memory_limit)
+    em_options["memory_limit"] = memory_limit
     root = Path(output_dir or input_dir).absolute()
     output_root = root / "derivatives" / "segment" if bids else root
     check_out_dir_creatable(output_root)

@@ -425,6 +425,8 @@ def _clock(seconds: float) -> str:
     multiple=True,
     help="BIDS: only this suffix, e.g. T1w (repeatable) [default: all anat NIfTI].",
 )
+@click.option("--memory-limit", default=None, metavar="SIZE",
+              help="Memory to aim for per scan, as for `segment run` [default: 3GB].")  # fmt: skip
 @model_options
 @_handle_errors
 def batch(input_dir: Path, out_dir: Path | None, **kwargs) -> None:
@@ -459,6 +461,7 @@ def batch(input_dir: Path, out_dir: Path | None, **kwargs) -> None:
         sources=extra["option_sources"], jobs=kwargs["jobs"], scheduler=kwargs["scheduler"],
         workers=kwargs["workers"], resume=kwargs["resume"], overwrite=kwargs["overwrite"],
         on_result=_batch_progress(kwargs["quiet"]), command_line=["segment", *sys.argv[1:]],
+        memory_limit=kwargs["memory_limit"],
     )  # fmt: skip
     counts = {s: sum(r["status"] == s for r in result.rows) for s in ("ok", "skipped", "failed")}
     if not kwargs["quiet"]:

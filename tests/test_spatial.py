@@ -525,3 +525,20 @@ def test_spatial_path_refuses_to_exceed_the_memory_limit(tmp_path):
     assert f"{tmp_path / 'scan.nii.gz'}: the MRF prior and bias field" in result.output
     assert "raise --memory-limit" in result.output and "Traceback" not in result.output
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_batch_memory_limit_applies_per_scan(tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    write_head(scans / "a.nii.gz")
+    out = tmp_path / "out"
+    args = ["batch", str(scans), "-o", str(out), "-k", "3", "--mrf", "-q"]
+    refused = CliRunner().invoke(cli, [*args, "--memory-limit", "100kB"])
+    assert refused.exit_code == 1
+    summary = (out / "batch_summary.tsv").read_text()
+    assert "failed" in summary and "raise --memory-limit" in summary
+    done = CliRunner().invoke(cli, [*args, "--memory-limit", "2GB"])
+    assert done.exit_code == 0, done.output
+    assert (out / "a_dseg.nii.gz").exists()
+    bad = CliRunner().invoke(cli, [*args, "--memory-limit", "lots"])
+    assert bad.exit_code == 1 and "memory_limit must be a positive size" in bad.output
