@@ -358,42 +358,31 @@ class GaussianMixtureEM:
             coefficients = np.zeros((n_terms, D))
             log_bias = field(coefficients)
             if self.bias_field:
-                trace = list(self.log_likelihood_trace_)
-                stats = _chunked.map_reduce_grid(
-                    _spatial.likelihood_statistics, _em.combine_statistics,
-                    [x_grid, mask_grid, log_bias], n_spatial, params, ckw,
-                )  # fmt: skip
-                previous, n_samples = stats["log_likelihood"], stats["n_samples"]
-                self.converged_ = False
-                for iteration in range(1, self.max_iter + 1):
-                    weights, means, covariances = _em.m_step(stats, params[1], floor)
-                    weights, means, covariances = _reseed_empty(
-                        stats["nk"], weights, means, covariances
-                    )
-                    params = (weights, means, _em.precision_cholesky(covariances))
+                field_state = {"coefficients": coefficients, "log_bias": log_bias}
+
+                def likelihood(params):  # the E-step statistics under the current field
+                    return _chunked.map_reduce_grid(
+                        _spatial.likelihood_statistics, _em.combine_statistics,
+                        [x_grid, mask_grid, field_state["log_bias"]], n_spatial, params, ckw,
+                    )  # fmt: skip
+
+                def refit_field(params, covariances):
                     gram, moment = _chunked.map_reduce_grid(
                         _spatial.bias_block_statistics, _sum_pairs,
-                        [x_grid, mask_grid, log_bias], n_spatial,
-                        (step, boxes, degree, weights, means, covariances), ckw,
+                        [x_grid, mask_grid, field_state["log_bias"]], n_spatial,
+                        (step, boxes, degree, params[0], params[1], covariances), ckw,
                         with_offset=True,
                     )  # fmt: skip
-                    coefficients = _spatial.solve_bias(gram, moment)
-                    log_bias = field(coefficients)
-                    stats = _chunked.map_reduce_grid(
-                        _spatial.likelihood_statistics, _em.combine_statistics,
-                        [x_grid, mask_grid, log_bias], n_spatial, params, ckw,
-                    )  # fmt: skip
-                    trace.append(stats["log_likelihood"])
-                    change = (stats["log_likelihood"] - previous) / n_samples
-                    previous = stats["log_likelihood"]
-                    if self.callback is not None:
-                        self.callback(iteration, stats["log_likelihood"], change)
-                    if abs(change) < self.tol:
-                        self.converged_ = True
-                        break
+                    field_state["coefficients"] = _spatial.solve_bias(gram, moment)
+                    field_state["log_bias"] = field(field_state["coefficients"])
+
+                iteration, trace, params, covariances, change, stats = self._em_iterations(
+                    likelihood(params), params, floor, likelihood, refit_field
+                )
+                coefficients, log_bias = field_state["coefficients"], field_state["log_bias"]
                 self.soft_counts_ = stats["nk"].copy()
-                self._finish(self.n_iter_ + iteration, trace, params, covariances, change,
-                             data, D)  # fmt: skip
+                self._finish(self.n_iter_ + iteration, self.log_likelihood_trace_ + trace,
+                             params, covariances, change, data, D)  # fmt: skip
             # the mixture's responsibilities under the final field, then the MRF posterior
             current = da.zeros(mask.shape + (K + 1,), dtype=np.float32, chunks=chunks + (K + 1,))
             current = sweep(current, params, log_bias, 0.0)
@@ -568,16 +557,31 @@ class GaussianMixtureEM:
                 "or raise variance_floor"
             ) from None
         stats = self._statistics(data, params, ckw)
-        n_samples = stats["n_samples"]
-        self.initial_log_likelihood_ = previous = stats["log_likelihood"]
+        self.initial_log_likelihood_ = stats["log_likelihood"]
+        iteration, trace, params, covariances, change, stats = self._em_iterations(
+            stats, params, floor, lambda params: self._statistics(data, params, ckw)
+        )
+        self.soft_counts_ = stats["nk"].copy()
+        self._finish(iteration, trace, params, covariances, change, data, params[1].shape[1])
+
+    def _em_iterations(self, stats, params, floor, statistics, after_m_step=None):
+        """EM iterations from the E-step statistics ``stats`` of ``params``.
+
+        Each iteration: M-step, ``after_m_step(params, covariances)`` (the bias field's update),
+        E-step ``statistics(params)``, trace and callback; it stops when the log-likelihood per
+        voxel changes by less than ``tol``. Returns ``(iteration, trace, params, covariances,
+        change, stats)`` of the last iteration.
+        """
+        n_samples, previous = stats["n_samples"], stats["log_likelihood"]
         trace: list[float] = []
         self.converged_ = False
-        change = np.inf
         for iteration in range(1, self.max_iter + 1):
             weights, means, covariances = _em.m_step(stats, params[1], floor)
             weights, means, covariances = _reseed_empty(stats["nk"], weights, means, covariances)
             params = (weights, means, _em.precision_cholesky(covariances))
-            stats = self._statistics(data, params, ckw)
+            if after_m_step is not None:
+                after_m_step(params, covariances)
+            stats = statistics(params)
             trace.append(stats["log_likelihood"])
             change = (stats["log_likelihood"] - previous) / n_samples
             previous = stats["log_likelihood"]
@@ -586,8 +590,7 @@ class GaussianMixtureEM:
             if abs(change) < self.tol:
                 self.converged_ = True
                 break
-        self.soft_counts_ = stats["nk"].copy()
-        self._finish(iteration, trace, params, covariances, change, data, means.shape[1])
+        return iteration, trace, params, covariances, change, stats
 
     def _finish(self, iteration, trace, params, covariances, change, data, n_features) -> None:
         """Store the fitted attributes and warn when EM did not converge."""
