@@ -186,6 +186,21 @@ class RSSSampler:
         return max(self.peaks.values())
 
 
+def mark_phase(memory: RSSSampler, owner, name: str, label: str) -> None:
+    """Wrap ``owner.name`` so that ``memory`` attributes its RSS to ``label`` while it runs."""
+    original = getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+        previous = memory.phase
+        memory.mark(label)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            memory.mark(previous)
+
+    setattr(owner, name, wrapped)
+
+
 def busy_cores(seconds: float = 1.0) -> float:
     """CPU cores busy (all users) over ``seconds``, from /proc/stat; we are idle meanwhile."""
 
@@ -401,17 +416,7 @@ def case_run_phases(opts) -> dict:
     memory = RSSSampler()
 
     def phase(owner, name, label):
-        original = getattr(owner, name)
-
-        def wrapped(*args, **kwargs):
-            previous = memory.phase
-            memory.mark(label)
-            try:
-                return original(*args, **kwargs)
-            finally:
-                memory.mark(previous)
-
-        setattr(owner, name, wrapped)
+        mark_phase(memory, owner, name, label)
 
     phase(io, "load_scan", "load")
     phase(mixture.GaussianMixtureEM, "fit", "fit")

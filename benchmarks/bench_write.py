@@ -46,17 +46,7 @@ def case_phases(opts: dict) -> dict:
     memory = bench_suite.RSSSampler()
 
     def phase(owner, name, label):
-        original = getattr(owner, name)
-
-        def wrapped(*args, **kwargs):
-            previous = memory.phase
-            memory.mark(label)
-            try:
-                return original(*args, **kwargs)
-            finally:
-                memory.mark(previous)
-
-        setattr(owner, name, wrapped)
+        bench_suite.mark_phase(memory, owner, name, label)
 
     phase(io, "load_scan", "load")
     phase(mixture.GaussianMixtureEM, "fit", "fit")

@@ -327,7 +327,6 @@ class GaussianMixtureEM:
                     warnings.simplefilter("ignore", ConvergenceWarning)
                 self._run_em(data, weights, means, covariances, floor, ckw)
             params = (self.weights_, self.means_, self.precisions_cholesky_)
-            covariances = self.covariances_
 
             chunks = _chunked.grid_chunks(mask.shape, self.chunk_size)
             x_grid = _chunked.as_grid_array(image, chunks)
