@@ -78,8 +78,12 @@ def neighbour_sums(responsibilities: np.ndarray, kernel: np.ndarray) -> np.ndarr
 
 
 def _component_sums(values: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """:func:`neighbour_sums` of contiguous component-major ``(K, *spatial)`` values."""
-    sums = np.empty_like(values)
+    """:func:`neighbour_sums` of component-major ``(K, *spatial)`` values (the reference).
+
+    The sweeps compute the same sums inside their compiled loop
+    (:func:`segment._kernels.mean_field_block`); the tests compare the two.
+    """
+    sums = np.empty(values.shape, np.float64 if values.dtype == np.float64 else np.float32)
     for k in range(values.shape[0]):
         ndimage.correlate(values[k], kernel, output=sums[k], mode="constant", cval=0.0)
     return sums
@@ -191,9 +195,16 @@ def bias_statistics(
     usable = (intensities > 0) & (predicted > 0)
     weight = np.where(usable, weight, 0.0)
     residual = np.log(np.where(usable, intensities, 1.0) / np.where(usable, predicted, 1.0))
-    n_channels = intensities.shape[1]
-    gram = np.stack([(design * weight[:, d, None]).T @ design for d in range(n_channels)])
-    moment = np.stack([design.T @ (weight[:, d] * residual[:, d]) for d in range(n_channels)])
+    n_channels, n_terms = intensities.shape[1], design.shape[1]
+    gram, moment = np.zeros((n_channels, n_terms, n_terms)), np.zeros((n_channels, n_terms))
+    # in pieces of rows: on longer products OpenBLAS wakes its own threads, which then fight
+    # Dask's for the cores (measured 10-30x slower inside a Dask thread)
+    for start in range(0, len(design), _em.BLOCK_1D):
+        rows = slice(start, start + _em.BLOCK_1D)
+        for d in range(n_channels):
+            weighted = design[rows] * weight[rows, d, None]
+            gram[d] += np.dot(weighted.T, design[rows])
+            moment[d] += np.dot(residual[rows, d], weighted)
     return gram, moment
 
 
@@ -236,11 +247,19 @@ def likelihood_statistics(
     weights, no spatial prior). ``log_likelihood`` is that of the observed intensities,
     ``sum_i log p(y_i / b_i) - log b_i`` (the Jacobian of the field included).
     """
-    log_b = log_bias[mask].astype(np.float64)
-    x = intensities[mask].astype(np.float64) * np.exp(-log_b)
+    voxels = np.flatnonzero(mask) if not mask.all() else slice(None)
+    x = corrected_intensities(intensities, log_bias, voxels)
     stats = _em.chunk_statistics(x, weights, means, precisions_chol)
-    stats["log_likelihood"] = stats["log_likelihood"] - log_b.sum()
+    log_b = log_bias.reshape(-1, log_bias.shape[-1])[voxels]
+    stats["log_likelihood"] = stats["log_likelihood"] - log_b.sum(dtype=np.float64)
     return stats
+
+
+#: Between sweeps the posterior is kept as uint8 multiples of 1/255 (K bytes a voxel, a quarter
+#: of float32) and its neighbour sums are taken in integers. The rounding moves a neighbour sum
+#: by at most ``26 / 510`` and the log prior by ``beta`` times that (0.01 at beta = 0.2); the
+#: final sweep writes float32 probabilities.
+POSTERIOR_LEVELS = 255
 
 
 def mean_field_sweep(
@@ -253,16 +272,22 @@ def mean_field_sweep(
     precisions_chol: np.ndarray,
     beta: float,
     kernel: np.ndarray,
+    final: bool = False,
+    halo: tuple[int, int] = (0, 0),
 ) -> np.ndarray:
     """One mean-field sweep of the MRF posterior on one block (with its one-voxel halo).
 
     ``q_ik ~ exp(beta sum_j w_ij q'_jk) N(y_i / b_i | mu_k, Sigma_k)`` with ``q'`` the previous
     sweep's posterior. Every voxel is updated from the previous sweep (not in place), so the
-    result does not depend on the chunking.
+    result does not depend on the chunking. The loop is compiled
+    (:func:`segment._kernels.mean_field_block`); :func:`neighbour_sums` and
+    :func:`segment._em.e_step` are its reference.
 
     Parameters
     ----------
-    previous : (*block, K + 1) posterior of the previous sweep in the first K slots
+    previous : (*block, K + 1) uint8
+        The previous sweep's posterior in units of 1/:data:`POSTERIOR_LEVELS` in the first K
+        slots (zeros outside the mask).
     intensities : (*block, D) raw intensities
     mask : (*block) bool, the fitted voxels
     log_bias : (*block, D) log of the bias field
@@ -271,35 +296,72 @@ def mean_field_sweep(
         MRF strength. With 0 the sweep is the plain E-step (global weights ``pi_k``): the
         starting point of the sweeps.
     kernel : neighbour weights
+    final : bool
+        Return float32 probabilities instead of the next uint8 state.
+    halo : (int, int)
+        Planes at the start and end of the first axis that are only neighbours (left zero).
 
     Returns
     -------
-    out : (*block, K + 1) float32
-        The posterior ``q_ik`` in the first K slots and ``sum_k |q_ik - previous_ik| / 2`` (the
-        change of this sweep, in [0, 1]) in the last, for voxels in the mask; zeros elsewhere.
+    out : (*block, K + 1) uint8, or (*block, K) float32 when ``final``
+        The posterior ``q_ik`` (in units of 1/255 unless ``final``), and in the last uint8
+        slot the change of this sweep ``sum_k |q_ik - q'_ik| / 2`` in units of 1/255; zeros
+        outside the mask.
     """
+    from . import _kernels
+
     n_components = means.shape[0]
-    voxels = np.flatnonzero(mask) if not mask.all() else slice(None)
-    x = intensities.reshape(-1, intensities.shape[-1])[voxels].astype(np.float64)
-    x *= np.exp(-log_bias.reshape(-1, log_bias.shape[-1])[voxels])
-    # component-major copy of the previous posterior: contiguous rows for the correlations
-    before = np.ascontiguousarray(np.moveaxis(previous[..., :n_components], -1, 0))
-    log_prior = None
-    if beta > 0:
-        sums = _component_sums(before, kernel)
-        log_prior = beta * sums.reshape(n_components, -1)[:, voxels]
-    posterior, _ = _em.e_step(x, weights, means, precisions_chol, log_prior)
-    change = np.abs(posterior - before.reshape(n_components, -1)[:, voxels]).sum(axis=0)
-    out = np.zeros(mask.shape + (n_components + 1,), dtype=np.float32)
-    flat_out = out.reshape(-1, n_components + 1)
-    flat_out[voxels, :n_components] = posterior.T
-    flat_out[voxels, n_components] = 0.5 * change
-    return out
+    as_3d = mask.shape + (1,) * (3 - mask.ndim)
+    offsets = np.argwhere(kernel != 0)
+    offset_weights = kernel[tuple(offsets.T)].astype(np.float64)
+    offsets = np.pad(offsets - 1, ((0, 0), (0, 3 - kernel.ndim))).astype(np.int64)
+    with np.errstate(invalid="ignore", over="ignore"):  # voxels outside the mask may be NaN
+        corrected = intensities.astype(np.float32)
+        corrected *= np.exp(-log_bias, dtype=np.float32)
+    state = np.zeros(as_3d + (n_components + 1,), np.uint8) if not final else None
+    probabilities = np.zeros(as_3d + (n_components,), np.float32) if final else None
+    _kernels.mean_field_block(
+        np.ascontiguousarray(previous, dtype=np.uint8).reshape(as_3d + previous.shape[-1:]),
+        corrected.reshape(as_3d + corrected.shape[-1:]),
+        np.ascontiguousarray(mask).reshape(as_3d),
+        offsets,
+        offset_weights,
+        np.asarray(means, np.float64),
+        np.asarray(precisions_chol, np.float64),
+        _log_normaliser(precisions_chol),
+        np.log(weights).astype(np.float64),
+        float(beta) / POSTERIOR_LEVELS,
+        halo[0],
+        mask.shape[0] - halo[1],
+        state if state is not None else np.zeros((1, 1, 1, 1), np.uint8),
+        probabilities if final else np.zeros((1, 1, 1, 1), np.float32),
+        final,
+    )
+    out = probabilities if final else state
+    return out.reshape(mask.shape + out.shape[-1:])
+
+
+def _log_normaliser(precisions_chol: np.ndarray) -> np.ndarray:
+    """``log det(P_k) - D/2 log(2 pi)`` of each Gaussian, (K,) float64."""
+    n_features = precisions_chol.shape[1]
+    log_det = np.log(np.diagonal(precisions_chol, axis1=1, axis2=2)).sum(axis=1)
+    return (log_det - 0.5 * n_features * _em.LOG_2PI).astype(np.float64)
+
+
+def corrected_intensities(
+    intensities: np.ndarray, log_bias: np.ndarray, voxels: np.ndarray | slice
+) -> np.ndarray:
+    """``y_i / b_i`` of the chosen voxels of a block, (n, D) float32."""
+    n_channels = intensities.shape[-1]
+    x = intensities.reshape(-1, n_channels)[voxels].astype(np.float32)
+    x *= np.exp(-log_bias.reshape(-1, n_channels)[voxels], dtype=np.float32)
+    return x
 
 
 def sweep_change(current: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Sum over the block's fitted voxels of the last sweep's change, and their count."""
-    return np.array([current[..., -1][mask].sum(dtype=np.float64), float(mask.sum())])
+    change = current[..., -1][mask].sum(dtype=np.float64) / POSTERIOR_LEVELS
+    return np.array([change, float(mask.sum())])
 
 
 #: Weight of the prior ``log b = 0`` per fitted voxel, against a voxel's data weight of its

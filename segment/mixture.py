@@ -30,6 +30,8 @@ MIN_COMPONENT_VOXELS = 1.0
 MRF_TOL = 1e-2
 #: ... or after this many sweeps.
 MAX_MRF_SWEEPS = 50
+#: The bias field's EM runs on a regular sub-grid of at least this many voxels.
+BIAS_EM_VOXELS = 1_000_000
 
 
 @dataclass
@@ -313,7 +315,6 @@ class GaussianMixtureEM:
         kernel = _spatial.neighbour_kernel(spacing)
         boxes, degree = _bias_geometry(mask, spacing, self.bias_smoothness)
         n_terms = len(_spatial.bias_terms(degree, n_spatial))
-        step = max(1, round((mask.sum() / 200_000) ** (1 / n_spatial)))
         with compute_kwargs(self.scheduler, self.n_workers) as ckw:
             data = self._prepare(_validation.check_features(X), None, ckw)
             if floor is None:
@@ -339,55 +340,37 @@ class GaussianMixtureEM:
                     ckw["scheduler"].persist(array) if is_distributed(ckw) else array.persist(**ckw)
                 )
 
-            def field(coefficients):
+            def field(coefficients, like, boxes):
                 return persist(_chunked.map_grid_new(
-                    _spatial.log_bias_grid_block, mask_grid, n_spatial, D, np.float32,
+                    _spatial.log_bias_grid_block, like, n_spatial, D, np.float32,
                     (coefficients, boxes, degree),
                 ))  # fmt: skip
 
-            def sweep(previous, params, log_bias, beta):
-                return persist(_chunked.map_grid_overlap(
+            coefficients = np.zeros((n_terms, D))
+            if self.bias_field:
+                coefficients, params = self._fit_bias_field(
+                    image, mask, params, floor, boxes, degree, n_terms, data, ckw, persist, field
+                )
+            log_bias = field(coefficients, mask_grid, boxes)
+
+            def sweep(previous, beta, final=False):
+                swept = _chunked.map_grid_overlap(
                     _spatial.mean_field_sweep, previous, [x_grid, mask_grid, log_bias],
                     n_spatial, 1 if beta > 0 else 0,
                     dict(weights=params[0], means=params[1], precisions_chol=params[2],
-                         beta=beta, kernel=kernel),
-                    np.float32,
-                ))  # fmt: skip
+                         beta=beta, kernel=kernel, final=final),
+                    np.float32 if final else np.uint8,
+                    n_out=K if final else K + 1,
+                    pass_halo=True,
+                )  # fmt: skip
+                return swept if final else persist(swept)
 
-            coefficients = np.zeros((n_terms, D))
-            log_bias = field(coefficients)
-            if self.bias_field:
-                field_state = {"coefficients": coefficients, "log_bias": log_bias}
-
-                def likelihood(params):  # the E-step statistics under the current field
-                    return _chunked.map_reduce_grid(
-                        _spatial.likelihood_statistics, _em.combine_statistics,
-                        [x_grid, mask_grid, field_state["log_bias"]], n_spatial, params, ckw,
-                    )  # fmt: skip
-
-                def refit_field(params, covariances):
-                    gram, moment = _chunked.map_reduce_grid(
-                        _spatial.bias_block_statistics, _sum_pairs,
-                        [x_grid, mask_grid, field_state["log_bias"]], n_spatial,
-                        (step, boxes, degree, params[0], params[1], covariances), ckw,
-                        with_offset=True,
-                    )  # fmt: skip
-                    field_state["coefficients"] = _spatial.solve_bias(gram, moment)
-                    field_state["log_bias"] = field(field_state["coefficients"])
-
-                iteration, trace, params, covariances, change, stats = self._em_iterations(
-                    likelihood(params), params, floor, likelihood, refit_field
-                )
-                coefficients, log_bias = field_state["coefficients"], field_state["log_bias"]
-                self.soft_counts_ = stats["nk"].copy()
-                self._finish(self.n_iter_ + iteration, self.log_likelihood_trace_ + trace,
-                             params, covariances, change, data, D)  # fmt: skip
             # the mixture's responsibilities under the final field, then the MRF posterior
-            current = da.zeros(mask.shape + (K + 1,), dtype=np.float32, chunks=chunks + (K + 1,))
-            current = sweep(current, params, log_bias, 0.0)
+            current = da.zeros(mask.shape + (K + 1,), dtype=np.uint8, chunks=chunks + (K + 1,))
+            current = sweep(current, 0.0)
             self.n_mrf_sweeps_, self.mrf_change_ = 0, None
             while beta > 0 and self.n_mrf_sweeps_ < MAX_MRF_SWEEPS:
-                current = sweep(current, params, log_bias, beta)
+                current = sweep(current, beta)
                 self.n_mrf_sweeps_ += 1
                 _release_memory()  # the previous grid sits in reference cycles of Dask's graphs
                 total, count = _chunked.map_reduce_grid(
@@ -404,8 +387,8 @@ class GaussianMixtureEM:
                         ConvergenceWarning,
                         stacklevel=3,
                     )
-            # the K posterior slots (views of the blocks: no shuffle, no extra copy per block)
-            final, log_bias = dask.compute(current[..., :K], log_bias, **ckw)
+            # float32 probabilities from one more sweep of the (rounded) posterior
+            final, log_bias = dask.compute(sweep(current, beta, final=True), log_bias, **ckw)
             del current
             _release_memory()
         self.fit_path_ = "grid"
@@ -425,6 +408,8 @@ class GaussianMixtureEM:
         self._bias_boxes = boxes
         responsibilities = final.reshape(-1, K) if mask.all() else final[mask]
         del final
+        # the expected number of voxels of each class under the posterior that is returned
+        self.soft_counts_ = _column_sums(responsibilities)
         if self.sort_components:
             order = self._sort_components()
             for start in range(0, len(responsibilities), 1 << 20):  # in place, slab by slab
@@ -432,6 +417,59 @@ class GaussianMixtureEM:
                 rows[:] = rows[:, order]
         self.responsibilities_ = responsibilities
         return self
+
+    def _fit_bias_field(
+        self, image, mask, params, floor, boxes, degree, n_terms, data, ckw, persist, field
+    ):
+        """EM of the class parameters with the bias field, on a regular sub-grid of the voxels.
+
+        Every ``s``-th voxel along each axis, with ``s`` the largest step that keeps at least
+        :data:`BIAS_EM_VOXELS` of the mask (as SPM fits its model on voxels a sampling distance
+        apart): a smooth field and six class parameters are determined many times over by a
+        million voxels, and each iteration costs a fraction of a pass. The trace holds the
+        sub-grid's log-likelihood scaled to the mask's voxel count. The labels and maps are
+        then computed for every voxel. Returns the field's coefficients and the parameters.
+        """
+        n_spatial, n_features = mask.ndim, image.shape[-1]
+        ratio = (mask.sum() / BIAS_EM_VOXELS) ** (1 / n_spatial)
+        subs = [max(1, min(int(ratio), size // 4)) for size in mask.shape]
+        picks = tuple(slice(None, None, s) for s in subs)
+        sub_mask = mask[picks]
+        sub_boxes = [(lo / s, hi / s) for (lo, hi), s in zip(boxes, subs)]
+        chunks = _chunked.grid_chunks(sub_mask.shape, self.chunk_size)
+        x_grid = _chunked.as_grid_array(image[picks], chunks)
+        mask_grid = _chunked.as_grid_array(sub_mask, chunks)
+        if is_distributed(ckw):
+            x_grid, mask_grid = ckw["scheduler"].persist([x_grid, mask_grid])
+        step = max(1, round((sub_mask.sum() / 200_000) ** (1 / n_spatial)))
+        state = {"coefficients": np.zeros((n_terms, n_features))}
+        state["log_bias"] = field(state["coefficients"], mask_grid, sub_boxes)
+
+        def likelihood(params):  # the E-step statistics under the current field
+            return _chunked.map_reduce_grid(
+                _spatial.likelihood_statistics, _em.combine_statistics,
+                [x_grid, mask_grid, state["log_bias"]], n_spatial, params, ckw,
+            )  # fmt: skip
+
+        def refit_field(params, covariances):
+            gram, moment = _chunked.map_reduce_grid(
+                _spatial.bias_block_statistics, _sum_pairs,
+                [x_grid, mask_grid, state["log_bias"]], n_spatial,
+                (step, sub_boxes, degree, params[0], params[1], covariances), ckw,
+                with_offset=True,
+            )  # fmt: skip
+            state["coefficients"] = _spatial.solve_bias(gram, moment)
+            state["log_bias"] = field(state["coefficients"], mask_grid, sub_boxes)
+
+        iteration, trace, params, covariances, change, stats = self._em_iterations(
+            likelihood(params), params, floor, likelihood, refit_field
+        )
+        scale = float(mask.sum()) / float(sub_mask.sum())
+        self._finish(self.n_iter_ + iteration,
+                     self.log_likelihood_trace_ + [value * scale for value in trace],
+                     params, covariances, change, data, n_features)  # fmt: skip
+        self.bias_sampling_ = tuple(subs)
+        return state["coefficients"], params
 
     def _check_parameters(self) -> None:
         _validation.check_n_components(self.n_components)
@@ -722,6 +760,14 @@ def _labels_and_responsibilities_block(X, weights, means, precisions_chol):
     out[:, :-1] = resp
     out[:, -1] = np.argmax(resp, axis=1) + 1
     return out
+
+
+def _column_sums(values: np.ndarray) -> np.ndarray:
+    """Column sums of an (N, K) array in float64, a slab of rows at a time (no full copy)."""
+    total = np.zeros(values.shape[1])
+    for start in range(0, len(values), 1 << 20):
+        total += values[start : start + (1 << 20)].sum(axis=0, dtype=np.float64)
+    return total
 
 
 def _release_memory() -> None:

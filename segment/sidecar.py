@@ -98,6 +98,7 @@ def _bias_record(estimator) -> dict[str, Any] | None:
         "basis": "Legendre polynomial products over the mask's bounding box, no constant term",
         "degree": int(estimator.bias_degree_),
         "smoothness_mm": float(estimator.bias_smoothness),
+        "fitted_on_every_nth_voxel": list(getattr(estimator, "bias_sampling_", ())),
         "coefficients": np.asarray(estimator.bias_coefficients_).tolist(),
         "range": [float(estimator.bias_field_.min()), float(estimator.bias_field_.max())],
     }

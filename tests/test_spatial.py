@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from segment import GaussianMixtureEM, _spatial, segment_array
+from segment import GaussianMixtureEM, _em, _spatial, segment_array
 from segment.cli import DEFAULT_MRF_BETA, cli
 from segment.evaluate import evaluate_labels
 from segment.exceptions import SegmentError
@@ -91,6 +91,85 @@ def test_neighbour_sums_brute_force(rng):
     as_float32 = _spatial.neighbour_sums(resp.astype(np.float32), kernel)
     assert as_float32.dtype == np.float32
     np.testing.assert_allclose(np.moveaxis(as_float32, 0, -1), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape, spacing, n_features, beta, halo",
+    [
+        ((7, 9, 8), (1.0, 1.2, 2.0), 1, 0.3, (1, 1)),
+        ((6, 5, 7), (1.0, 1.0, 1.0), 2, 0.2, (0, 1)),
+        ((9, 11), (0.8, 1.0), 1, 0.5, (1, 0)),
+        ((5, 6, 4), (1.0, 1.0, 1.0), 1, 0.0, (0, 0)),
+    ],
+)
+def test_compiled_sweep_matches_the_numpy_reference(rng, shape, spacing, n_features, beta, halo):
+    """The compiled sweep is neighbour_sums + the E-step with the MRF log prior, voxel by voxel."""
+    n_components = 3
+    mask = rng.random(shape) > 0.2
+    previous = rng.integers(0, 256, shape + (n_components + 1,)).astype(np.uint8)
+    previous[~mask] = 0
+    intensities = rng.normal(100.0, 30.0, shape + (n_features,)).astype(np.float32)
+    log_bias = rng.normal(0.0, 0.1, shape + (n_features,)).astype(np.float32)
+    weights = np.array([0.2, 0.5, 0.3])
+    means = rng.normal(100.0, 30.0, (n_components, n_features))
+    covariances = np.stack([np.eye(n_features) * v for v in (200.0, 400.0, 900.0)])
+    if n_features == 2:
+        covariances[:, 0, 1] = covariances[:, 1, 0] = 50.0
+    precisions_chol = _em.precision_cholesky(covariances)
+    kernel = _spatial.neighbour_kernel(spacing)
+    args = (previous, intensities, mask, log_bias, weights, means, precisions_chol, beta, kernel)
+    probabilities = _spatial.mean_field_sweep(*args, final=True, halo=halo)
+    state = _spatial.mean_field_sweep(*args, halo=halo)
+
+    x = (intensities / np.exp(log_bias, dtype=np.float32)).astype(np.float64)
+    sums = _spatial.neighbour_sums(previous[..., :n_components].astype(np.float64), kernel)
+    rows = np.zeros(shape, bool)
+    rows[halo[0] : shape[0] - halo[1]] = True
+    inside = mask & rows
+    log_prior = beta / 255 * sums[:, inside] if beta > 0 else None
+    expected, _ = _em.e_step(x[inside], weights, means, precisions_chol, log_prior)
+    np.testing.assert_allclose(probabilities[inside], expected.T, atol=1e-6)
+    assert not probabilities[~inside].any() and not state[~inside].any()
+    levels = np.floor(expected.T * 255 + 0.5)
+    assert np.abs(state[inside][:, :n_components] - levels).max() <= 1  # float32 input rounding
+    change = np.abs(state[inside][:, :n_components].astype(int) - previous[inside][:, :-1])
+    np.testing.assert_array_equal(
+        state[inside][:, -1], np.minimum((change.sum(axis=1) + 1) // 2, 255)
+    )
+
+
+def test_bias_field_on_a_sub_grid_is_the_same_polynomial(rng):
+    """The field's EM runs on every s-th voxel: its coordinates there are those of the grid."""
+    boxes, degree = [(0.0, 31.0), (0.0, 35.0), (0.0, 20.0)], 3
+    coefficients = rng.normal(0, 0.1, (len(_spatial.bias_terms(degree, 3)), 1))
+    full = _spatial.log_bias_grid_block((32, 36, 21), (0, 0, 0), coefficients, boxes, degree)
+    subs = (2, 3, 1)
+    sub_boxes = [(lo / s, hi / s) for (lo, hi), s in zip(boxes, subs)]
+    sub = _spatial.log_bias_grid_block((16, 12, 21), (0, 0, 0), coefficients, sub_boxes, degree)
+    np.testing.assert_allclose(sub, full[::2, ::3, ::1], rtol=1e-5, atol=1e-6)
+
+
+def test_bias_em_on_a_sub_grid_recovers_the_field(monkeypatch):
+    from segment import mixture
+
+    image, truth, affine = make_head_phantom((32, 36, 28), noise=2.0, seed=1)
+    mask = np.isin(truth, BRAIN)
+    log_field = smooth_log_field(image.shape)
+    biased = image * np.exp(log_field)
+    full = segment_array(biased, mask, n_components=3, bias_field=True, bias_smoothness=15.0)
+    assert full.estimator.bias_sampling_ == (1, 1, 1)
+    monkeypatch.setattr(mixture, "BIAS_EM_VOXELS", mask.sum() // 8)
+    sampled = segment_array(biased, mask, n_components=3, bias_field=True, bias_smoothness=15.0)
+    assert sampled.estimator.bias_sampling_ == (2, 2, 2)
+    assert sampled.sidecar()["model"]["bias_field"]["fitted_on_every_nth_voxel"] == [2, 2, 2]
+    estimated = np.log(sampled.bias_field[..., 0])
+    assert np.corrcoef(log_field[mask], estimated[mask])[0, 1] > 0.95
+    np.testing.assert_allclose(sampled.estimator.means_, full.estimator.means_, rtol=0.02)
+    # the trace is the sub-grid's log-likelihood scaled to the mask's voxels
+    assert sampled.estimator.log_likelihood_ == pytest.approx(
+        full.estimator.log_likelihood_, rel=0.01
+    )
+    assert mean_dice(sampled.labels, truth, mask) > 0.95
 
 
 def test_mrf_log_prior_normalised(rng):
