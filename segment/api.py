@@ -121,6 +121,8 @@ class SegmentationResult:
         :func:`segment.io.write_probabilities` uses to write all K maps in one pass.
         """
         if self.flat_responsibilities is None:
+            if getattr(self.estimator, "_posterior", None) is not None:
+                return _StreamedPosterior(self.mask, self.estimator)
             return _StreamedVolumes(self.channels, self.mask, self.estimator)
         return _Volumes(self.flat_responsibilities, self.mask)
 
@@ -362,6 +364,47 @@ class _StreamedVolumes:
         return out
 
 
+class _StreamedPosterior(_StreamedVolumes):
+    """The MRF posterior's K maps, recomputed a slab of the last axis at a time.
+
+    For spatial fits whose float32 maps were too big to keep: each slab is one more
+    mean-field sweep of the fitted uint8 posterior grid over those planes (and their
+    neighbours), :meth:`segment._sweeps.PosteriorGrid.slab`. Memory: the grid the fit holds
+    and a few slabs of K maps.
+    """
+
+    def __init__(self, mask: np.ndarray, estimator):
+        super().__init__([], mask, estimator)
+
+    def slabs(self, step: int) -> Iterator[list[np.ndarray]]:
+        grid, beta = self.estimator._posterior
+        box = self.estimator._box  # the grid covers the mask's bounding box
+        first, last = box[-1].start, box[-1].stop
+        reverse = tuple(range(self.mask.ndim))[::-1]
+        for start in range(0, self.mask.shape[-1], step):
+            stop = min(start + step, self.mask.shape[-1])
+            maps = np.zeros((len(self), stop - start) + self.mask.shape[:-1][::-1], np.float32)
+            lo, hi = max(start, first), min(stop, last)
+            if lo < hi:  # the box's planes, axes reversed: (K, planes, ..., first axis)
+                inner = (slice(None), slice(lo - start, hi - start))
+                inner += tuple(box[axis] for axis in reverse[1:])
+                maps[inner] = grid.slab(lo - first, hi - first, beta)
+            yield [maps[k].T for k in range(len(self))]
+            del maps
+
+
+def labels_from_volumes(volumes, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels 1..K (0 outside ``mask``) and the summed probabilities, from streamed maps."""
+    labels = np.zeros(mask.shape, np.uint8)
+    soft_counts = np.zeros(len(volumes))
+    for where, maps in volumes._by_slab():
+        stacked = np.stack(maps)
+        inside = mask[where]
+        labels[where] = np.where(inside, stacked.argmax(axis=0) + 1, 0)
+        soft_counts += stacked.reshape(len(maps), -1).sum(axis=1, dtype=np.float64)
+    return labels, soft_counts
+
+
 def _array_reference(shape: tuple[int, ...]):
     """A stand-in grid (identity affine, 1 mm voxels) for results of :func:`segment_array`."""
     import nibabel as nib
@@ -512,11 +555,23 @@ def segment_array(
         raise SegmentError("no voxel to fit: every voxel in the mask is NaN or inf")
     start = time.perf_counter()
     if estimator._uses_grid:  # the spatial model needs the image grid, not a flat vector
-        _check_spatial_memory(valid, estimator.n_components, len(channels), memory_limit)
+        _check_spatial_memory(valid, estimator.n_components, channels, memory_limit)
+        estimator._posterior_budget = _memory_budget(memory_limit)
         estimator.fit_image(np.stack(channels, -1), valid, spacing=spacing, channel_axis=-1)
         X, responsibilities = None, estimator.responsibilities_
-        labels = (np.argmax(responsibilities, axis=1) + 1).astype(np.uint8)
         timings = {"fit_s": time.perf_counter() - start}
+        if responsibilities is None:  # streamed: labels and volumes from one pass of slabs
+            start = time.perf_counter()
+            labels, estimator.soft_counts_ = labels_from_volumes(
+                _StreamedPosterior(valid, estimator), valid
+            )
+            timings["predict_s"] = time.perf_counter() - start
+            return SegmentationResult(
+                labels=labels, flat_responsibilities=None, channels=[], estimator=estimator,
+                mask=valid, n_nonfinite=n_nonfinite, options={**DEFAULT_OPTIONS, **options},
+                timings=timings, mask_spec="array" if mask is not None else "none",
+            )  # fmt: skip
+        labels = (np.argmax(responsibilities, axis=1) + 1).astype(np.uint8)
     else:
         X = masking.flatten(channels[0] if len(channels) == 1 else np.stack(channels, -1), valid)
         timings = {"flatten_s": time.perf_counter() - start}
@@ -542,23 +597,31 @@ def segment_array(
     )
 
 
-def spatial_memory_estimate(mask: np.ndarray, n_components: int, n_channels: int = 1) -> float:
-    """Bytes the MRF / bias-field path holds at its peak, measured on our benchmarks.
+def spatial_memory_estimate(
+    mask: np.ndarray, n_components: int, n_channels: int = 1, itemsize: int = 4
+) -> float:
+    """Bytes the MRF / bias-field path needs at least, beyond the input scan itself.
 
-    The posterior grid (K + 1 float32 values per voxel of the mask's bounding box) exists twice
-    during a sweep, plus block copies and temporaries (about three grids in all), the returned
-    K float32 responsibilities per fitted voxel and the corrected intensities.
+    Per voxel of the mask's bounding box: the uint8 posterior grid (K + 1 bytes) and the
+    stacked channels; per voxel of the grid: the mask, the labels and the bias field
+    (float32 per channel); per fitted voxel: the flattened features. The K float32 maps are
+    kept only when they fit a third of the memory limit, else streamed, so they are not
+    counted here.
     """
     from .mixture import _bounding_box
 
     box = int(np.prod([s.stop - s.start for s in _bounding_box(mask)]))
-    per_box_voxel = 3 * (n_components + 1) * 4 + 4 * n_channels + 8
-    return float(box * per_box_voxel + int(mask.sum()) * n_components * 4)
+    per_box_voxel = n_components + 1 + itemsize * n_channels
+    per_grid_voxel = 2 + 4 * n_channels
+    return float(
+        box * per_box_voxel + mask.size * per_grid_voxel + int(mask.sum()) * itemsize * n_channels
+    )
 
 
-def _check_spatial_memory(mask, n_components, n_channels, memory_limit) -> None:
+def _check_spatial_memory(mask, n_components, channels, memory_limit) -> None:
+    itemsize = max(np.asarray(c).dtype.itemsize for c in channels)
     needed, budget = (
-        spatial_memory_estimate(mask, n_components, n_channels),
+        spatial_memory_estimate(mask, n_components, len(channels), itemsize),
         _memory_budget(memory_limit),
     )
     if needed > budget:

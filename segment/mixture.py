@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 
-from . import _chunked, _em, _kmeans, _spatial, _validation
+from . import _chunked, _em, _kmeans, _spatial, _sweeps, _validation
 from ._scheduler import check_scheduler, compute_kwargs, is_distributed
 from .exceptions import ConvergenceWarning, DataWarning, SegmentError
 
@@ -286,13 +286,19 @@ class GaussianMixtureEM:
         # Work on the bounding box of the mask only: outside it every voxel is unfitted (zero
         # responsibilities), so the neighbour sums and the results are the same.
         box = _bounding_box(mask)
+        self._box = box
         self._fit_grid(image[box], mask[box], X, spacing)
+        self.bias_field_ = None
         if self.bias_field:  # the field on the whole input grid, from the same polynomial
             offset = tuple(-b.start for b in box)
-            self.bias_field_ = np.exp(_spatial.log_bias_grid_block(
-                spatial_shape, offset, self.bias_coefficients_, self._bias_boxes,
-                self.bias_degree_,
-            ))  # fmt: skip
+            self.bias_field_ = np.empty(spatial_shape + (image.shape[-1],), np.float32)
+            for start in range(0, spatial_shape[0], 16):  # slabs: no float64 grid
+                planes = self.bias_field_[start : start + 16]
+                planes[...] = _spatial.log_bias_grid_block(
+                    planes.shape[:-1], (offset[0] + start,) + offset[1:],
+                    self.bias_coefficients_, self._bias_boxes, self.bias_degree_,
+                )  # fmt: skip
+                np.exp(planes, out=planes)
         return self
 
     def _fit_grid(self, image, mask, X, spacing) -> GaussianMixtureEM:
@@ -329,13 +335,7 @@ class GaussianMixtureEM:
                 self._run_em(data, weights, means, covariances, floor, ckw)
             params = (self.weights_, self.means_, self.precisions_cholesky_)
 
-            chunks = _chunked.grid_chunks(mask.shape, self.chunk_size)
-            x_grid = _chunked.as_grid_array(image, chunks)
-            mask_grid = _chunked.as_grid_array(mask, chunks)
-            if is_distributed(ckw):
-                x_grid, mask_grid = ckw["scheduler"].persist([x_grid, mask_grid])
-
-            def persist(array):  # on the chosen scheduler, which holds x_grid and mask_grid
+            def persist(array):  # on the chosen scheduler
                 return (
                     ckw["scheduler"].persist(array) if is_distributed(ckw) else array.persist(**ckw)
                 )
@@ -351,46 +351,34 @@ class GaussianMixtureEM:
                 coefficients, params = self._fit_bias_field(
                     image, mask, params, floor, boxes, degree, n_terms, data, ckw, persist, field
                 )
-            log_bias = field(coefficients, mask_grid, boxes)
+            del data
+        n_threads = 1 if self.scheduler == "synchronous" else (self.n_workers or os.cpu_count())
+        rows = _chunked.grid_chunks(mask.shape, self.chunk_size)[0]
 
-            def sweep(previous, beta, final=False):
-                swept = _chunked.map_grid_overlap(
-                    _spatial.mean_field_sweep, previous, [x_grid, mask_grid, log_bias],
-                    n_spatial, 1 if beta > 0 else 0,
-                    dict(weights=params[0], means=params[1], precisions_chol=params[2],
-                         beta=beta, kernel=kernel, final=final),
-                    np.float32 if final else np.uint8,
-                    n_out=K if final else K + 1,
-                    pass_halo=True,
-                )  # fmt: skip
-                return swept if final else persist(swept)
+        def log_bias(shape, offset):
+            if not self.bias_field:
+                return np.zeros(shape + (D,), np.float32)
+            return _spatial.log_bias_grid_block(shape, offset, coefficients, boxes, degree)
 
-            # the mixture's responsibilities under the final field, then the MRF posterior
-            current = da.zeros(mask.shape + (K + 1,), dtype=np.uint8, chunks=chunks + (K + 1,))
-            current = sweep(current, 0.0)
-            self.n_mrf_sweeps_, self.mrf_change_ = 0, None
-            while beta > 0 and self.n_mrf_sweeps_ < MAX_MRF_SWEEPS:
-                current = sweep(current, beta)
-                self.n_mrf_sweeps_ += 1
-                _release_memory()  # the previous grid sits in reference cycles of Dask's graphs
-                total, count = _chunked.map_reduce_grid(
-                    _spatial.sweep_change, sum, [current, mask_grid], n_spatial, (), ckw
-                )  # fmt: skip
-                self.mrf_change_ = total / max(count, 1.0)
-                if self.mrf_change_ < MRF_TOL:
-                    break
-            else:
-                if beta > 0:
-                    warnings.warn(
-                        f"the MRF mean-field sweeps did not settle in {MAX_MRF_SWEEPS} sweeps "
-                        f"(mean change {self.mrf_change_:.3g} per voxel); lower mrf_beta",
-                        ConvergenceWarning,
-                        stacklevel=3,
-                    )
-            # float32 probabilities from one more sweep of the (rounded) posterior
-            final, log_bias = dask.compute(sweep(current, beta, final=True), log_bias, **ckw)
-            del current
-            _release_memory()
+        # the mixture's responsibilities under the final field, then the MRF posterior
+        grid = _sweeps.PosteriorGrid(
+            np.asarray(image), mask, params, kernel, log_bias, rows, n_threads
+        )
+        grid.sweep(0.0)
+        self.n_mrf_sweeps_, self.mrf_change_ = 0, None
+        while beta > 0 and self.n_mrf_sweeps_ < MAX_MRF_SWEEPS:
+            self.mrf_change_ = grid.sweep(beta)
+            self.n_mrf_sweeps_ += 1
+            if self.mrf_change_ < MRF_TOL:
+                break
+        else:
+            if beta > 0:
+                warnings.warn(
+                    f"the MRF mean-field sweeps did not settle in {MAX_MRF_SWEEPS} sweeps "
+                    f"(mean change {self.mrf_change_:.3g} per voxel); lower mrf_beta",
+                    ConvergenceWarning,
+                    stacklevel=3,
+                )
         self.fit_path_ = "grid"
         self.objective_ = (
             "log-likelihood of the observed intensities, bias Jacobian included"
@@ -402,20 +390,28 @@ class GaussianMixtureEM:
             if beta > 0
             else ""
         )
-        self.bias_field_ = np.exp(log_bias).astype(np.float32) if self.bias_field else None
         self.bias_coefficients_ = coefficients
         self.bias_degree_ = degree
         self._bias_boxes = boxes
-        responsibilities = final.reshape(-1, K) if mask.all() else final[mask]
-        del final
-        # the expected number of voxels of each class under the posterior that is returned
-        self.soft_counts_ = _column_sums(responsibilities)
-        if self.sort_components:
+        self._posterior = None
+        if self.sort_components:  # the estimator's parameters and the grid's, in mean order
+            self.soft_counts_ = np.zeros(K)  # set below, from the sorted posterior
             order = self._sort_components()
-            for start in range(0, len(responsibilities), 1 << 20):  # in place, slab by slab
-                rows = responsibilities[start : start + (1 << 20)]
-                rows[:] = rows[:, order]
-        self.responsibilities_ = responsibilities
+            grid.params = (self.weights_, self.means_, self.precisions_cholesky_)
+            for start in range(0, len(grid.state), 8):  # in place, a few planes at a time
+                planes = grid.state[start : start + 8]
+                planes[..., :K] = planes[..., order]
+        budget = getattr(self, "_posterior_budget", None)
+        if budget is not None and mask.size * K * 4 > budget / 3:
+            # too big to hold: the maps are recomputed slab by slab when they are written
+            self._posterior, self.responsibilities_, self.soft_counts_ = (grid, beta), None, None
+            return self
+        final = grid.probabilities(beta)
+        del grid
+        self.responsibilities_ = final.reshape(-1, K) if mask.all() else final[mask]
+        del final
+        # the expected number of voxels of each class under the returned posterior
+        self.soft_counts_ = _column_sums(self.responsibilities_)
         return self
 
     def _fit_bias_field(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from segment import GaussianMixtureEM, _em, _spatial, segment_array
+from segment import GaussianMixtureEM, _em, _spatial, io, segment_array
 from segment.cli import DEFAULT_MRF_BETA, cli
 from segment.evaluate import evaluate_labels
 from segment.exceptions import SegmentError
@@ -604,6 +604,32 @@ def test_spatial_path_refuses_to_exceed_the_memory_limit(tmp_path):
     assert f"{tmp_path / 'scan.nii.gz'}: the MRF prior and bias field" in result.output
     assert "raise --memory-limit" in result.output and "Traceback" not in result.output
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_spatial_maps_are_streamed_over_a_third_of_the_memory_limit(head, tmp_path):
+    """Maps too big for the limit are recomputed slab by slab: the same labels and files."""
+    from segment.mixture import _bounding_box
+
+    image, _, mask = head
+    options = dict(n_components=3, mrf_beta=0.2, bias_field=True, bias_smoothness=20.0)
+    kept = segment_array(image, mask, **options)
+    box = int(np.prod([s.stop - s.start for s in _bounding_box(mask)]))
+    streamed = segment_array(image, mask, memory_limit=box * 3 * 4 * 3 - 1, **options)
+    assert kept.flat_responsibilities is not None and streamed.flat_responsibilities is None
+    np.testing.assert_array_equal(streamed.labels, kept.labels)
+    np.testing.assert_allclose(streamed.responsibilities, kept.responsibilities, atol=1e-6)
+    np.testing.assert_allclose(streamed.soft_counts, kept.soft_counts, rtol=1e-6)
+    np.testing.assert_array_equal(streamed.estimator.means_, kept.estimator.means_)
+    reference = nib.Nifti1Image(image.astype(np.float32), np.eye(4))
+    nib.save(reference, tmp_path / "scan.nii.gz")
+    for name, result in (("kept", kept), ("streamed", streamed)):
+        result.reference = io.load_scan(tmp_path / "scan.nii.gz")
+        result.save(tmp_path / name, qc=False)
+    maps = [
+        nib.load(tmp_path / name / "segment_probseg.nii.gz").get_fdata()
+        for name in ("kept", "streamed")
+    ]
+    np.testing.assert_allclose(maps[1], maps[0], atol=1e-6)
 
 
 def test_batch_memory_limit_applies_per_scan(tmp_path):
