@@ -274,6 +274,7 @@ def mean_field_sweep(
     kernel: np.ndarray,
     final: bool = False,
     halo: tuple[int, int] = (0, 0),
+    skip_settled: bool = False,
 ) -> np.ndarray:
     """One mean-field sweep of the MRF posterior on one block (with its one-voxel halo).
 
@@ -300,6 +301,9 @@ def mean_field_sweep(
         Return float32 probabilities instead of the next uint8 state.
     halo : (int, int)
         Planes at the start and end of the first axis that are only neighbours (left zero).
+    skip_settled : bool
+        Keep the state of voxels whose neighbours did not change in the previous sweep (the
+        update would reproduce it exactly); valid when that sweep was an MRF sweep.
 
     Returns
     -------
@@ -336,6 +340,7 @@ def mean_field_sweep(
         state if state is not None else np.zeros((1, 1, 1, 1), np.uint8),
         probabilities if final else np.zeros((1, 1, 1, 1), np.float32),
         final,
+        skip_settled and beta > 0 and not final,
     )
     out = probabilities if final else state
     return out.reshape(mask.shape + out.shape[-1:])

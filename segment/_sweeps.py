@@ -60,8 +60,12 @@ class PosteriorGrid:
     def n_components(self) -> int:
         return self.params[1].shape[0]
 
-    def sweep(self, beta: float) -> float:
-        """One sweep in place; returns the mean change of the posterior per fitted voxel."""
+    def sweep(self, beta: float, skip_settled: bool = False) -> float:
+        """One sweep in place; returns the mean change of the posterior per fitted voxel.
+
+        ``skip_settled``: see :func:`segment._spatial.mean_field_sweep` (valid from the second
+        MRF sweep on).
+        """
         n_planes = self.mask.shape[0]
         borders = {r0 - 1 for r0, _ in self.slabs if r0 > 0}
         borders |= {r1 for _, r1 in self.slabs if r1 < n_planes}
@@ -73,7 +77,10 @@ class PosteriorGrid:
             before = [old[lo]] if lo < r0 else []
             after = [old[r1]] if hi > r1 else []
             previous = np.concatenate(before + [self.state[r0:r1]] + after)
-            new = self._block(previous, lo, hi, beta, final=False, halo=(r0 - lo, hi - r1))
+            new = self._block(
+                previous, lo, hi, beta, final=False, halo=(r0 - lo, hi - r1),
+                skip_settled=skip_settled,
+            )  # fmt: skip
             new = new[r0 - lo : r1 - lo]
             self.state[r0:r1] = new
             inside = self.mask[r0:r1]
@@ -127,7 +134,7 @@ class PosteriorGrid:
         )[start - lo : stop - lo]
         return np.ascontiguousarray(np.moveaxis(probabilities, -1, 0))
 
-    def _block(self, previous, lo, hi, beta, final, halo):
+    def _block(self, previous, lo, hi, beta, final, halo, skip_settled=False):
         offset = (lo,) + (0,) * (self.mask.ndim - 1)
         return _spatial.mean_field_sweep(
             previous,
@@ -139,4 +146,5 @@ class PosteriorGrid:
             self.kernel,
             final=final,
             halo=halo,
+            skip_settled=skip_settled,
         )

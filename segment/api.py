@@ -100,6 +100,10 @@ class SegmentationResult:
     """Files written by :meth:`save`."""
 
     @property
+    def _has_bias_field(self) -> bool:
+        return getattr(self.estimator, "_bias_grid", None) is not None
+
+    @property
     def bias_field(self) -> np.ndarray | None:
         """The fitted multiplicative bias field, spatial shape + (D,) float32, or None."""
         field = getattr(self.estimator, "bias_field_", None)
@@ -201,7 +205,7 @@ class SegmentationResult:
             fake_input = f"{stem}.nii.gz" if reference.kind == "nifti" else f"{stem}.png"
             paths = naming.plain_output_paths(fake_input, out_dir, kind=reference.kind)
         wanted = [paths.dseg, paths.sidecar] + [paths.probseg] * probseg + [paths.qc] * qc
-        wanted += list(bias_output_paths(paths, self.bias_field is not None, corrected).values())
+        wanted += list(bias_output_paths(paths, self._has_bias_field, corrected).values())
         check_outputs_free(wanted, overwrite)
         created = _missing_dirs(paths.sidecar.parent)
         ensure_out_dir(paths.sidecar.parent)
@@ -224,7 +228,7 @@ class SegmentationResult:
         """The writes of :meth:`save`; each completed file is appended to ``done``."""
         from . import io
 
-        bias_paths = bias_output_paths(paths, self.bias_field is not None, corrected)
+        bias_paths = bias_output_paths(paths, self._has_bias_field, corrected)
         for name, path in bias_paths.items():
             field = self.bias_field
             if name == "corrected":
@@ -557,7 +561,9 @@ def segment_array(
     if estimator._uses_grid:  # the spatial model needs the image grid, not a flat vector
         _check_spatial_memory(valid, estimator.n_components, channels, memory_limit)
         estimator._posterior_budget = _memory_budget(memory_limit)
-        estimator.fit_image(np.stack(channels, -1), valid, spacing=spacing, channel_axis=-1)
+        stacked = channels[0][..., None] if len(channels) == 1 else np.stack(channels, -1)
+        estimator.fit_image(stacked, valid, spacing=spacing, channel_axis=-1)
+        del stacked
         X, responsibilities = None, estimator.responsibilities_
         timings = {"fit_s": time.perf_counter() - start}
         if responsibilities is None:  # streamed: labels and volumes from one pass of slabs

@@ -723,8 +723,13 @@ def write_map(
         return write_probabilities(data, reference, path, compresslevel=compresslevel)
     ext = _output_format(path, (".nii.gz", ".nii", ".tif", ".tiff"), "map output")
     if ext in _NIFTI_EXTENSIONS:
-        finite = data[np.isfinite(data)]
-        cal = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        finite = np.isfinite(data)  # the range without a copy of the values
+        cal = (
+            (float(data.min(where=finite, initial=np.inf)),
+             float(data.max(where=finite, initial=-np.inf)))
+            if finite.any() else (0.0, 0.0)
+        )  # fmt: skip
+        del finite
         img = _nifti_like(data, reference, cal=cal, components_last=False)
         return write_nifti(img, path, compresslevel=compresslevel)
     _check_2d(data, path, "map")

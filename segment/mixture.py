@@ -277,29 +277,49 @@ class GaussianMixtureEM:
             raise SegmentError(
                 f"spacing must be {len(spatial_shape)} positive voxel sizes in mm, got {spacing}"
             )
-        X = np.asarray(image)[mask]
+        X = _masked_rows(np.asarray(image), mask)
+        self._bias_grid = None
         if not self._uses_grid:
             self._fit_flat(X)
             self.objective_ = "log-likelihood"
-            self.bias_field_ = None
             return self
         # Work on the bounding box of the mask only: outside it every voxel is unfitted (zero
         # responsibilities), so the neighbour sums and the results are the same.
         box = _bounding_box(mask)
         self._box = box
         self._fit_grid(image[box], mask[box], X, spacing)
-        self.bias_field_ = None
         if self.bias_field:  # the field on the whole input grid, from the same polynomial
-            offset = tuple(-b.start for b in box)
-            self.bias_field_ = np.empty(spatial_shape + (image.shape[-1],), np.float32)
-            for start in range(0, spatial_shape[0], 16):  # slabs: no float64 grid
-                planes = self.bias_field_[start : start + 16]
-                planes[...] = _spatial.log_bias_grid_block(
-                    planes.shape[:-1], (offset[0] + start,) + offset[1:],
-                    self.bias_coefficients_, self._bias_boxes, self.bias_degree_,
-                )  # fmt: skip
-                np.exp(planes, out=planes)
+            self._bias_grid = (spatial_shape, tuple(-b.start for b in box), image.shape[-1])
+            low, high = np.inf, -np.inf
+            for _, planes in self._bias_field_slabs():
+                low, high = min(low, float(planes.min())), max(high, float(planes.max()))
+            self.bias_field_range_ = (low, high)
         return self
+
+    @property
+    def bias_field_(self) -> np.ndarray | None:
+        """The fitted multiplicative field on the input grid, (*spatial, D) float32, or None.
+
+        Computed from :attr:`bias_coefficients_` at each access (in slabs, no float64 grid):
+        it is as large as the scan in float32, and is not kept.
+        """
+        if getattr(self, "_bias_grid", None) is None:
+            return None
+        shape, _, n_channels = self._bias_grid
+        field = np.empty(shape + (n_channels,), np.float32)
+        for start, planes in self._bias_field_slabs():
+            field[start : start + len(planes)] = planes
+        return field
+
+    def _bias_field_slabs(self, step: int = 16):
+        """``(start, field[start:start + step])`` along the first axis of the input grid."""
+        shape, offset, _ = self._bias_grid
+        for start in range(0, shape[0], step):
+            planes = _spatial.log_bias_grid_block(
+                (min(step, shape[0] - start),) + shape[1:], (offset[0] + start,) + offset[1:],
+                self.bias_coefficients_, self._bias_boxes, self.bias_degree_,
+            )  # fmt: skip
+            yield start, np.exp(planes, out=planes)
 
     def _fit_grid(self, image, mask, X, spacing) -> GaussianMixtureEM:
         """The mixture with a bias field and/or the MRF posterior, over spatial blocks.
@@ -353,7 +373,7 @@ class GaussianMixtureEM:
                 )
             del data
         n_threads = 1 if self.scheduler == "synchronous" else (self.n_workers or os.cpu_count())
-        rows = _chunked.grid_chunks(mask.shape, self.chunk_size)[0]
+        rows = _sweep_rows(mask.shape, self.chunk_size, n_threads)
 
         def log_bias(shape, offset):
             if not self.bias_field:
@@ -367,7 +387,8 @@ class GaussianMixtureEM:
         grid.sweep(0.0)
         self.n_mrf_sweeps_, self.mrf_change_ = 0, None
         while beta > 0 and self.n_mrf_sweeps_ < MAX_MRF_SWEEPS:
-            self.mrf_change_ = grid.sweep(beta)
+            # from the second MRF sweep, voxels whose neighbours did not move are kept
+            self.mrf_change_ = grid.sweep(beta, skip_settled=self.n_mrf_sweeps_ > 0)
             self.n_mrf_sweeps_ += 1
             if self.mrf_change_ < MRF_TOL:
                 break
@@ -408,7 +429,7 @@ class GaussianMixtureEM:
             return self
         final = grid.probabilities(beta)
         del grid
-        self.responsibilities_ = final.reshape(-1, K) if mask.all() else final[mask]
+        self.responsibilities_ = _masked_rows(final, mask)
         del final
         # the expected number of voxels of each class under the returned posterior
         self.soft_counts_ = _column_sums(self.responsibilities_)
@@ -755,6 +776,32 @@ def _labels_and_responsibilities_block(X, weights, means, precisions_chol):
     out = np.empty((resp.shape[0], resp.shape[1] + 1), dtype=np.float32)
     out[:, :-1] = resp
     out[:, -1] = np.argmax(resp, axis=1) + 1
+    return out
+
+
+def _sweep_rows(shape: tuple[int, ...], chunk_size: int | None, n_threads: int) -> int:
+    """Planes per slab of the MRF sweeps: several per thread, each of at most 2 M voxels.
+
+    A sweep copies the planes that border another slab first, so one-plane slabs would copy
+    the whole grid; slabs of ``chunk_size`` voxels are kept when the user set a larger one.
+    """
+    plane = int(np.prod(shape[1:]))
+    largest = max(int(chunk_size or 0), 2_000_000) // max(plane, 1)
+    return int(max(2, min(largest, -(-shape[0] // (4 * n_threads)))))
+
+
+def _masked_rows(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``values[mask]`` for (*spatial, C) values: (n, C), in C order of the mask.
+
+    A view when the mask is full. Otherwise channel by channel: indexing with a mask of fewer
+    dimensions than the array makes numpy build int64 indices (24 bytes a voxel in 3-D).
+    """
+    n_channels = values.shape[-1]
+    if mask.all():
+        return values.reshape(-1, n_channels)
+    out = np.empty((int(np.count_nonzero(mask)), n_channels), values.dtype)
+    for c in range(n_channels):
+        out[:, c] = values[..., c][mask]
     return out
 
 

@@ -92,7 +92,7 @@ def model_record(estimator) -> dict[str, Any]:
 
 def _bias_record(estimator) -> dict[str, Any] | None:
     """Parameters of the fitted bias field, or None."""
-    if getattr(estimator, "bias_field_", None) is None:
+    if getattr(estimator, "_bias_grid", None) is None:
         return None
     return {
         "basis": "Legendre polynomial products over the mask's bounding box, no constant term",
@@ -100,7 +100,7 @@ def _bias_record(estimator) -> dict[str, Any] | None:
         "smoothness_mm": float(estimator.bias_smoothness),
         "fitted_on_every_nth_voxel": list(getattr(estimator, "bias_sampling_", ())),
         "coefficients": np.asarray(estimator.bias_coefficients_).tolist(),
-        "range": [float(estimator.bias_field_.min()), float(estimator.bias_field_.max())],
+        "range": list(estimator.bias_field_range_),
     }
 
 

@@ -138,6 +138,33 @@ def test_compiled_sweep_matches_the_numpy_reference(rng, shape, spacing, n_featu
     )
 
 
+def test_skipping_settled_voxels_changes_nothing(head):
+    """A voxel whose neighbours did not move would get its previous value again, exactly."""
+    from segment import _sweeps
+
+    image, _, mask = head
+    fit = GaussianMixtureEM(3).fit(image[mask])
+    params = (fit.weights_, fit.means_, fit.precisions_cholesky_)
+    kernel = _spatial.neighbour_kernel((1.0, 1.2, 1.5))
+
+    def no_field(shape, offset):
+        return np.zeros(shape + (1,), np.float32)
+
+    grids = [
+        _sweeps.PosteriorGrid(image[..., None], mask, params, kernel, no_field, 5, 2)
+        for _ in range(2)
+    ]
+    for grid in grids:
+        grid.sweep(0.0)
+        grid.sweep(0.5)
+    for _ in range(4):
+        changes = [grid.sweep(0.5, skip_settled=skip) for grid, skip in zip(grids, (False, True))]
+        assert changes[0] == changes[1]
+        np.testing.assert_array_equal(grids[0].state, grids[1].state)
+    settled = (grids[1].state[..., -1] == 0) & mask
+    assert 0 < settled.sum() < mask.sum()  # some voxels were skipped, some still move
+
+
 def test_bias_field_on_a_sub_grid_is_the_same_polynomial(rng):
     """The field's EM runs on every s-th voxel: its coordinates there are those of the grid."""
     boxes, degree = [(0.0, 31.0), (0.0, 35.0), (0.0, 20.0)], 3
