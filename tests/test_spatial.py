@@ -138,7 +138,7 @@ def test_compiled_sweep_matches_the_numpy_reference(rng, shape, spacing, n_featu
     )
 
 
-def test_skipping_settled_voxels_changes_nothing(head):
+def test_in_place_sweeps_skip_settled_voxels_and_ignore_the_slabs(head):
     """A voxel whose neighbours did not move would get its previous value again, exactly."""
     from segment import _sweeps
 
@@ -163,6 +163,14 @@ def test_skipping_settled_voxels_changes_nothing(head):
         np.testing.assert_array_equal(grids[0].state, grids[1].state)
     settled = (grids[1].state[..., -1] == 0) & mask
     assert 0 < settled.sum() < mask.sum()  # some voxels were skipped, some still move
+    # the in-place slabs do not change the result: one plane each, or the whole grid
+    for rows in (1, 3, len(mask)):
+        other = _sweeps.PosteriorGrid(image[..., None], mask, params, kernel, no_field, rows, 2)
+        other.sweep(0.0)
+        for _ in range(5):
+            other.sweep(0.5)
+        np.testing.assert_array_equal(other.state, grids[0].state)
+        np.testing.assert_array_equal(other.probabilities(0.5), grids[0].probabilities(0.5))
 
 
 def test_bias_field_on_a_sub_grid_is_the_same_polynomial(rng):
