@@ -320,7 +320,9 @@ def mean_field_sweep(
     offset_weights = kernel[tuple(offsets.T)].astype(np.float64)
     offsets = np.pad(offsets - 1, ((0, 0), (0, 3 - kernel.ndim))).astype(np.int64)
     with np.errstate(invalid="ignore", over="ignore"):  # voxels outside the mask may be NaN
-        corrected = intensities.astype(np.float32)
+        # C order: NIfTI data are Fortran-ordered, and the loop reads voxels in C order
+        # (strided reads made the sweep 3x slower)
+        corrected = np.array(intensities, dtype=np.float32, order="C")
         corrected *= np.exp(-log_bias, dtype=np.float32)
     state = np.zeros(as_3d + (n_components + 1,), np.uint8) if not final else None
     probabilities = np.zeros(as_3d + (n_components,), np.float32) if final else None
