@@ -287,7 +287,9 @@ class GaussianMixtureEM:
         # responsibilities), so the neighbour sums and the results are the same.
         box = _bounding_box(mask)
         self._box = box
-        self._fit_grid(image[box], mask[box], X, spacing)
+        features = [X]  # handed over, so that the fit can drop the (N, D) copy when done
+        del X
+        self._fit_grid(image[box], mask[box], features, spacing)
         if self.bias_field:  # the field on the whole input grid, from the same polynomial
             self._bias_grid = (spatial_shape, tuple(-b.start for b in box), image.shape[-1])
             low, high = np.inf, -np.inf
@@ -321,7 +323,7 @@ class GaussianMixtureEM:
             )  # fmt: skip
             yield start, np.exp(planes, out=planes)
 
-    def _fit_grid(self, image, mask, X, spacing) -> GaussianMixtureEM:
+    def _fit_grid(self, image, mask, features, spacing) -> GaussianMixtureEM:
         """The mixture with a bias field and/or the MRF posterior, over spatial blocks.
 
         The class parameters and the field are those of the mixture (fitted from its own
@@ -342,7 +344,7 @@ class GaussianMixtureEM:
         boxes, degree = _bias_geometry(mask, spacing, self.bias_smoothness)
         n_terms = len(_spatial.bias_terms(degree, n_spatial))
         with compute_kwargs(self.scheduler, self.n_workers) as ckw:
-            data = self._prepare(_validation.check_features(X), None, ckw)
+            data = self._prepare(_validation.check_features(features.pop()), None, ckw)
             if floor is None:
                 floor = RELATIVE_VARIANCE_FLOOR * data.moments["m2"] / data.moments["n"]
             self.variance_floor_ = floor
