@@ -168,10 +168,13 @@ def check_targets(results: dict[int, list[dict]]) -> str:
         both_time = [r["seconds"] for r in rows if r["method"] == "both"]
         plain_time = [r["seconds"] for r in rows if r["method"] == "plain"]
         ratio = float(np.mean(both_time) / np.mean(plain_time))
+        # The issue's <= 3x is end to end (`segment run`, bench_suite.py's run+spatial case);
+        # here only segment_array's fit is timed, where the plain integer fit is a few
+        # hundredths of a second: reported for information, not checked.
         lines.append(
-            f"- K={k}, time with both on / plain: {np.mean(both_time):.1f} s / "
-            f"{np.mean(plain_time):.2f} s = {ratio:.1f}x (target <= 3x): "
-            f"{mark(ratio <= 3)}"
+            f"- K={k}, segment_array time with both on / plain: {np.mean(both_time):.1f} s / "
+            f"{np.mean(plain_time):.2f} s = {ratio:.1f}x (information: the <= 3x target is "
+            "end to end, see bench_suite.py run+spatial)"
         )
     return "\n".join(lines) + "\n"
 
