@@ -18,7 +18,7 @@ import numba
 import numpy as np
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _log_posterior(x, means, precisions_chol, log_norm, log_prior, out):  # pragma: no cover
     """``out_k = log_prior_k + log N(x | mu_k, Sigma_k)``; returns ``max_k out_k``."""
     n_components, n_features = means.shape
@@ -37,7 +37,7 @@ def _log_posterior(x, means, precisions_chol, log_norm, log_prior, out):  # prag
     return peak
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def mean_field_block(
     previous,
     corrected,
@@ -146,12 +146,13 @@ def mean_field_block(
 
 
 #: Components more than this many nats under a voxel's best are given weight 0, not
-#: ``exp(-24) = 4e-11`` of it: far below what the float32 probabilities and the 1/255 steps
-#: of the state resolve, and it spares many of the ``exp`` calls (the costliest step).
-NEGLIGIBLE = -24.0
+#: ``exp(-17) = 4e-8`` of it: under the resolution of the float32 probabilities (whose largest
+#: is at least 1/K) and far under the 1/255 steps of the state, and it spares many of the
+#: ``exp`` calls (the costliest step).
+NEGLIGIBLE = -17.0
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _exp_shifted(values, peak):  # pragma: no cover
     """``values_k = exp(values_k - peak)`` in place (0 when negligible); returns their sum.
 
@@ -161,6 +162,11 @@ def _exp_shifted(values, peak):  # pragma: no cover
     total = 0.0
     for k in range(values.shape[0]):
         shifted = values[k] - peak
-        values[k] = np.exp(np.float32(shifted)) if shifted > NEGLIGIBLE else 0.0
+        if shifted == 0.0:  # the best component (exp(0) needs no call)
+            values[k] = 1.0
+        elif shifted > NEGLIGIBLE:
+            values[k] = np.exp(np.float32(shifted))
+        else:
+            values[k] = 0.0
         total += values[k]
     return total
