@@ -731,6 +731,8 @@ def write_map(
         )  # fmt: skip
         del finite
         img = _nifti_like(data, reference, cal=cal, components_last=False)
+        if data.ndim == 3:  # gzip members compressed in parallel, as for the probabilities
+            return write_nifti_volumes(img.header, [data], path, compresslevel=compresslevel)
         return write_nifti(img, path, compresslevel=compresslevel)
     _check_2d(data, path, "map")
     import tifffile
