@@ -92,6 +92,10 @@ def mean_field_block(
     # Neighbour sums a row at a time, neighbours outermost: for each neighbour the row's
     # (n2, slots) values are one contiguous run, which the compiler vectorises.
     sums = np.zeros(n2 * n_slots, np.float32)
+    shifted = np.empty(n2 * n_components, np.float32)
+    weights_row = np.empty(n2 * n_components, np.float32)
+    scale_bits = np.empty(n2 * n_components, np.int32)
+    active = np.zeros(n2, np.bool_)
     log_prior = np.empty(n_components)
     log_post = np.empty(n_components)
     x = np.empty(n_features)
@@ -116,13 +120,17 @@ def mean_field_block(
                     target = sums[start:stop]
                     for t in range(stop - start):
                         target[t] += w * np.float32(values[t])
+            # 1. the log posterior of each voxel of the row, minus its best, into a row buffer
             for m in range(n2):
-                if not mask[i, j, m]:
-                    continue
-                if skip_settled and sums[m * n_slots + n_components] == 0:
+                active[m] = mask[i, j, m]
+                if active[m] and skip_settled and sums[m * n_slots + n_components] == 0:
+                    active[m] = False  # settled: keeps its state
                     for k in range(n_components):
                         state_out[i, j, m, k] = previous[i, j, m, k]
                     state_out[i, j, m, n_components] = 0
+                if not active[m]:
+                    for k in range(n_components):
+                        shifted[m * n_components + k] = NEGLIGIBLE
                     continue
                 for k in range(n_components):
                     if prior_scale > 0:
@@ -132,14 +140,24 @@ def mean_field_block(
                 for d in range(n_features):
                     x[d] = corrected[i, j, m, d]
                 peak = _log_posterior(x, means, precisions_chol, log_norm, log_prior, log_post)
-                total = _exp_shifted(log_post, peak)
+                for k in range(n_components):
+                    shifted[m * n_components + k] = max(log_post[k] - peak, NEGLIGIBLE)
+            # 2. their exponentials, in one vectorised loop over the row
+            _exp_row(shifted, weights_row, scale_bits)
+            # 3. normalised, and written as probabilities or as the rounded state
+            for m in range(n2):
+                if not active[m]:
+                    continue
+                total = 0.0
+                for k in range(n_components):
+                    total += weights_row[m * n_components + k]
                 if final:
                     for k in range(n_components):
-                        final_out[i, j, m, k] = log_post[k] / total
+                        final_out[i, j, m, k] = weights_row[m * n_components + k] / total
                 else:
                     change = 0
                     for k in range(n_components):
-                        level = int(log_post[k] / total * 255.0 + 0.5)
+                        level = int(weights_row[m * n_components + k] / total * 255.0 + 0.5)
                         state_out[i, j, m, k] = level
                         change += abs(level - int(previous[i, j, m, k]))
                     state_out[i, j, m, n_components] = min((change + 1) // 2, 255)
@@ -152,21 +170,29 @@ def mean_field_block(
 NEGLIGIBLE = -17.0
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def _exp_shifted(values, peak):  # pragma: no cover
-    """``values_k = exp(values_k - peak)`` in place (0 when negligible); returns their sum.
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)  # ln 2 = HI + LO, HI with few bits: n * HI is exact
+_LN2_LO = np.float32(-2.12194440e-4)
 
-    The exponentials are taken in float32 (about 30 % faster than float64 here; their
-    relative error, 1e-7, is that of the float32 output).
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _exp_row(shifted, out, scale_bits):  # pragma: no cover
+    """``out = exp(shifted)`` for ``NEGLIGIBLE <= shifted <= 0``, and 0 at ``NEGLIGIBLE``.
+
+    ``exp(t) = 2^n e^g`` with ``n = round(t / ln 2)``, ``g = t - n ln 2`` (Cody-Waite: ln 2 in
+    two parts, so ``|g| <= ln(2) / 2`` is exact to float32) and e^g by its Taylor series to
+    degree 7 (error under 1e-8); 2^n is written into the exponent bits. Relative error: a few
+    float32 steps (tested under 5e-7). Unlike a call to libm's ``exp`` (about 10 ns each here),
+    these loops vectorise.
     """
-    total = 0.0
-    for k in range(values.shape[0]):
-        shifted = values[k] - peak
-        if shifted == 0.0:  # the best component (exp(0) needs no call)
-            values[k] = 1.0
-        elif shifted > NEGLIGIBLE:
-            values[k] = np.exp(np.float32(shifted))
-        else:
-            values[k] = 0.0
-        total += values[k]
-    return total
+    for t in range(shifted.shape[0]):
+        n = np.floor(shifted[t] * _LOG2E + np.float32(0.5))
+        g = (shifted[t] - n * _LN2_HI) - n * _LN2_LO
+        p = np.float32(1.0) + g * (np.float32(1.0) + g * (np.float32(1 / 2) + g * (
+            np.float32(1 / 6) + g * (np.float32(1 / 24) + g * (np.float32(1 / 120) + g * (
+                np.float32(1 / 720) + g * np.float32(1 / 5040)))))))  # fmt: skip
+        out[t] = p
+        scale_bits[t] = (np.int32(n) + 127) << 23
+    scale = scale_bits.view(np.float32)
+    for t in range(shifted.shape[0]):
+        out[t] = out[t] * scale[t] if shifted[t] > NEGLIGIBLE else np.float32(0.0)
