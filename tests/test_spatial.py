@@ -173,6 +173,17 @@ def test_in_place_sweeps_skip_settled_voxels_and_ignore_the_slabs(head):
         np.testing.assert_array_equal(other.probabilities(0.5), grids[0].probabilities(0.5))
 
 
+def test_vectorised_exp_of_the_sweep_kernel():
+    from segment import _kernels
+
+    shifted = np.linspace(_kernels.NEGLIGIBLE, 0.0, 100_001).astype(np.float32)
+    out, bits = np.empty_like(shifted), np.empty(shifted.shape, np.int32)
+    _kernels._exp_row(shifted, out, bits)
+    expected = np.exp(shifted[1:].astype(np.float64))
+    assert np.abs(out[1:] / expected - 1).max() < 5e-7
+    assert out[0] == 0.0 and out[-1] == 1.0  # negligible components are 0; the best is 1
+
+
 def test_bias_field_on_a_sub_grid_is_the_same_polynomial(rng):
     """The field's EM runs on every s-th voxel: its coordinates there are those of the grid."""
     boxes, degree = [(0.0, 31.0), (0.0, 35.0), (0.0, 20.0)], 3
