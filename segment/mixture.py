@@ -483,9 +483,12 @@ class GaussianMixtureEM:
             state["coefficients"] = _spatial.solve_bias(gram, moment)
             state["log_bias"] = field(state["coefficients"], mask_grid, sub_boxes)
 
-        iteration, trace, params, covariances, change, stats = self._em_iterations(
-            likelihood(params), params, floor, likelihood, refit_field
-        )
+        try:
+            iteration, trace, params, covariances, change, stats = self._em_iterations(
+                likelihood(params), params, floor, likelihood, refit_field
+            )
+        finally:
+            _spatial._SAMPLE_CACHE.clear()  # this process's; worker processes end with the fit
         scale = float(mask.sum()) / float(sub_mask.sum())
         self._finish(self.n_iter_ + iteration,
                      self.log_likelihood_trace_ + [value * scale for value in trace],
