@@ -21,6 +21,7 @@ J. R. Stat. Soc. B 39(1), 1-38.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TypedDict
 
 import numpy as np
@@ -121,9 +122,21 @@ def floor_covariances(covariances: np.ndarray, variance_floor: np.ndarray) -> np
 BLOCK = 16384
 #: Voxels per block of the one-channel statistics kernel, whose two (K, block) float64 buffers
 #: are reused from block to block: 2 x 6 x 8192 x 8 B = 0.8 MB stays in a core's L2 cache.
-#: It allocates no (K, block) array per block, so 8192 does not suffer as ``BLOCK`` did; 16384
-#: was no faster on 2 threads and slower on 1. Keep it under 10001 (see _weighted_row_sums).
+#: Its weighted row sums are ``np.dot`` products, which release the GIL while BLAS runs (the
+#: ``@`` operator held it: two Dask threads took turns; ``einsum`` is half as fast). OpenBLAS
+#: computes products this short on the calling thread; from n = 10001 it wakes its own threads,
+#: which then compete with the Dask workers (measured 2 to 20 times slower): keep it under 10001.
 BLOCK_1D = 8192
+#: The one-channel kernel raises exponents below this to it: ``np.exp`` is 3 to 100 times slower
+#: on arguments whose result underflows (to 0 or a subnormal number), which the components far
+#: from a voxel give. It changes each ``e_nk`` by less than 1e-304.
+_MIN_EXPONENT = -700.0
+#: The one-channel kernel exponentiates ``log pi_k + log N(x | k)`` without log-sum-exp's shift
+#: when every ``a_k`` (the log density at the centre) is below this, far from exp's overflow
+#: at 709.8, and redoes with the shift any block where some voxel's total density is below
+#: ``_MIN_UNSHIFTED_TOTAL``: what the floor above adds is then below 1e-154 of any voxel's total.
+_MAX_UNSHIFTED_LOG_DENSITY = 600.0
+_MIN_UNSHIFTED_TOTAL = 1e-150
 
 
 def estimate_log_gaussian_prob(
@@ -286,71 +299,115 @@ def _chunk_statistics_1d(
 
     With the scaled residual ``y_kn = (x_n - c_k) / (sqrt(2) sigma_k)`` the log-domain E-step
     is ``log pi_k + log N(x_n | c_k, sigma_k^2) = a_k - y_kn^2``, with
-    ``a_k = log pi_k - log sigma_k - log(2 pi) / 2``. Log-sum-exp gives
-    ``e_nk = exp(a_k - y_kn^2 - peak_n)``, ``t_n = sum_k e_nk``, ``r_nk = e_nk / t_n`` and
-    ``log p(x_n) = peak_n + log t_n``. The centred moments are then weighted row sums,
-    ``sum_n r_nk (x_n - c_k)^j = (sqrt(2) sigma_k)^j sum_n e_nk y_kn^j (w_n / t_n)``, j = 0, 1, 2,
-    so no (K, N) array is normalised, re-centred or allocated per block: two (K, block)
-    buffers are reused, which keeps the work in the CPU cache and scales across threads.
+    ``a_k = log pi_k - log sigma_k - log(2 pi) / 2``. Then ``e_nk = exp(a_k - y_kn^2)``,
+    ``t_n = sum_k e_nk = p(x_n)``, ``r_nk = e_nk / t_n``, and the centred moments are weighted
+    row sums, ``sum_n r_nk (x_n - c_k)^j = (sqrt(2) sigma_k)^j sum_n e_nk y_kn^j (w_n / t_n)``,
+    j = 0, 1, 2, so no (K, N) array is normalised, re-centred or allocated per block: two
+    (K, block) buffers are reused, which keeps the work in the CPU cache.
+
+    ``e_nk`` is computed without subtracting the per-voxel maximum of log-sum-exp: ``a_k``
+    is checked to be far below the overflow limit, and a block where some ``t_n`` is tiny
+    (a voxel tens of standard deviations from every component) is redone by
+    :func:`_shifted_block_sums`, which subtracts it. That saves two passes over the (K, block)
+    buffer and, with the log-likelihood taken once per chunk, leaves a dozen numpy calls per
+    block: each call takes the GIL, and fewer calls is what lets two threads scale. Exponents
+    are floored at ``_MIN_EXPONENT`` first, which makes ``np.exp`` about twice as fast on
+    real scans (see there).
     """
     x = np.asarray(X)[:, 0]
-    n_components = means.shape[0]
+    n_voxels, n_components = len(x), means.shape[0]
     sigma_root2 = np.sqrt(2.0) / precisions_chol[:, 0, 0]  # sqrt(2) sigma_k
-    centers, inv_scale = means[:, :1], 1.0 / sigma_root2[:, None]
-    log_weighted_norm = np.log(weights) + np.log(precisions_chol[:, 0, 0]) - 0.5 * LOG_2PI
-    offset = log_weighted_norm[:, None]  # a_k
-    block_size = min(BLOCK_1D, max(len(x), 1))
-    x_buffer = np.empty(block_size)
-    y_buffer, e_buffer = np.empty((2, n_components, block_size))
-    row_sums = np.zeros((3, n_components))  # sum_n r_nk y_kn^j for j = 0, 1, 2
-    log_likelihood = n_samples = 0.0
-    for start in range(0, len(x), block_size):
-        block = x_buffer[: len(x) - start] if start + block_size > len(x) else x_buffer
-        block[...] = x[start : start + block_size]  # float64 copy (the input may be float32)
-        y, e = y_buffer[:, : len(block)], e_buffer[:, : len(block)]
-        np.subtract(block, centers, out=y)
-        y *= inv_scale  # y_kn
-        np.square(y, out=e)
-        np.subtract(offset, e, out=e)  # log pi_k + log N(x_n | c_k, sigma_k^2)
-        peak = e.max(axis=0)
-        e -= peak
-        np.exp(e, out=e)  # e_nk
-        total = e.sum(axis=0)  # t_n
-        log_norm = np.log(total)
-        log_norm += peak  # log p(x_n)
-        per_voxel = np.reciprocal(total, out=total)  # w_n / t_n
-        if sample_weight is None:
-            log_likelihood += log_norm.sum()
-            n_samples += len(block)
-        else:
-            block_weight = np.asarray(sample_weight[start : start + block_size], np.float64)
-            per_voxel *= block_weight
-            log_likelihood += np.dot(log_norm, block_weight)
-            n_samples += block_weight.sum()
-        row_sums[0] += _weighted_row_sums(e, per_voxel)
-        e *= y
-        row_sums[1] += _weighted_row_sums(e, per_voxel)
-        e *= y
-        row_sums[2] += _weighted_row_sums(e, per_voxel)
+    params = (
+        means[:, :1],  # c_k
+        1.0 / sigma_root2[:, None],
+        (np.log(weights) + np.log(precisions_chol[:, 0, 0]) - 0.5 * LOG_2PI)[:, None],  # a_k
+    )
+    centers, inv_scale, offset = params
+    w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    block_size = min(BLOCK_1D, max(n_voxels, 1))
+    starts = range(0, n_voxels, block_size)
+    sums = np.zeros((len(starts), 3, n_components))  # per block: sum_n e_nk y_kn^j w_n / t_n
+    totals = np.ones(n_voxels)  # t_n
+    redo: Sequence[int] = starts  # blocks left to the log-sum-exp of _shifted_block_sums
+    if offset.max() < _MAX_UNSHIFTED_LOG_DENSITY:  # then no e_nk overflows
+        (y_buffer, e_buffer), per_voxel = (
+            np.empty((2, n_components, block_size)),
+            np.empty(block_size),
+        )
+        # A voxel far from every component (t_n at the floor) can give inf or nan below, in a
+        # block redone afterwards.
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            for i, start in enumerate(starts):
+                stop = min(start + block_size, n_voxels)
+                y, e = (y_buffer, e_buffer) if stop - start == block_size else (
+                    y_buffer[:, : stop - start], e_buffer[:, : stop - start])  # fmt: skip
+                total, ratio, row = totals[start:stop], per_voxel[: stop - start], sums[i]
+                np.subtract(x[start:stop], centers, out=y)  # float32 voxels cast on the fly
+                np.multiply(y, inv_scale, out=y)  # y_kn
+                np.square(y, out=e)
+                np.subtract(offset, e, out=e)
+                np.maximum(e, _MIN_EXPONENT, out=e)
+                np.exp(e, out=e)  # e_nk
+                np.add.reduce(e, axis=0, out=total)  # t_n
+                if w is None:
+                    np.reciprocal(total, out=ratio)
+                else:
+                    np.divide(w[start:stop], total, out=ratio)
+                np.dot(e, ratio, out=row[0])  # BLAS, without the GIL (see BLOCK_1D)
+                np.multiply(e, y, out=e)
+                np.dot(e, ratio, out=row[1])
+                np.multiply(e, y, out=e)
+                np.dot(e, ratio, out=row[2])
+        underflow = np.flatnonzero(~(totals > _MIN_UNSHIFTED_TOTAL))  # nan too
+        redo = [starts[i] for i in np.unique(underflow // block_size)]
+    log_likelihood = 0.0
+    for start in redo:
+        stop = min(start + block_size, n_voxels)
+        block_w = None if w is None else w[start:stop]
+        log_likelihood += _shifted_block_sums(
+            x[start:stop], block_w, params, sums[start // block_size]
+        )
+        totals[start:stop] = 1.0  # their log-likelihood is counted above
+    log_totals = np.log(totals, out=totals)
+    if w is not None:  # not np.dot: OpenBLAS would wake its threads for a long vector
+        log_totals *= w
+    log_likelihood += log_totals.sum()
+    row_sums = sums.sum(axis=0)
     return Statistics(
         nk=row_sums[0],
         sum_centered=(row_sums[1] * sigma_root2)[:, None],
         scatter=(row_sums[2] * sigma_root2**2)[:, None, None],
         log_likelihood=float(log_likelihood),
-        n_samples=float(n_samples),
+        n_samples=float(n_voxels if w is None else w.sum()),
     )
 
 
-def _weighted_row_sums(a: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """``a @ v`` for a (K, n) ``a`` and an (n,) ``v`` with n <= BLOCK_1D, as a BLAS product.
+def _shifted_block_sums(
+    x: np.ndarray, w: np.ndarray | None, params: tuple, row_sums: np.ndarray
+) -> float:
+    """One block of :func:`_chunk_statistics_1d` by log-sum-exp, for voxels far from all.
 
-    ``np.dot`` releases the GIL while BLAS runs; the ``@`` operator (a gufunc) holds it for a
-    single product, so two Dask threads took turns (measured: no gain from the second thread).
-    ``einsum`` is half as fast. OpenBLAS computes products this short on the calling thread;
-    from n = 10001 it wakes its own threads, which then compete with the Dask workers
-    (measured 2 to 20 times slower), hence BLOCK_1D = 8192.
+    Subtracting each voxel's largest ``a_k - y_kn^2`` before the exponential keeps every
+    ``t_n >= 1``. Writes the (3, K) weighted row sums into ``row_sums``; returns the block's
+    log-likelihood.
     """
-    return np.dot(a, v)
+    centers, inv_scale, offset = params
+    y = np.subtract(np.asarray(x, dtype=np.float64), centers)
+    y *= inv_scale
+    e = np.subtract(offset, np.square(y))
+    peak = e.max(axis=0)
+    e -= peak
+    np.maximum(e, _MIN_EXPONENT, out=e)
+    np.exp(e, out=e)
+    total = e.sum(axis=0)
+    log_norm = np.log(total) + peak
+    ratio = np.reciprocal(total) if w is None else w / total
+    row_sums[0] = np.dot(e, ratio)
+    e *= y
+    row_sums[1] = np.dot(e, ratio)
+    e *= y
+    row_sums[2] = np.dot(e, ratio)
+    return float(log_norm.sum() if w is None else np.dot(log_norm, w))
 
 
 def _moments(

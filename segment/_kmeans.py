@@ -30,20 +30,33 @@ def kmeans_plusplus(
     centers : (n_clusters, D) array
     """
     n_trials = 2 + int(np.log(n_clusters))
-    probabilities = sample_weight / sample_weight.sum()
-    centers = [X[rng.choice(len(X), p=probabilities)]]
+    centers = [X[_weighted_choice(rng, sample_weight / sample_weight.sum())]]
     closest = _squared_distances(X, centers[0][None, :])[0]
     for _ in range(1, n_clusters):
         potential = sample_weight * closest
-        if potential.sum() <= 0:  # fewer distinct points than clusters: caller checks first
+        total = potential.sum()
+        if total <= 0:  # fewer distinct points than clusters: caller checks first
             break
-        candidates = rng.choice(len(X), size=n_trials, p=potential / potential.sum())
+        candidates = _weighted_choice(rng, potential / total, n_trials)
         distances = _squared_distances(X, X[candidates])
         candidate_closest = np.minimum(closest[None, :], distances, out=distances)
         best = int(np.argmin(candidate_closest @ sample_weight))
         centers.append(X[candidates[best]])
         closest = candidate_closest[best]
     return np.array(centers)
+
+
+def _weighted_choice(rng: np.random.Generator, p: np.ndarray, size: int | None = None):
+    """``rng.choice(len(p), size, p=p)``: the same random draws and indices, without its checks.
+
+    numpy's ``Generator.choice`` inverts the cumulative sum of ``p`` at uniform draws, after
+    checking ``p`` in three more passes (NaN, sign, a compensated sum); these passes over the
+    200 000-voxel sample cost more than the draw itself. ``p`` is non-negative here by
+    construction.
+    """
+    cdf = np.cumsum(p)
+    cdf /= cdf[-1]
+    return cdf.searchsorted(rng.random(size), side="right")
 
 
 def kmeans(
@@ -174,7 +187,9 @@ def parameters_from_clusters(
         w = sample_weight[members]
         weights[k] = w.sum()
         if weights[k] > 0:
-            means[k] = w @ X[members] / weights[k]
+            # einsum, not @: OpenBLAS runs products this long on its own threads, which then
+            # spin for about 0.1 s, taking a core from the first E-step of a multi-threaded fit.
+            means[k] = np.einsum("n,nd->d", w, X[members]) / weights[k]
             diff = X[members] - means[k]
-            covariances[k] = (w[:, None] * diff).T @ diff / weights[k]
+            covariances[k] = np.einsum("n,nd,ne->de", w, diff, diff) / weights[k]
     return weights / weights.sum(), means, covariances

@@ -260,6 +260,55 @@ def test_one_channel_kernel_far_away_voxels_stay_finite():
     assert stats["nk"].sum() == pytest.approx(4.0, rel=1e-14)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_one_channel_kernel_redoes_the_blocks_with_far_away_voxels(rng, weighted):
+    """A block where a voxel's density underflows is redone by log-sum-exp, the rest is not."""
+    n_voxels = 3 * _em.BLOCK_1D + 11
+    X = _mixture_sample(rng, [10.0, 50.0], [2.0, 5.0], [n_voxels // 2, n_voxels - n_voxels // 2])
+    X[_em.BLOCK_1D + 5] = 1e4  # exp underflows for every component in the second block only
+    X[-1] = -3e3  # and in the short last block
+    sample_weight = rng.uniform(0, 2, size=n_voxels) if weighted else None
+    params = (
+        np.array([0.4, 0.6]),
+        np.array([[11.0], [48.0]]),
+        _em.precision_cholesky(np.array([[[5.0]], [[30.0]]])),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats = _em.chunk_statistics(X, *params, sample_weight=sample_weight)
+    _assert_stats_equal(stats, _general_statistics(X, params, sample_weight), rtol=1e-12)
+
+
+def test_one_channel_kernel_far_away_value_with_a_large_count():
+    """Distinct values with counts: a far value weighing 1e12 voxels raises no warning."""
+    X = np.array([[0.0], [1.0], [5000.0], [3.0]])
+    sample_weight = np.array([1e6, 3e9, 1e12, 5.0])
+    params = (
+        np.array([0.3, 0.7]),
+        np.array([[0.0], [2.0]]),
+        _em.precision_cholesky(np.array([[[1.0]], [[1.0]]])),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats = _em.chunk_statistics(X, *params, sample_weight=sample_weight)
+    _assert_stats_equal(stats, _general_statistics(X, params, sample_weight), rtol=1e-12)
+
+
+def test_one_channel_kernel_very_narrow_component():
+    """A component so narrow that its peak density would overflow exp takes the shifted path."""
+    X = np.array([[0.0], [1e-265], [-2e-265], [5e-265]])
+    params = (
+        np.array([0.5, 0.5]),
+        np.array([[0.0], [0.0]]),
+        np.array([[[1e265]], [[1.0]]]),  # precisions_chol = 1 / sigma: a_1 > 600
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats = _em.chunk_statistics(X, *params)
+    assert np.isfinite(stats["log_likelihood"]) and stats["log_likelihood"] > 600
+    _assert_stats_equal(stats, _general_statistics(X, params), rtol=1e-12)
+
+
 # ----------------------------------------------------------------------------- covariances
 def test_floor_covariances_1d_is_maximum():
     covariances = np.array([[[0.5]], [[2.0]], [[1.0]]])
