@@ -773,8 +773,8 @@ def main(argv=None) -> None:
         "--spatial-up-to",
         type=float,
         default=2.0,
-        help="run `segment run --mrf --bias-field` up to this scale (0: never); the spatial "
-        "path keeps K+1 float32 maps per voxel in memory",
+        help="run `segment run --mrf --bias-field` up to this scale (0: never; 8 adds about "
+        "2 min per dtype)",
     )
     parser.add_argument("--out", type=Path, help="also write the Markdown report here")
     parser.add_argument("--rows-out", type=Path, help="append each case as a JSON line here")

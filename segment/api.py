@@ -99,6 +99,14 @@ class SegmentationResult:
     written: list[Path] = field(default_factory=list)
     """Files written by :meth:`save`."""
 
+    def _streams_bias_field(self, reference, path) -> bool:
+        """True when the field can be written slab by slab: one channel, a 3-D NIfTI."""
+        grid = getattr(self.estimator, "_bias_grid", None)
+        return (
+            grid is not None and grid[2] == 1 and len(reference.shape) == 3
+            and Path(path).name.lower().endswith((".nii", ".nii.gz"))
+        )  # fmt: skip
+
     @property
     def _has_bias_field(self) -> bool:
         return getattr(self.estimator, "_bias_grid", None) is not None
@@ -230,6 +238,13 @@ class SegmentationResult:
 
         bias_paths = bias_output_paths(paths, self._has_bias_field, corrected)
         for name, path in bias_paths.items():
+            if name == "biasfield" and self._streams_bias_field(reference, path):
+                io.write_map_slabs(
+                    self.estimator._bias_field_last_axis_slabs, reference, path,
+                    cal=self.estimator.bias_field_range_,
+                )  # fmt: skip
+                done.append(path)
+                continue
             field = self.bias_field
             if name == "corrected":
                 field = np.asarray(reference.data, dtype=np.float32)[..., None] / field
@@ -397,18 +412,6 @@ class _StreamedPosterior(_StreamedVolumes):
             del maps
 
 
-def labels_from_volumes(volumes, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Labels 1..K (0 outside ``mask``) and the summed probabilities, from streamed maps."""
-    labels = np.zeros(mask.shape, np.uint8)
-    soft_counts = np.zeros(len(volumes))
-    for where, maps in volumes._by_slab():
-        stacked = np.stack(maps)
-        inside = mask[where]
-        labels[where] = np.where(inside, stacked.argmax(axis=0) + 1, 0)
-        soft_counts += stacked.reshape(len(maps), -1).sum(axis=1, dtype=np.float64)
-    return labels, soft_counts
-
-
 def _array_reference(shape: tuple[int, ...]):
     """A stand-in grid (identity affine, 1 mm voxels) for results of :func:`segment_array`."""
     import nibabel as nib
@@ -568,9 +571,9 @@ def segment_array(
         timings = {"fit_s": time.perf_counter() - start}
         if responsibilities is None:  # streamed: labels and volumes from one pass of slabs
             start = time.perf_counter()
-            labels, estimator.soft_counts_ = labels_from_volumes(
-                _StreamedPosterior(valid, estimator), valid
-            )
+            grid, beta = estimator._posterior
+            labels = np.zeros(valid.shape, np.uint8)
+            labels[estimator._box], estimator.soft_counts_ = grid.labels(beta)
             timings["predict_s"] = time.perf_counter() - start
             return SegmentationResult(
                 labels=labels, flat_responsibilities=None, channels=[], estimator=estimator,

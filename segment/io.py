@@ -742,6 +742,29 @@ def write_map(
     return path
 
 
+def write_map_slabs(
+    slabs: Callable[[int], Iterable[Sequence[np.ndarray]]],
+    reference: Scan,
+    path: str | Path,
+    *,
+    cal: tuple[float, float],
+    compresslevel: int = DEFAULT_COMPRESSLEVEL,
+) -> Path:
+    """:func:`write_map` of a 3-D float32 map given by slabs along its last axis.
+
+    ``slabs(step)`` yields ``[slab]`` for ``start = 0, step, ...`` (see
+    :func:`write_nifti_slabs`); ``cal`` is the map's range. Same file, no whole map in memory.
+    """
+    img = _nifti_like(
+        np.zeros((1,) * len(reference.shape), np.float32), reference, cal=cal,
+        components_last=False,
+    )  # fmt: skip
+    img.header.set_data_shape(reference.shape)
+    return write_nifti_slabs(
+        img.header, slabs, path, shape=reference.shape, compresslevel=compresslevel, n_volumes=1
+    )
+
+
 #: Bytes of one volume per gzip member of a 4-D ``.nii.gz`` (whole slices along the last
 #: spatial axis). Both 4-D writers cut at the same places, so equal maps give equal bytes.
 #: :func:`write_nifti_slabs` holds about three slabs of all volumes at once (K = 6: ~75 MB);
@@ -836,6 +859,7 @@ def write_nifti_slabs(
     shape: Sequence[int],
     compresslevel: int = DEFAULT_COMPRESSLEVEL,
     n_threads: int | None = None,
+    n_volumes: int | None = None,
 ) -> Path:
     """Write a 4-D NIfTI from slabs that hold all its volumes at once, atomically.
 
@@ -857,6 +881,8 @@ def write_nifti_slabs(
         Spatial shape of one volume (its last axis is the one cut into slabs).
     compresslevel, n_threads :
         As in :func:`write_nifti_volumes`.
+    n_volumes : int, optional
+        Volumes per slab (default: the header's last dimension); 1 for a 3-D image.
 
     Notes
     -----
@@ -871,7 +897,7 @@ def write_nifti_slabs(
     """
     path = Path(path)
     dtype = np.dtype(header.get_data_dtype())
-    n_volumes = int(header.get_data_shape()[-1])
+    n_volumes = int(header.get_data_shape()[-1]) if n_volumes is None else n_volumes
     step = slab_step(shape, dtype)
     spatial_shape = tuple(int(n) for n in shape)
 

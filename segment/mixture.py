@@ -316,6 +316,16 @@ class GaussianMixtureEM:
             field[start : start + len(planes)] = planes
         return field
 
+    def _bias_field_last_axis_slabs(self, step: int):
+        """``[field[..., start:start + step, 0]]`` for ``start = 0, step, ...`` (one channel)."""
+        shape, offset, _ = self._bias_grid
+        for start in range(0, shape[-1], step):
+            planes = _spatial.log_bias_grid_block(
+                shape[:-1] + (min(step, shape[-1] - start),), offset[:-1] + (offset[-1] + start,),
+                self.bias_coefficients_, self._bias_boxes, self.bias_degree_,
+            )  # fmt: skip
+            yield [np.exp(planes[..., 0])]
+
     def _bias_field_slabs(self, step: int = 16):
         """``(start, field[start:start + step])`` along the first axis of the input grid."""
         shape, offset, _ = self._bias_grid

@@ -676,6 +676,12 @@ def test_spatial_maps_are_streamed_over_a_third_of_the_memory_limit(head, tmp_pa
         for name in ("kept", "streamed")
     ]
     np.testing.assert_allclose(maps[1], maps[0], atol=1e-6)
+    # the bias field is written slab by slab: the same values as the in-memory field
+    for name in ("kept", "streamed"):
+        written = nib.load(tmp_path / name / "segment_biasfield.nii.gz")
+        assert written.shape == image.shape
+        np.testing.assert_allclose(written.get_fdata(), kept.bias_field[..., 0], rtol=1e-6)
+        assert written.header["cal_max"] == pytest.approx(kept.bias_field.max(), rel=1e-6)
 
 
 def test_batch_memory_limit_applies_per_scan(tmp_path):
