@@ -19,7 +19,8 @@
   variance of ``log y``), on a regular subsample of the voxels, with a ridge prior pulling the
   coefficients to zero (:data:`BIAS_PRIOR_WEIGHT`).
 
-No I/O and no Dask: :mod:`segment._chunked` maps these over blocks.
+No I/O and no Dask: :mod:`segment._chunked` maps the field's functions over blocks, and
+:mod:`segment._sweeps` the sweep over slabs.
 
 References
 ----------
