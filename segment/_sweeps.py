@@ -134,28 +134,46 @@ class PosteriorGrid:
     def slab(self, start: int, stop: int, beta: float) -> np.ndarray:
         """:meth:`probabilities` of the planes ``start:stop`` of the *last* axis.
 
-        Returns (K, *spatial[:-1][::-1] reversed...) as ``(K, stop - start, ..., n_0)``: the
-        maps with their axes reversed, C-contiguous, i.e. each map Fortran-ordered as NIfTI
-        stores it (``maps[k].T`` is the slab in the grid's axis order).
+        Returns the K maps with their axes reversed, ``(K, stop - start, ..., n_0)``,
+        C-contiguous: each map in the Fortran order NIfTI stores (``maps[k].T`` is the slab in
+        the grid's axis order). The threads share the slab along its second-to-last axis, each
+        part with a one-voxel halo there (computed and dropped).
         """
-        n_last = self.mask.shape[-1]
-        lo, hi = max(start - 1, 0), min(stop + 1, n_last)
-        where = (Ellipsis, slice(lo, hi))
-        reverse = tuple(range(self.mask.ndim))[::-1]
-        offset = (0,) * (self.mask.ndim - 1) + (lo,)
-        log_bias = self.log_bias(self.mask[where].shape, offset)
-        probabilities = _spatial.mean_field_sweep(
-            np.ascontiguousarray(self.state[where + (slice(None),)].transpose(reverse + (-1,))),
-            np.ascontiguousarray(self.image[where + (slice(None),)].transpose(reverse + (-1,))),
-            np.ascontiguousarray(self.mask[where].transpose(reverse)),
-            np.ascontiguousarray(log_bias.transpose(reverse + (-1,))),
-            *self.params,
-            beta,
-            np.ascontiguousarray(self.kernel.transpose(reverse)),
-            final=True,
-            halo=(start - lo, hi - stop),
-        )[start - lo : stop - lo]
-        return np.ascontiguousarray(np.moveaxis(probabilities, -1, 0))
+        ndim = self.mask.ndim
+        lo, hi = max(start - 1, 0), min(stop + 1, self.mask.shape[-1])
+        reverse = tuple(range(ndim))[::-1]
+        kernel = np.ascontiguousarray(self.kernel.transpose(reverse))
+        out = np.empty((self.n_components, stop - start) + self.mask.shape[:-1][::-1], np.float32)
+        axis = ndim - 2  # the grid axis that is axis 1 of the reversed arrays
+        size = self.mask.shape[axis]
+        step = -(-size // self.n_threads)
+        parts = [(a, min(a + step, size)) for a in range(0, size, step)]
+
+        def one(part):
+            a0, a1 = part
+            b0, b1 = max(a0 - 1, 0), min(a1 + 1, size)
+            index = [slice(None)] * ndim
+            index[axis], index[-1] = slice(b0, b1), slice(lo, hi)
+            offset = [0] * ndim
+            offset[axis], offset[-1] = b0, lo
+            index = tuple(index)
+            log_bias = self.log_bias(self.mask[index].shape, tuple(offset))
+            probabilities = _spatial.mean_field_sweep(
+                np.ascontiguousarray(self.state[index].transpose(reverse + (ndim,))),
+                np.ascontiguousarray(self.image[index].transpose(reverse + (ndim,))),
+                np.ascontiguousarray(self.mask[index].transpose(reverse)),
+                np.ascontiguousarray(log_bias.transpose(reverse + (ndim,))),
+                *self.params,
+                beta,
+                kernel,
+                final=True,
+                halo=(start - lo, hi - stop),
+            )[start - lo : stop - lo, a0 - b0 : a1 - b0]
+            out[:, :, a0:a1] = np.moveaxis(probabilities, -1, 0)
+
+        with ThreadPoolExecutor(self.n_threads) as pool:
+            list(pool.map(one, parts))
+        return out
 
     def _block(self, previous, lo, hi, beta, final, halo, skip_settled=False):
         offset = (lo,) + (0,) * (self.mask.ndim - 1)

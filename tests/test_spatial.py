@@ -684,6 +684,19 @@ def test_spatial_maps_are_streamed_over_a_third_of_the_memory_limit(head, tmp_pa
         assert written.header["cal_max"] == pytest.approx(kept.bias_field.max(), rel=1e-6)
 
 
+def test_streamed_spatial_maps_of_a_2d_image():
+    rng = np.random.default_rng(0)
+    image = np.where(np.add.outer(np.arange(80), np.arange(70)) > 70, 200.0, 100.0)
+    image[:20] += 50
+    image += rng.normal(0, 40, image.shape)
+    options = dict(n_components=3, mrf_beta=0.3, bias_field=True)
+    kept = segment_array(image, **options)
+    streamed = segment_array(image, memory_limit=image.size * 3 * 4 * 3 - 1, **options)
+    assert streamed.flat_responsibilities is None
+    np.testing.assert_array_equal(streamed.labels, kept.labels)
+    np.testing.assert_allclose(streamed.responsibilities, kept.responsibilities, atol=1e-6)
+
+
 def test_batch_memory_limit_applies_per_scan(tmp_path):
     scans = tmp_path / "scans"
     scans.mkdir()
