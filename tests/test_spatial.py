@@ -652,9 +652,11 @@ def test_spatial_path_refuses_to_exceed_the_memory_limit(tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_spatial_maps_are_streamed_over_a_third_of_the_memory_limit(head, tmp_path):
+def test_spatial_maps_are_streamed_over_a_third_of_the_memory_limit(head, tmp_path, monkeypatch):
     """Maps too big for the limit are recomputed slab by slab: the same labels and files."""
     from segment.mixture import _bounding_box
+
+    monkeypatch.setattr(io, "SLAB_BYTES", 4096)  # one-plane writer slabs, several groups
 
     image, _, mask = head
     options = dict(n_components=3, mrf_beta=0.2, bias_field=True, bias_smoothness=20.0)
