@@ -94,6 +94,29 @@ class PosteriorGrid:
     def probabilities(self, beta: float) -> np.ndarray:
         """One more sweep, as float32 probabilities (*spatial, K) (zeros outside the mask)."""
         out = np.zeros(self.mask.shape + (self.n_components,), np.float32)
+
+        def keep(r0, r1, probabilities):
+            out[r0:r1] = probabilities
+
+        self._final_sweep(beta, keep)
+        return out
+
+    def labels(self, beta: float) -> tuple[np.ndarray, np.ndarray]:
+        """Labels 1..K of :meth:`probabilities` (0 outside the mask) and their column sums.
+
+        The same sweep, keeping only the argmax of each voxel's float32 probabilities and the
+        sums: no (*spatial, K) float array.
+        """
+        labels = np.zeros(self.mask.shape, np.uint8)
+
+        def keep(r0, r1, probabilities):
+            labels[r0:r1] = np.where(self.mask[r0:r1], probabilities.argmax(axis=-1) + 1, 0)
+            return probabilities.reshape(-1, self.n_components).sum(axis=0, dtype=np.float64)
+
+        return labels, np.sum(self._final_sweep(beta, keep), axis=0)
+
+    def _final_sweep(self, beta: float, keep: Callable) -> list:
+        """The float32 sweep slab by slab on the threads; ``keep(r0, r1, probabilities)`` each."""
         n_planes = self.mask.shape[0]
 
         def one(slab):
@@ -102,34 +125,10 @@ class PosteriorGrid:
             probabilities = self._block(
                 self.state[lo:hi], lo, hi, beta, final=True, halo=(r0 - lo, hi - r1)
             )
-            out[r0:r1] = probabilities[r0 - lo : r1 - lo]
+            return keep(r0, r1, probabilities[r0 - lo : r1 - lo])
 
         with ThreadPoolExecutor(self.n_threads) as pool:
-            list(pool.map(one, self.slabs))
-        return out
-
-    def labels(self, beta: float) -> tuple[np.ndarray, np.ndarray]:
-        """Labels 1..K of :meth:`probabilities` (0 outside the mask) and their column sums.
-
-        The same sweep, slab by slab on the threads, keeping only the argmax of each voxel's
-        float32 probabilities and the sums: no (*spatial, K) float array.
-        """
-        labels = np.zeros(self.mask.shape, np.uint8)
-        n_planes = self.mask.shape[0]
-
-        def one(slab):
-            r0, r1 = slab
-            lo, hi = max(r0 - 1, 0), min(r1 + 1, n_planes)
-            probabilities = self._block(
-                self.state[lo:hi], lo, hi, beta, final=True, halo=(r0 - lo, hi - r1)
-            )[r0 - lo : r1 - lo]
-            inside = self.mask[r0:r1]
-            labels[r0:r1] = np.where(inside, probabilities.argmax(axis=-1) + 1, 0)
-            return probabilities.reshape(-1, self.n_components).sum(axis=0, dtype=np.float64)
-
-        with ThreadPoolExecutor(self.n_threads) as pool:
-            sums = list(pool.map(one, self.slabs))
-        return labels, np.sum(sums, axis=0)
+            return list(pool.map(one, self.slabs))
 
     def slab(self, start: int, stop: int, beta: float) -> np.ndarray:
         """:meth:`probabilities` of the planes ``start:stop`` of the *last* axis.
