@@ -64,6 +64,18 @@ _NIFTI_EXTENSIONS = (".nii", ".nii.gz")
 #: gzip level of .nii.gz outputs. Level 1 writes probability maps about 3x faster than
 #: level 6 for files about 10 % larger; nibabel's own default is also 1.
 DEFAULT_COMPRESSLEVEL = 1
+#: How our gzip members choose their zlib strategy: a few samples of each member are
+#: compressed both with the default strategy and with ``Z_RLE`` (matches of runs only), and
+#: the member gets ``Z_RLE`` unless that is more than 10 % larger (the trade-off of level 1
+#: over 6: a file up to 10 % larger for about twice the speed). On float32 maps whose
+#: mantissas rarely repeat (an MRF posterior, a plain fit of a float scan, a bias field), the
+#: default strategy spends its time searching for matches it does not find: ``Z_RLE``
+#: compresses them 2-2.5x faster into files about as small (0.379 vs 0.394 of the raw size on
+#: the MRF posterior of the 8x head; a bias field 5 % larger, 1.9x faster). On a plain fit of
+#: an integer scan, whose probabilities repeat with each intensity, only the default strategy
+#: finds the repeats (0.337 vs 0.905).
+#: Either way the output is ordinary deflate data that every gzip reader reads.
+STRATEGY_SAMPLES = (3, 16384)
 _TIFF_EXTENSIONS = (".tif", ".tiff")
 # Coefficients of ITU-R BT.709 luminance, as in skimage.color.rgb2gray.
 _LUMINANCE = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)
@@ -622,7 +634,7 @@ def write_labels(
     labels = labels.astype(np.uint8)
     if ext in _NIFTI_EXTENSIONS:
         img = _nifti_like(labels, reference, cal=(0.0, float(top)), components_last=False)
-        return write_nifti(img, path, compresslevel=compresslevel)
+        return write_nifti_volumes(img.header, [labels], path, compresslevel=compresslevel)
     _check_2d(labels, path, "label map")
     with atomic_write(path) as tmp:
         if ext in _TIFF_EXTENSIONS:
@@ -785,8 +797,26 @@ def _fortran_bytes(part: np.ndarray, dtype) -> np.ndarray:
 
 def _gzip_member(data, level: int) -> bytes:
     """``data`` (bytes or a C-contiguous array) as one complete gzip member, mtime 0."""
-    packer = zlib.compressobj(level, zlib.DEFLATED, 31)  # 31: gzip wrapper
+    packer = zlib.compressobj(level, zlib.DEFLATED, 31, 8, _strategy(data, level))  # 31: gzip
     return packer.compress(data) + packer.flush()
+
+
+def _strategy(data, level: int) -> int:
+    """``Z_RLE`` unless the default strategy is clearly smaller on samples of ``data``."""
+    raw = memoryview(data).cast("B")
+    count, size = STRATEGY_SAMPLES
+    if level == 0 or len(raw) <= count * size:
+        return zlib.Z_DEFAULT_STRATEGY
+    stride = (len(raw) - size) // (count - 1)
+    sample = b"".join(raw[i * stride : i * stride + size] for i in range(count))
+
+    def compressed(strategy):
+        packer = zlib.compressobj(level, zlib.DEFLATED, -15, 8, strategy)
+        return len(packer.compress(sample) + packer.flush())
+
+    rle = compressed(zlib.Z_RLE)
+    return zlib.Z_RLE if rle <= 1.10 * compressed(zlib.Z_DEFAULT_STRATEGY) else (
+        zlib.Z_DEFAULT_STRATEGY)  # fmt: skip
 
 
 def _nifti_head(header) -> bytes:

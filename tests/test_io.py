@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from segment import io as io_module
 from segment.exceptions import DataWarning, InputError
 from segment.io import (
     SUPPORTED_EXTENSIONS,
@@ -563,10 +564,10 @@ def test_interrupted_nifti_write_leaves_nothing(tmp_path, make_nifti, monkeypatc
     scan = load_scan(make_nifti())
     before = sorted(p.name for p in tmp_path.iterdir())
 
-    def interrupt(self, *args, **kwargs):
+    def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(nib.Nifti1Image, "to_file_map", interrupt)
+    monkeypatch.setattr(io_module, "_gzip_member", interrupt)
     with pytest.raises(KeyboardInterrupt):
         write_labels(np.zeros(scan.shape, int), scan, tmp_path / "scan_dseg.nii.gz")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
@@ -600,3 +601,18 @@ def test_scaled_memmap_source_is_not_modified(make_nifti, volume):
     scan = load_scan(path)
     np.testing.assert_array_equal(scan.data, volume * 2)
     assert path.read_bytes() == before
+
+
+def test_gzip_members_choose_the_faster_strategy_only_when_it_compresses_as_well():
+    """Z_RLE for maps whose bytes do not repeat; the default strategy where values repeat."""
+    import zlib
+
+    rng = np.random.default_rng(0)
+    noisy = rng.random(1 << 20).astype(np.float32)  # mantissas that never repeat
+    repeated = rng.choice(rng.random(50).astype(np.float32), 1 << 20)  # few distinct values
+    assert io_module._strategy(noisy, 1) == zlib.Z_RLE
+    assert io_module._strategy(repeated, 1) == zlib.Z_DEFAULT_STRATEGY
+    for data in (noisy, repeated):  # either way a gzip member any reader decompresses
+        assert np.array_equal(
+            np.frombuffer(gzip.decompress(io_module._gzip_member(data, 1)), np.float32), data
+        )
