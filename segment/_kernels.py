@@ -1,9 +1,12 @@
 """The compiled per-voxel loop of the MRF's mean-field sweep (numba).
 
 The sweep is the pass over every voxel that the MRF prior repeats. In numpy it costs some 40
-passes over (K, n) temporaries (about 280 ns a voxel for K = 6 on our 2-core machine); as one
-loop per voxel it costs about a third of that, holds no (K, block) array, and releases the GIL,
-so threads run slabs side by side.
+passes over (K, n) temporaries (about 280 ns a voxel for K = 6 on our 2-core machine). The
+compiled loop works an image row at a time: the row's neighbour sums, then each step of the
+E-step as a loop over the row's voxels (component by component, so the compiler vectorises
+it), then the outputs. That costs about 30 ns a voxel for the plain E-step and 45-60 ns for an
+MRF sweep (K = 6, one thread; a voxel at a time it was 60-90 ns), holds no (K, block) array,
+and releases the GIL, so threads run slabs side by side.
 
 The kernel is the loop form of numpy functions that stay the reference (the tests compare
 them): :func:`segment._spatial.neighbour_sums` and :func:`segment._em.e_step` with a log
@@ -17,28 +20,94 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+#: What :func:`mean_field_rows` writes: the next uint8 state (a sweep), the float32 posterior
+#: (*block, K), or the float32 posterior component by component, (K, *computed planes).
+STATE, FINAL, FINAL_BY_COMPONENT = 0, 1, 2
+
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _log_posterior(x, means, precisions_chol, log_norm, log_prior, out):  # pragma: no cover
-    """``out_k = log_prior_k + log N(x | mu_k, Sigma_k)``; returns ``max_k out_k``."""
+def _neighbour_sums_row(flat_previous, shape, n_slots, i, j, c0, c1, offsets, offset_weights,
+                        sums):  # fmt: skip  # pragma: no cover
+    """``sums[(m - c0) * n_slots + s] = sum_o w_o previous[(i, j, m) + o, s]`` for m in c0:c1.
+
+    Neighbours outermost: for each one, the row's values are one contiguous run, which the
+    compiler vectorises. Neighbours outside the grid count 0.
+    """
+    n0, n1, n2 = shape
+    sums[: (c1 - c0) * n_slots] = 0.0
+    for o in range(offset_weights.shape[0]):
+        a = i + offsets[o, 0]
+        b = j + offsets[o, 1]
+        shift = offsets[o, 2]
+        if a < 0 or a >= n0 or b < 0 or b >= n1:
+            continue
+        lo, hi = max(c0, -shift), min(c1, n2 - shift)  # columns whose neighbour is inside
+        if hi <= lo:
+            continue
+        w = np.float32(offset_weights[o])
+        source = ((a * n1 + b) * n2 + lo + shift) * n_slots
+        # slices, so that the loop index is known non-negative and vectorises
+        values = flat_previous[source : source + (hi - lo) * n_slots]
+        target = sums[(lo - c0) * n_slots : (hi - c0) * n_slots]
+        for t in range((hi - lo) * n_slots):
+            target[t] += w * np.float32(values[t])
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _row_posterior(x, sums, n_slots, means, precisions_chol, log_norm, log_weights,
+                   prior_scale, log_post, peak, shifted, weights, scale_bits,
+                   totals):  # fmt: skip  # pragma: no cover
+    """The unnormalised posterior of one row of ``width`` voxels, component by component.
+
+    ``x`` is (D, width) float64. Writes ``weights[k * width + m] = exp(log q_mk - max_k log
+    q_mk)`` (0 under :data:`NEGLIGIBLE`) and ``totals[m] = sum_k weights``. Each step is a loop
+    over the row, which the compiler vectorises; per voxel the arithmetic is that of
+    :func:`segment._em.e_step` with the log prior ``prior_scale * sums`` (or ``log_weights``).
+    """
     n_components, n_features = means.shape
-    peak = -np.inf
+    width = x.shape[1]
+    peak[:width] = -np.inf
     for k in range(n_components):
-        quad = 0.0
-        for d in range(n_features):
-            y = 0.0
-            for e in range(n_features):
-                y += (x[e] - means[k, e]) * precisions_chol[k, e, d]
-            quad += y * y
-        value = log_norm[k] - 0.5 * quad + log_prior[k]
-        out[k] = value
-        if value > peak:
-            peak = value
-    return peak
+        row = log_post[k]
+        c = log_norm[k]
+        if n_features == 1:
+            mu, scale = means[k, 0], precisions_chol[k, 0, 0]
+            for m in range(width):
+                y = (x[0, m] - mu) * scale
+                row[m] = c - 0.5 * (y * y)
+        else:
+            row[:width] = 0.0
+            for d in range(n_features):
+                for m in range(width):
+                    y = 0.0
+                    for e in range(n_features):
+                        y += (x[e, m] - means[k, e]) * precisions_chol[k, e, d]
+                    row[m] += y * y
+            for m in range(width):
+                row[m] = c - 0.5 * row[m]
+        if prior_scale > 0:
+            for m in range(width):
+                row[m] += prior_scale * sums[m * n_slots + k]
+        else:
+            lw = log_weights[k]
+            for m in range(width):
+                row[m] += lw
+        for m in range(width):
+            peak[m] = max(peak[m], row[m])
+    for k in range(n_components):
+        row = log_post[k]
+        for m in range(width):
+            shifted[k * width + m] = max(row[m] - peak[m], NEGLIGIBLE)
+    n = n_components * width
+    _exp_row(shifted[:n], weights[:n], scale_bits[:n])
+    totals[:width] = 0.0
+    for k in range(n_components):
+        for m in range(width):
+            totals[m] += weights[k * width + m]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def mean_field_block(
+def mean_field_rows(
     previous,
     corrected,
     mask,
@@ -49,20 +118,28 @@ def mean_field_block(
     log_norm,
     log_weights,
     prior_scale,
-    first_row,
-    stop_row,
+    i0,
+    i1,
+    j0,
+    j1,
+    c0,
+    c1,
+    mode,
+    skip_settled,
     state_out,
     final_out,
-    final,
-    skip_settled,
+    labels_out,
+    counts,
 ):  # pragma: no cover - compiled; tested against the numpy reference
-    """One mean-field sweep over planes ``first_row:stop_row`` of a 3-D block.
+    """One mean-field sweep over the voxels ``[i0:i1, j0:j1, c0:c1]`` of a 3-D block.
 
     Parameters
     ----------
     previous : (n0, n1, n2, >= K) uint8
-        The previous posterior in units of 1/255 in the first K slots (zeros outside the mask).
-    corrected : (n0, n1, n2, D) float32, the bias-corrected intensities ``y / b``
+        The previous posterior in units of 1/255 in the first K slots (zeros outside the mask),
+        read (never written) for the voxels and their neighbours.
+    corrected : (i1 - i0, j1 - j0, c1 - c0, D) float32
+        The bias-corrected intensities ``y / b`` of the computed voxels.
     mask : (n0, n1, n2) bool
     offsets : (M, 3) int64 and offset_weights : (M,) float64
         The neighbours and their weights ``w_ij``.
@@ -72,95 +149,103 @@ def mean_field_block(
         ``log pi_k``, used when ``prior_scale == 0`` (the plain E-step).
     prior_scale : float
         ``beta / 255``: the log prior is ``prior_scale * sum_j w_ij previous_jk``.
-    first_row, stop_row : int
-        Planes to compute (the others, halo planes, are left as they are).
-    state_out : (n0, n1, n2, K + 1) uint8
-        Unless ``final``: the rounded posterior (units of 1/255) and, in the last slot, the
-        change ``round(sum_k |state_k - previous_k| / 2)``.
-    final_out : (n0, n1, n2, K) float32
-        When ``final``: the posterior.
-    final : bool
+    i0, i1, j0, j1, c0, c1 : int
+        The voxels to compute: planes of the first axis, rows of the second, columns of the
+        last.
+    mode : int
+        :data:`STATE`: write ``state_out`` (n0, n1, n2, K + 1) uint8, the rounded posterior
+        (units of 1/255) and in the last slot the change ``round(sum_k |state_k -
+        previous_k| / 2)``. :data:`FINAL`: write the float32 posterior into ``final_out``
+        (n0, n1, n2, K) unless it has size 1. :data:`FINAL_BY_COMPONENT`: into ``final_out``
+        (K, i1 - i0, n1, n2) at ``[k, i - i0, j, z]``.
     skip_settled : bool
         Keep the previous state of voxels none of whose neighbours changed in the previous
         sweep (their update would give the same values again, exactly). Only valid when that
         previous sweep was itself an MRF sweep.
+    labels_out : uint8, or size 1
+        With the final modes: ``1 + argmax_k`` of the float32 posterior, indexed as
+        ``final_out`` without its K axis.
+    counts : (K,) float64
+        With the final modes: the float32 posterior summed over the computed voxels (added).
     """
     n0, n1, n2 = mask.shape
     n_components, n_features = means.shape
     n_slots = previous.shape[3]
     flat_previous = previous.reshape(-1)
-    # Neighbour sums a row at a time, neighbours outermost: for each neighbour the row's
-    # (n2, slots) values are one contiguous run, which the compiler vectorises.
-    sums = np.zeros(n2 * n_slots, np.float32)
-    shifted = np.empty(n2 * n_components, np.float32)
-    weights_row = np.empty(n2 * n_components, np.float32)
-    scale_bits = np.empty(n2 * n_components, np.int32)
-    active = np.zeros(n2, np.bool_)
-    log_prior = np.empty(n_components)
-    log_post = np.empty(n_components)
-    x = np.empty(n_features)
-    for i in range(first_row, stop_row):
-        for j in range(n1):
-            if not mask[i, j].any():
+    width = c1 - c0
+    keep_maps, keep_labels = final_out.size > 1, labels_out.size > 1
+    sums = np.zeros(width * n_slots, np.float32)
+    x = np.zeros((n_features, width))
+    log_post = np.empty((n_components, width))
+    peak = np.empty(width)
+    shifted = np.empty(n_components * width, np.float32)
+    weights = np.empty(n_components * width, np.float32)
+    scale_bits = np.empty(n_components * width, np.int32)
+    totals = np.empty(width)
+    for i in range(i0, i1):
+        for j in range(j0, j1):
+            inside = mask[i, j, c0:c1]
+            if not inside.any():
                 continue
             if prior_scale > 0:
-                sums[:] = 0.0
-                for o in range(offset_weights.shape[0]):
-                    a = i + offsets[o, 0]
-                    b = j + offsets[o, 1]
-                    shift = offsets[o, 2]
-                    if a < 0 or a >= n0 or b < 0 or b >= n1:
+                _neighbour_sums_row(flat_previous, (n0, n1, n2), n_slots, i, j, c0, c1,
+                                    offsets, offset_weights, sums)  # fmt: skip
+            for d in range(n_features):
+                for m in range(width):  # outside the mask: any finite value, not used
+                    x[d, m] = corrected[i - i0, j - j0, m, d] if inside[m] else 0.0
+            _row_posterior(x, sums, n_slots, means, precisions_chol, log_norm, log_weights,
+                           prior_scale, log_post, peak, shifted, weights, scale_bits,
+                           totals)  # fmt: skip
+            for m in range(width):
+                if not inside[m]:
+                    continue
+                z = c0 + m
+                total = totals[m]
+                if mode == STATE:
+                    if skip_settled and sums[m * n_slots + n_components] == 0:
+                        for k in range(n_components):  # settled: keeps its state
+                            state_out[i, j, z, k] = previous[i, j, z, k]
+                        state_out[i, j, z, n_components] = 0
                         continue
-                    w = np.float32(offset_weights[o])
-                    start = max(0, -shift) * n_slots
-                    stop = (n2 - max(0, shift)) * n_slots
-                    source = ((a * n1 + b) * n2 + shift) * n_slots
-                    # slices, so that the loop index is known non-negative and vectorises
-                    values = flat_previous[source + start : source + stop]
-                    target = sums[start:stop]
-                    for t in range(stop - start):
-                        target[t] += w * np.float32(values[t])
-            # 1. the log posterior of each voxel of the row, minus its best, into a row buffer
-            for m in range(n2):
-                active[m] = mask[i, j, m]
-                if active[m] and skip_settled and sums[m * n_slots + n_components] == 0:
-                    active[m] = False  # settled: keeps its state
-                    for k in range(n_components):
-                        state_out[i, j, m, k] = previous[i, j, m, k]
-                    state_out[i, j, m, n_components] = 0
-                if not active[m]:
-                    for k in range(n_components):
-                        shifted[m * n_components + k] = NEGLIGIBLE
-                    continue
-                for k in range(n_components):
-                    if prior_scale > 0:
-                        log_prior[k] = prior_scale * sums[m * n_slots + k]
-                    else:
-                        log_prior[k] = log_weights[k]
-                for d in range(n_features):
-                    x[d] = corrected[i, j, m, d]
-                peak = _log_posterior(x, means, precisions_chol, log_norm, log_prior, log_post)
-                for k in range(n_components):
-                    shifted[m * n_components + k] = max(log_post[k] - peak, NEGLIGIBLE)
-            # 2. their exponentials, in one vectorised loop over the row
-            _exp_row(shifted, weights_row, scale_bits)
-            # 3. normalised, and written as probabilities or as the rounded state
-            for m in range(n2):
-                if not active[m]:
-                    continue
-                total = 0.0
-                for k in range(n_components):
-                    total += weights_row[m * n_components + k]
-                if final:
-                    for k in range(n_components):
-                        final_out[i, j, m, k] = weights_row[m * n_components + k] / total
-                else:
                     change = 0
                     for k in range(n_components):
-                        level = int(weights_row[m * n_components + k] / total * 255.0 + 0.5)
-                        state_out[i, j, m, k] = level
-                        change += abs(level - int(previous[i, j, m, k]))
-                    state_out[i, j, m, n_components] = min((change + 1) // 2, 255)
+                        level = int(weights[k * width + m] / total * 255.0 + 0.5)
+                        state_out[i, j, z, k] = level
+                        change += abs(level - int(previous[i, j, z, k]))
+                    state_out[i, j, z, n_components] = min((change + 1) // 2, 255)
+                    continue
+                best, best_value = 0, np.float32(-1.0)
+                for k in range(n_components):
+                    value = np.float32(weights[k * width + m] / total)
+                    counts[k] += value
+                    if value > best_value:
+                        best, best_value = k, value
+                    if keep_maps:
+                        if mode == FINAL:
+                            final_out[i, j, z, k] = value
+                        else:
+                            final_out[k, i - i0, j, z] = value
+                if keep_labels:
+                    if mode == FINAL:
+                        labels_out[i, j, z] = best + 1
+                    else:
+                        labels_out[i - i0, j, z] = best + 1
+
+
+@numba.njit(cache=True, nogil=True)
+def reverse_axes(source, z0, z1, j0, j1, out):  # pragma: no cover - compiled; tested
+    """``out[z - z0, j, i, s] = source[i, j, z, s]`` for z in z0:z1, j in j0:j1 (all i, s).
+
+    A transposed copy of a few planes of the last axis (the trailing slots kept together),
+    for one thread's rows. The writes are sequential; the reads of one row ``j`` are one run
+    per ``i``, reused from the cache for each plane ``z`` (other loop orders were 2x slower).
+    """
+    n0, n_slots = source.shape[0], source.shape[3]
+    for j in range(j0, j1):
+        for z in range(z0, z1):
+            for i in range(n0):
+                for s in range(n_slots):
+                    out[z - z0, j, i, s] = source[i, j, z, s]
 
 
 #: Components more than this many nats under a voxel's best are given weight 0, not

@@ -83,7 +83,7 @@ def _component_sums(values: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """:func:`neighbour_sums` of component-major ``(K, *spatial)`` values (the reference).
 
     The sweeps compute the same sums inside their compiled loop
-    (:func:`segment._kernels.mean_field_block`); the tests compare the two.
+    (:func:`segment._kernels.mean_field_rows`); the tests compare the two.
     """
     sums = np.empty(values.shape, np.float64 if values.dtype == np.float64 else np.float32)
     for k in range(values.shape[0]):
@@ -283,7 +283,7 @@ def mean_field_sweep(
     ``q_ik ~ exp(beta sum_j w_ij q'_jk) N(y_i / b_i | mu_k, Sigma_k)`` with ``q'`` the previous
     sweep's posterior. Every voxel is updated from the previous sweep (not in place), so the
     result does not depend on the chunking. The loop is compiled
-    (:func:`segment._kernels.mean_field_block`); :func:`neighbour_sums` and
+    (:func:`segment._kernels.mean_field_rows`); :func:`neighbour_sums` and
     :func:`segment._em.e_step` are its reference.
 
     Parameters
@@ -292,8 +292,9 @@ def mean_field_sweep(
         The previous sweep's posterior in units of 1/:data:`POSTERIOR_LEVELS` in the first K
         slots (zeros outside the mask).
     intensities : (*block, D) raw intensities
+        Or only the planes that are computed (the block without its halo).
     mask : (*block) bool, the fitted voxels
-    log_bias : (*block, D) log of the bias field
+    log_bias : (*block, D) log of the bias field, or only the computed planes
     weights, means, precisions_chol : mixture parameters
     beta : float
         MRF strength. With 0 the sweep is the plain E-step (global weights ``pi_k``): the
@@ -317,21 +318,113 @@ def mean_field_sweep(
     from . import _kernels
 
     n_components = means.shape[0]
-    as_3d = mask.shape + (1,) * (3 - mask.ndim)
-    offsets = np.argwhere(kernel != 0)
-    offset_weights = kernel[tuple(offsets.T)].astype(np.float64)
-    offsets = np.pad(offsets - 1, ((0, 0), (0, 3 - kernel.ndim))).astype(np.int64)
+    slots = n_components if final else n_components + 1
+    dtype = np.float32 if final else np.uint8
+    out = np.zeros(_as_3d(mask.shape) + (slots,), dtype)
+    mode = _kernels.FINAL if final else _kernels.STATE
+    _run_rows(previous, intensities, mask, log_bias, (weights, means, precisions_chol), beta,
+              kernel, halo, mode, out, None, skip_settled and beta > 0 and not final)  # fmt: skip
+    return out.reshape(mask.shape + (slots,))
+
+
+def mean_field_final(
+    previous: np.ndarray,
+    intensities: np.ndarray,
+    mask: np.ndarray,
+    log_bias: np.ndarray,
+    params: tuple[np.ndarray, np.ndarray, np.ndarray],
+    beta: float,
+    kernel: np.ndarray,
+    halo: tuple[int, int] = (0, 0),
+    probabilities: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+) -> np.ndarray:
+    """The final sweep of :func:`mean_field_sweep`, into given arrays; returns its column sums.
+
+    ``probabilities`` (*block, K) float32 and ``labels`` (*block) uint8 (``1 + argmax_k``),
+    each optional, get the computed planes (the others are not touched). Returns the
+    probabilities summed over the computed voxels, (K,) float64.
+    """
+    from . import _kernels
+
+    n_components = params[1].shape[0]
+    counts = np.zeros(n_components)
+    if probabilities is None:
+        out = np.zeros((1, 1, 1, 1), np.float32)
+    else:  # a view (the kernel writes into it)
+        out = probabilities.view()
+        out.shape = _as_3d(mask.shape) + (n_components,)
+    if labels is not None:
+        labels = labels.view()
+        labels.shape = _as_3d(mask.shape)
+    _run_rows(previous, intensities, mask, log_bias, params, beta, kernel, halo,
+              _kernels.FINAL, out, labels, False, counts)  # fmt: skip
+    return counts
+
+
+def mean_field_final_by_component(
+    previous: np.ndarray,
+    intensities: np.ndarray,
+    mask: np.ndarray,
+    log_bias: np.ndarray,
+    params: tuple[np.ndarray, np.ndarray, np.ndarray],
+    beta: float,
+    kernel: np.ndarray,
+    halo: tuple[int, int],
+    rows: tuple[int, int],
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+) -> np.ndarray:
+    """The final sweep of the rows ``rows[0]:rows[1]`` (second axis) of a 3-D block.
+
+    ``intensities`` and ``log_bias`` (may be views) are those of the computed voxels,
+    ``[halo[0]:n0 - halo[1], rows[0]:rows[1]]``. ``probabilities`` (K, n0 - halo[0] -
+    halo[1], n1, n2) float32 and ``labels`` (n0 - halo[0] - halo[1], n1, n2) uint8 get the
+    computed voxels, each map apart. Returns their column sums, (K,) float64.
+    """
+    from . import _kernels
+
+    counts = np.zeros(params[1].shape[0])
+    _run_rows(previous, intensities, mask, log_bias, params, beta, kernel, halo,
+              _kernels.FINAL_BY_COMPONENT, probabilities, labels, False, counts,
+              rows=rows)  # fmt: skip
+    return counts
+
+
+def _as_3d(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(shape) + (1,) * (3 - len(shape))
+
+
+def _run_rows(previous, intensities, mask, log_bias, params, beta, kernel, halo, mode, out,
+              labels, skip_settled, counts=None, rows=None):  # fmt: skip
+    """Call :func:`segment._kernels.mean_field_rows` on a 2-D or 3-D block.
+
+    ``intensities`` and ``log_bias`` are those of the whole block or of the computed voxels.
+    """
+    from . import _kernels
+
+    weights, means, precisions_chol = params
+    shape = _as_3d(mask.shape)
+    planes = (halo[0], mask.shape[0] - halo[1])
+    rows = rows or (0, shape[1])
+    computed = (planes[1] - planes[0], rows[1] - rows[0]) + shape[2:]
+    if _as_3d(intensities.shape[:-1]) != computed:
+        inner = (slice(*planes), slice(*rows))
+        intensities, log_bias = intensities[inner], log_bias[inner]
     with np.errstate(invalid="ignore", over="ignore"):  # voxels outside the mask may be NaN
         # C order: NIfTI data are Fortran-ordered, and the loop reads voxels in C order
         # (strided reads made the sweep 3x slower)
         corrected = np.array(intensities, dtype=np.float32, order="C")
         corrected *= np.exp(-log_bias, dtype=np.float32)
-    state = np.zeros(as_3d + (n_components + 1,), np.uint8) if not final else None
-    probabilities = np.zeros(as_3d + (n_components,), np.float32) if final else None
-    _kernels.mean_field_block(
-        np.ascontiguousarray(previous, dtype=np.uint8).reshape(as_3d + previous.shape[-1:]),
-        corrected.reshape(as_3d + corrected.shape[-1:]),
-        np.ascontiguousarray(mask).reshape(as_3d),
+    offsets = np.argwhere(kernel != 0)
+    offset_weights = kernel[tuple(offsets.T)].astype(np.float64)
+    offsets = np.pad(offsets - 1, ((0, 0), (0, 3 - kernel.ndim))).astype(np.int64)
+    state = out if mode == _kernels.STATE else np.zeros((1, 1, 1, 1), np.uint8)
+    final = out if mode != _kernels.STATE else np.zeros((1, 1, 1, 1), np.float32)
+    _kernels.mean_field_rows(
+        np.ascontiguousarray(previous, dtype=np.uint8).reshape(shape + previous.shape[-1:]),
+        corrected.reshape(computed + intensities.shape[-1:]),
+        mask.reshape(shape),
         offsets,
         offset_weights,
         np.asarray(means, np.float64),
@@ -339,15 +432,19 @@ def mean_field_sweep(
         _log_normaliser(precisions_chol),
         np.log(weights).astype(np.float64),
         float(beta) / POSTERIOR_LEVELS,
-        halo[0],
-        mask.shape[0] - halo[1],
-        state if state is not None else np.zeros((1, 1, 1, 1), np.uint8),
-        probabilities if final else np.zeros((1, 1, 1, 1), np.float32),
+        planes[0],
+        planes[1],
+        rows[0],
+        rows[1],
+        0,
+        shape[2],
+        mode,
+        skip_settled,
+        state,
         final,
-        skip_settled and beta > 0 and not final,
+        np.zeros((1, 1, 1), np.uint8) if labels is None else labels,
+        np.zeros(means.shape[0]) if counts is None else counts,
     )
-    out = probabilities if final else state
-    return out.reshape(mask.shape + out.shape[-1:])
 
 
 def _log_normaliser(precisions_chol: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import _spatial
+from . import _kernels, _spatial
 
 
 class PosteriorGrid:
@@ -49,7 +49,7 @@ class PosteriorGrid:
         rows: int,
         n_threads: int,
     ):
-        self.image, self.mask, self.params = image, mask, params
+        self.image, self.mask, self.params = image, np.ascontiguousarray(mask), params
         self.kernel, self.log_bias, self.n_threads = kernel, log_bias, max(1, n_threads)
         n_components = params[1].shape[0]
         self.state = np.zeros(mask.shape + (n_components + 1,), np.uint8)
@@ -94,11 +94,7 @@ class PosteriorGrid:
     def probabilities(self, beta: float) -> np.ndarray:
         """One more sweep, as float32 probabilities (*spatial, K) (zeros outside the mask)."""
         out = np.zeros(self.mask.shape + (self.n_components,), np.float32)
-
-        def keep(r0, r1, probabilities):
-            out[r0:r1] = probabilities
-
-        self._final_sweep(beta, keep)
+        self._final_sweep(beta, probabilities=out)
         return out
 
     def labels(self, beta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -108,79 +104,86 @@ class PosteriorGrid:
         sums: no (*spatial, K) float array.
         """
         labels = np.zeros(self.mask.shape, np.uint8)
+        return labels, self._final_sweep(beta, labels=labels)
 
-        def keep(r0, r1, probabilities):
-            labels[r0:r1] = np.where(self.mask[r0:r1], probabilities.argmax(axis=-1) + 1, 0)
-            return probabilities.reshape(-1, self.n_components).sum(axis=0, dtype=np.float64)
-
-        return labels, np.sum(self._final_sweep(beta, keep), axis=0)
-
-    def _final_sweep(self, beta: float, keep: Callable) -> list:
-        """The float32 sweep slab by slab on the threads; ``keep(r0, r1, probabilities)`` each."""
+    def _final_sweep(self, beta: float, probabilities=None, labels=None) -> np.ndarray:
+        """The float32 sweep slab by slab on the threads, into the given arrays; column sums."""
         n_planes = self.mask.shape[0]
 
         def one(slab):
             r0, r1 = slab
             lo, hi = max(r0 - 1, 0), min(r1 + 1, n_planes)
-            probabilities = self._block(
-                self.state[lo:hi], lo, hi, beta, final=True, halo=(r0 - lo, hi - r1)
-            )
-            return keep(r0, r1, probabilities[r0 - lo : r1 - lo])
+            return _spatial.mean_field_final(
+                self.state[lo:hi], self.image[r0:r1], self.mask[lo:hi],
+                self.log_bias(self.mask[r0:r1].shape, (r0,) + (0,) * (self.mask.ndim - 1)),
+                self.params, beta, self.kernel, halo=(r0 - lo, hi - r1),
+                probabilities=None if probabilities is None else probabilities[lo:hi],
+                labels=None if labels is None else labels[lo:hi],
+            )  # fmt: skip
 
         with ThreadPoolExecutor(self.n_threads) as pool:
-            return list(pool.map(one, self.slabs))
+            return np.sum(list(pool.map(one, self.slabs)), axis=0)
 
-    def slab(self, start: int, stop: int, beta: float) -> np.ndarray:
-        """:meth:`probabilities` of the planes ``start:stop`` of the *last* axis.
+    def slab(self, start: int, stop: int, beta: float, maps=None, labels=None):
+        """:meth:`probabilities` and :meth:`labels` of the planes ``start:stop`` of the *last* axis.
 
-        Returns the K maps with their axes reversed, ``(K, stop - start, ..., n_0)``,
-        C-contiguous: each map in the Fortran order NIfTI stores (``maps[k].T`` is the slab in
-        the grid's axis order). The threads share the slab along its second-to-last axis, each
-        part with a one-voxel halo there (computed and dropped).
+        Returns ``(maps, labels, sums)``: the K maps with their axes reversed,
+        ``(K, stop - start, ..., n_0)`` (each map in the Fortran order NIfTI stores:
+        ``maps[k].T`` is the slab in the grid's axis order), the labels likewise
+        ``(stop - start, ..., n_0)``, and the maps' column sums (K,). ``maps`` and ``labels``
+        may be given (zeros, or views of larger arrays), to be written into. The planes and
+        their neighbours are copied with their axes reversed; the threads share the rows.
         """
-        ndim = self.mask.ndim
-        lo, hi = max(start - 1, 0), min(stop + 1, self.mask.shape[-1])
-        reverse = tuple(range(ndim))[::-1]
-        kernel = np.ascontiguousarray(self.kernel.transpose(reverse))
-        out = np.empty((self.n_components, stop - start) + self.mask.shape[:-1][::-1], np.float32)
-        axis = ndim - 2  # the grid axis that is axis 1 of the reversed arrays
-        size = self.mask.shape[axis]
-        step = -(-size // self.n_threads)
-        parts = [(a, min(a + step, size)) for a in range(0, size, step)]
+        K, ndim = self.n_components, self.mask.ndim
+        width = stop - start
+        reversed_shape = (width,) + self.mask.shape[:-1][::-1]
+        maps = np.zeros((K,) + reversed_shape, np.float32) if maps is None else maps
+        labels = np.zeros(reversed_shape, np.uint8) if labels is None else labels
+        if ndim == 2:  # a picture: small, computed whole
+            whole = np.zeros(self.mask.shape + (K,), np.float32)
+            whole_labels = np.zeros(self.mask.shape, np.uint8)
+            self._final_sweep(beta, probabilities=whole, labels=whole_labels)
+            maps[...] = whole[:, start:stop].transpose(2, 1, 0)
+            labels[...] = whole_labels[:, start:stop].T
+            return maps, labels, whole[:, start:stop].reshape(-1, K).sum(axis=0, dtype=float)
+        # the planes with their neighbours, axes reversed (the sweep's rows run along the
+        # grid's first axis, and its output is already in NIfTI order)
+        n0, n_rows, n_last = self.mask.shape
+        lo, hi = max(start - 1, 0), min(stop + 1, n_last)
+        state = np.empty((hi - lo, n_rows, n0, K + 1), np.uint8)
+        mask = np.empty((hi - lo, n_rows, n0, 1), np.bool_)
+        kernel = np.ascontiguousarray(self.kernel.transpose(2, 1, 0))
+        image = self.image[:, :, start:stop].transpose(2, 1, 0, 3)  # views
+        log_bias = self.log_bias(self.mask[:, :, start:stop].shape, (0, 0, start))
+        log_bias = log_bias.transpose(2, 1, 0, 3)
+        step = -(-n_rows // (2 * self.n_threads))
+        parts = [(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
+
+        def reverse(part):
+            _kernels.reverse_axes(self.state, lo, hi, *part, state)
+            _kernels.reverse_axes(self.mask[..., None], lo, hi, *part, mask)
 
         def one(part):
-            a0, a1 = part
-            b0, b1 = max(a0 - 1, 0), min(a1 + 1, size)
-            index = [slice(None)] * ndim
-            index[axis], index[-1] = slice(b0, b1), slice(lo, hi)
-            offset = [0] * ndim
-            offset[axis], offset[-1] = b0, lo
-            index = tuple(index)
-            log_bias = self.log_bias(self.mask[index].shape, tuple(offset))
-            probabilities = _spatial.mean_field_sweep(
-                np.ascontiguousarray(self.state[index].transpose(reverse + (ndim,))),
-                np.ascontiguousarray(self.image[index].transpose(reverse + (ndim,))),
-                np.ascontiguousarray(self.mask[index].transpose(reverse)),
-                np.ascontiguousarray(log_bias.transpose(reverse + (ndim,))),
-                *self.params,
-                beta,
-                kernel,
-                final=True,
-                halo=(start - lo, hi - stop),
-            )[start - lo : stop - lo, a0 - b0 : a1 - b0]
-            out[:, :, a0:a1] = np.moveaxis(probabilities, -1, 0)
+            rows = slice(*part)
+            return _spatial.mean_field_final_by_component(
+                state, image[:, rows], mask, log_bias[:, rows], self.params, beta, kernel,
+                halo=(start - lo, hi - stop), rows=part, probabilities=maps, labels=labels,
+            )  # fmt: skip
 
         with ThreadPoolExecutor(self.n_threads) as pool:
-            list(pool.map(one, parts))
-        return out
+            list(pool.map(reverse, parts))
+            mask = mask[..., 0]
+            sums = np.sum(list(pool.map(one, parts)), axis=0)
+        return maps, labels, sums
 
     def _block(self, previous, lo, hi, beta, final, halo, skip_settled=False):
-        offset = (lo,) + (0,) * (self.mask.ndim - 1)
+        r0, r1 = lo + halo[0], hi - halo[1]  # the computed planes
+        offset = (r0,) + (0,) * (self.mask.ndim - 1)
         return _spatial.mean_field_sweep(
             previous,
-            self.image[lo:hi],
+            self.image[r0:r1],
             self.mask[lo:hi],
-            self.log_bias(self.mask[lo:hi].shape, offset),
+            self.log_bias(self.mask[r0:r1].shape, offset),
             *self.params,
             beta,
             self.kernel,

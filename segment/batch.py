@@ -466,6 +466,7 @@ def run_batch(
     on_result: Callable[[dict[str, Any], int, int], None] | None = None,
     command_line: Sequence[str] | None = None,
     memory_limit: int | str | None = None,
+    compresslevel: int | None = None,
 ) -> BatchResult:
     """Segment every scan found in ``input_dir``; see the module docstring.
 
@@ -495,12 +496,20 @@ def run_batch(
     memory_limit : int or str, optional
         Per scan, as for :func:`segment.api.segment_file` (default 3 GB). It does not change the
         results, so it is not compared when resuming.
+    compresslevel : int, optional
+        gzip level of the ``.nii.gz`` outputs (default 1), as for
+        :func:`segment.api.segment_file`; not compared when resuming either.
 
     Returns
     -------
     BatchResult
     """
-    from .api import _memory_budget, check_out_dir_creatable, make_estimator
+    from .api import (
+        _check_compresslevel,
+        _memory_budget,
+        check_out_dir_creatable,
+        make_estimator,
+    )
     from .pipelines import DEFAULT_SETTINGS, class_names
 
     input_dir = Path(input_dir).absolute()
@@ -515,6 +524,8 @@ def run_batch(
     make_estimator(em_options)  # option errors before any scan is touched
     _memory_budget(memory_limit)
     em_options["memory_limit"] = memory_limit
+    if compresslevel is not None:
+        em_options["compresslevel"] = _check_compresslevel(compresslevel)
     root = Path(output_dir or input_dir).absolute()
     output_root = root / "derivatives" / "segment" if bids else root
     check_out_dir_creatable(output_root)

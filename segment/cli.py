@@ -168,6 +168,11 @@ def model_options(func):
                      help="Do not write the probability maps [default: write them]."),
         click.option("--no-qc/--qc", "no_qc", default=False,
                      help="Do not write the QC picture [default: write it]."),
+        click.option("--compression-level", type=click.IntRange(0, 9), default=1,
+                     show_default=True, metavar="0-9",
+                     help="gzip level of the .nii.gz outputs: 1 is fastest; 6 (gzip's default) "
+                          "writes probability maps about 3x slower into files about 10 % "
+                          "smaller; 0 stores them uncompressed inside the gzip file."),
         click.option("--overwrite", is_flag=True, help="Replace existing outputs."),
         click.option("-q", "--quiet", is_flag=True, help="No progress or warnings on stderr."),
         click.option("--debug", is_flag=True, help="Show tracebacks."),
@@ -259,7 +264,7 @@ def run(inputs: tuple[Path, ...], out_dir: Path, **kwargs) -> None:
             list(inputs), out_dir, mask=None if kwargs["mask"] == "none" else kwargs["mask"],
             overwrite=kwargs["overwrite"], probseg=not kwargs["no_probseg"],
             qc=not kwargs["no_qc"], callback=callback, corrected=kwargs["write_corrected"],
-            memory_limit=kwargs["memory_limit"],
+            memory_limit=kwargs["memory_limit"], compresslevel=kwargs["compression_level"],
             command_line=["segment", *sys.argv[1:]], extra=extra, **_model_kwargs(kwargs),
         )  # fmt: skip
     finally:
@@ -461,7 +466,7 @@ def batch(input_dir: Path, out_dir: Path | None, **kwargs) -> None:
         sources=extra["option_sources"], jobs=kwargs["jobs"], scheduler=kwargs["scheduler"],
         workers=kwargs["workers"], resume=kwargs["resume"], overwrite=kwargs["overwrite"],
         on_result=_batch_progress(kwargs["quiet"]), command_line=["segment", *sys.argv[1:]],
-        memory_limit=kwargs["memory_limit"],
+        memory_limit=kwargs["memory_limit"], compresslevel=kwargs["compression_level"],
     )  # fmt: skip
     counts = {s: sum(r["status"] == s for r in result.rows) for s in ("ok", "skipped", "failed")}
     if not kwargs["quiet"]:

@@ -448,3 +448,23 @@ def gzip_members(path: Path) -> int:
 def test_memory_limit_is_validated(tmp_path):
     with pytest.raises(SegmentError, match="memory_limit must be a positive size"):
         segment_array(np.arange(100.0).reshape(10, 10), n_components=2, memory_limit="lots")
+
+
+def test_compresslevel_is_validated_and_reaches_batch_outputs(tmp_path, make_nifti, tissues):
+    from segment.batch import run_batch
+
+    scan = make_nifti(tissues, "scan.nii.gz")
+    for bad in (10, -1, 1.5, True):
+        with pytest.raises(SegmentError, match="compresslevel must be an integer from 0 to 9"):
+            segment_file(scan, tmp_path / "out", n_components=3, compresslevel=bad)
+    assert not (tmp_path / "out").exists()
+    sizes = {}
+    for level in (0, 9):
+        folder = tmp_path / f"in{level}"
+        folder.mkdir()
+        make_nifti(tissues, folder / "scan.nii.gz")
+        result = run_batch(folder, tmp_path / f"batch{level}", settings={"n_components": 3},
+                           compresslevel=level)  # fmt: skip
+        assert [row["status"] for row in result.rows] == ["ok"]
+        sizes[level] = (tmp_path / f"batch{level}" / "scan_probseg.nii.gz").stat().st_size
+    assert sizes[0] > 2 * sizes[9]

@@ -330,6 +330,21 @@ def test_run_no_probseg_and_no_qc(scan, out_dir):
     assert record["outputs"] == {"dseg": "scan_dseg.nii.gz"}
 
 
+def test_compression_level_changes_the_file_size_not_the_maps(scan, tmp_path):
+    sizes, maps = {}, {}
+    for level in (0, 1, 9):
+        out = tmp_path / str(level)
+        assert_ok(invoke("run", scan, "-o", out, "-k", K, "--no-qc", "--compression-level", level))
+        probseg = out / "scan_probseg.nii.gz"
+        sizes[level], maps[level] = probseg.stat().st_size, nib.load(probseg).get_fdata()
+        assert gzip.decompress(probseg.read_bytes())[:4] == (348).to_bytes(4, "little")
+    assert sizes[0] > sizes[1] > sizes[9]
+    np.testing.assert_array_equal(maps[0], maps[1])
+    np.testing.assert_array_equal(maps[9], maps[1])
+    bad = invoke("run", scan, "-o", tmp_path / "bad", "--compression-level", 10)
+    assert_failed(bad, "--compression-level", code=2, out_dir=tmp_path / "bad")
+
+
 def test_run_schedulers_and_chunks_give_the_same_labels(scan, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert_ok(invoke("run", scan, "-o", a, "-k", K, "--scheduler", "synchronous"))

@@ -686,6 +686,39 @@ def test_spatial_maps_are_streamed_over_a_third_of_the_memory_limit(head, tmp_pa
         assert written.header["cal_max"] == pytest.approx(kept.bias_field.max(), rel=1e-6)
 
 
+def test_streamed_labels_come_from_the_written_maps(head, tmp_path, monkeypatch):
+    """Saved before its labels are read, a streamed posterior takes them from the maps' sweep."""
+    from segment import _sweeps
+
+    monkeypatch.setattr(io, "SLAB_BYTES", 4096)
+    image, _, mask = head
+    options = dict(n_components=3, mrf_beta=0.2, bias_field=True, bias_smoothness=20.0)
+    kept = segment_array(image, mask, **options)
+    streamed = segment_array(image, mask, memory_limit=image.size * 3 * 4, **options)
+    assert streamed.flat_responsibilities is None and streamed._labels_pending()
+    label_sweeps = []
+    monkeypatch.setattr(_sweeps.PosteriorGrid, "labels", lambda *a: label_sweeps.append(a))
+    nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), tmp_path / "scan.nii.gz")
+    for name, result in (("kept", kept), ("streamed", streamed)):
+        result.reference = io.load_scan(tmp_path / "scan.nii.gz")
+        result.save(tmp_path / name, qc=False)
+    assert not label_sweeps and not streamed._labels_pending()
+    np.testing.assert_array_equal(streamed.labels, kept.labels)
+    np.testing.assert_allclose(streamed.soft_counts, kept.soft_counts, rtol=1e-6)
+    for suffix in ("dseg", "probseg"):
+        kept_file, streamed_file = (
+            nib.load(tmp_path / name / f"segment_{suffix}.nii.gz").get_fdata()
+            for name in ("kept", "streamed")
+        )
+        np.testing.assert_allclose(streamed_file, kept_file, atol=1e-6)
+    records = [
+        json.loads((tmp_path / name / "segment_segment.json").read_text())
+        for name in ("kept", "streamed")
+    ]
+    for streamed_label, kept_label in zip(records[1]["labels"], records[0]["labels"]):
+        assert streamed_label == pytest.approx(kept_label, rel=1e-6)
+
+
 def test_streamed_spatial_maps_of_a_2d_image():
     rng = np.random.default_rng(0)
     image = np.where(np.add.outer(np.arange(80), np.arange(70)) > 70, 200.0, 100.0)
