@@ -14,6 +14,7 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
+from dask.array.core import normalize_chunks
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
@@ -25,13 +26,28 @@ DEFAULT_CHUNK_SIZE = 262_144
 
 
 def as_feature_array(X: Any, chunk_size: int | None = None) -> da.Array:
-    """Wrap ``(N, D)`` features as a Dask array chunked along voxels only."""
+    """Wrap ``(N, D)`` features as a Dask array chunked along voxels only.
+
+    A numpy array (or memmap) is cut into views, one per chunk, under a fresh random key:
+    ``da.from_array`` copies the whole array first (this dask does, to guard against later
+    writes; about 6 ms and a second copy in memory per 10 M float32 voxels) and, by default,
+    hashes every byte for its key, serial passes over the data that buy nothing here, since
+    X is wrapped once per call and only read.
+    """
     chunk_size = int(chunk_size or DEFAULT_CHUNK_SIZE)
     if isinstance(X, da.Array):
         return X.rechunk((chunk_size, X.shape[1]))
-    # name=False: a random key instead of hashing every byte of X, a serial pass over the data
-    # (about 50 ms per 10 M voxels) that buys nothing here, since X is wrapped once per call.
-    return da.from_array(X, chunks=(chunk_size, X.shape[1]), asarray=True, name=False)
+    if not isinstance(X, np.ndarray):
+        return da.from_array(X, chunks=(chunk_size, X.shape[1]), asarray=True, name=False)
+    chunks = normalize_chunks((chunk_size, X.shape[1]), X.shape, dtype=X.dtype)
+    name = f"features-{uuid.uuid4().hex}"
+    starts = np.cumsum((0,) + chunks[0][:-1])
+    graph = {
+        (name, i, 0): X[start : start + size]
+        for i, (start, size) in enumerate(zip(starts.tolist(), chunks[0]))
+    }
+    meta = np.empty((0, X.shape[1]), dtype=X.dtype)
+    return da.Array(graph, name, chunks, meta=meta, dtype=X.dtype)
 
 
 def map_reduce(
@@ -46,8 +62,12 @@ def map_reduce(
     ``None`` entries of ``arrays`` are passed to ``func`` as ``None`` for every block. The graph
     is written out directly (one task per block, one combining task, keyed by a fresh name):
     going through ``dask.delayed`` tokenised the arguments of every block task, a few
-    milliseconds of serial work per pass, and these passes run once per EM iteration.
+    milliseconds of serial work per pass, and these passes run once per EM iteration. Arrays
+    whose blocks are already in memory (:func:`as_feature_array` of a numpy array) go to a
+    local scheduler's ``get`` as they are, without ``dask.compute``'s graph optimisation,
+    which has nothing to fuse there (about 1 ms a pass).
     """
+    compute_kwargs = dict(compute_kwargs or {})
     present = [a for a in arrays if a is not None]
     n_blocks = present[0].numblocks[0]
     name = f"{getattr(func, '__name__', 'map')}-{uuid.uuid4().hex}"
@@ -57,8 +77,26 @@ def map_reduce(
 
     graph = {(name, i): (func, *[block(a, i) for a in arrays], *args) for i in range(n_blocks)}
     graph[name] = (combine, [(name, i) for i in range(n_blocks)])
+    scheduler = compute_kwargs.pop("scheduler", None)
+    if callable(scheduler) and not hasattr(scheduler, "submit"):  # threads, processes, sync
+        inputs = [_in_memory_blocks(a) for a in present]
+        if all(blocks is not None for blocks in inputs):
+            for blocks in inputs:
+                graph.update(blocks)
+            return scheduler(graph, name, **compute_kwargs)
     total = Delayed(name, HighLevelGraph.from_collections(name, graph, dependencies=present))
-    return dask.compute(total, **(compute_kwargs or {}))[0]
+    if scheduler is not None:
+        compute_kwargs["scheduler"] = scheduler
+    return dask.compute(total, **compute_kwargs)[0]
+
+
+def _in_memory_blocks(array: da.Array) -> dict | None:
+    """The ``{key: numpy block}`` graph of an array whose blocks are all in memory, or None."""
+    graph = array.__dask_graph__()
+    if len(graph.layers) != 1:
+        return None
+    blocks = dict(graph)
+    return blocks if all(isinstance(b, np.ndarray) for b in blocks.values()) else None
 
 
 def statistics(

@@ -2,7 +2,10 @@
 
 No I/O, no Dask, no file names. Every function takes the features of *one chunk* (or of all
 voxels) and returns arrays; the Dask layer in :mod:`segment._chunked` only maps them over
-chunks and sums their outputs.
+chunks and sums their outputs. The statistics of :func:`chunk_statistics`, the pass repeated
+every iteration, run in compiled loops (:mod:`segment._estep_kernels`) that release the GIL;
+the numpy functions they replace, :func:`_chunk_statistics_1d` (one channel) and
+:func:`_numpy_statistics` (any number), stay here as their reference.
 
 Notation: ``N`` voxels, ``D`` channels, ``K`` components. Features ``X`` are ``(N, D)``.
 Optional non-negative ``sample_weight`` of shape ``(N,)`` counts how many voxels each row
@@ -26,6 +29,8 @@ from typing import TypedDict
 
 import numpy as np
 from scipy import linalg
+
+from . import _estep_kernels
 
 LOG_2PI = np.log(2.0 * np.pi)
 #: Added to each N_k before dividing, like scikit-learn, so an empty component gives no 0/0.
@@ -258,7 +263,9 @@ def chunk_statistics(
 
     The second moments are centred on the means used in this E-step (``c_k = means``) and
     corrected in :func:`m_step`; this avoids the ``E[x^2] - E[x]^2`` cancellation that raw MRI
-    intensities in the thousands would cause.
+    intensities in the thousands would cause. Compiled kernels do the work without holding
+    the GIL (:func:`_compiled_statistics_1d`, :func:`_compiled_statistics_nd`), so Dask
+    threads run chunks side by side.
 
     Parameters
     ----------
@@ -273,7 +280,21 @@ def chunk_statistics(
         Small dict of (K,), (K, D), (K, D, D) arrays and two floats; no N x K array survives.
     """
     if means.shape[1] == 1:
-        return _chunk_statistics_1d(X, weights, means, precisions_chol, sample_weight)
+        return _compiled_statistics_1d(X, weights, means, precisions_chol, sample_weight)
+    return _compiled_statistics_nd(X, weights, means, precisions_chol, sample_weight)
+
+
+def _numpy_statistics(
+    X: np.ndarray,
+    weights: np.ndarray,
+    means: np.ndarray,
+    precisions_chol: np.ndarray,
+    sample_weight: np.ndarray | None = None,
+) -> Statistics:
+    """:func:`chunk_statistics` by :func:`e_step` and :func:`_moments`, block by block.
+
+    The numpy reference of the compiled kernels, for any number of channels.
+    """
     parts = []
     for start in range(0, max(X.shape[0], 1), BLOCK):
         block = np.asarray(X[start : start + BLOCK], dtype=np.float64)
@@ -288,6 +309,91 @@ def chunk_statistics(
     return combine_statistics(parts)
 
 
+def _compiled_statistics_1d(
+    X: np.ndarray,
+    weights: np.ndarray,
+    means: np.ndarray,
+    precisions_chol: np.ndarray,
+    sample_weight: np.ndarray | None,
+) -> Statistics:
+    """:func:`chunk_statistics` for one channel by the compiled kernel, without the GIL.
+
+    :func:`segment._estep_kernels.statistics_1d` runs the E-step of :func:`e_step` (shifted by
+    each voxel's largest term, as :func:`normalize_log_prob`) and the moments of
+    :func:`_moments` voxel block by voxel block, in float64, in one loop over the chunk that
+    releases the GIL, so Dask threads run chunks side by side. It works on the scaled residual
+    ``y_kn = (x_n - c_k) / (sqrt(2) sigma_k)`` of :func:`_chunk_statistics_1d`, which stays
+    the numpy reference (the tests compare the two), and adds
+    ``sum_n r_nk y_kn^j w_n`` for j = 0, 1, 2; here they are scaled back to intensities.
+    """
+    x = np.asarray(X)[:, 0]
+    if x.dtype != np.float32:  # the kernel is compiled for float32 and float64 voxels
+        x = x.astype(np.float64, copy=False)
+    x = np.ascontiguousarray(x)
+    w = (
+        np.empty(0)
+        if sample_weight is None
+        else np.ascontiguousarray(sample_weight, dtype=np.float64)
+    )
+    precision_root = np.asarray(precisions_chol[:, 0, 0], dtype=np.float64)  # 1 / sigma_k
+    sigma_root2 = np.sqrt(2.0) / precision_root  # sqrt(2) sigma_k
+    offset = np.log(weights) + np.log(precision_root) - 0.5 * LOG_2PI  # a_k
+    sums = np.zeros((3, means.shape[0]))
+    log_likelihood = _estep_kernels.statistics_1d(
+        x, w, np.ascontiguousarray(means[:, 0], dtype=np.float64), 1.0 / sigma_root2,
+        offset.astype(np.float64), sums,
+    )  # fmt: skip
+    return Statistics(
+        nk=sums[0],
+        sum_centered=(sums[1] * sigma_root2)[:, None],
+        scatter=(sums[2] * sigma_root2**2)[:, None, None],
+        log_likelihood=float(log_likelihood),
+        n_samples=float(len(x) if sample_weight is None else w.sum()),
+    )
+
+
+def _compiled_statistics_nd(
+    X: np.ndarray,
+    weights: np.ndarray,
+    means: np.ndarray,
+    precisions_chol: np.ndarray,
+    sample_weight: np.ndarray | None,
+) -> Statistics:
+    """:func:`chunk_statistics` for several channels by the compiled kernel, without the GIL.
+
+    :func:`segment._estep_kernels.statistics_nd` runs :func:`e_step` and :func:`_moments`
+    (the reference, :func:`_numpy_statistics`) voxel block by voxel block in one loop over
+    the chunk; it fills the lower triangle of each scatter matrix, mirrored here.
+    """
+    X = np.asarray(X)
+    if X.dtype != np.float32:  # the kernel is compiled for float32 and float64 voxels
+        X = X.astype(np.float64, copy=False)
+    X = np.ascontiguousarray(X)
+    w = (
+        np.empty(0)
+        if sample_weight is None
+        else np.ascontiguousarray(sample_weight, dtype=np.float64)
+    )
+    n_components, n_features = means.shape
+    precisions_chol = np.ascontiguousarray(precisions_chol, dtype=np.float64)
+    log_det = np.log(np.diagonal(precisions_chol, axis1=1, axis2=2)).sum(axis=1)
+    offset = np.log(weights) + log_det - 0.5 * n_features * LOG_2PI
+    nk = np.zeros(n_components)
+    sum_centered = np.zeros((n_components, n_features))
+    scatter = np.zeros((n_components, n_features, n_features))
+    log_likelihood = _estep_kernels.statistics_nd(
+        X, w, np.ascontiguousarray(means, dtype=np.float64), precisions_chol,
+        offset.astype(np.float64), nk, sum_centered, scatter,
+    )  # fmt: skip
+    return Statistics(
+        nk=nk,
+        sum_centered=sum_centered,
+        scatter=scatter + np.swapaxes(np.tril(scatter, -1), 1, 2),
+        log_likelihood=float(log_likelihood),
+        n_samples=float(len(X) if sample_weight is None else w.sum()),
+    )
+
+
 def _chunk_statistics_1d(
     X: np.ndarray,
     weights: np.ndarray,
@@ -295,7 +401,11 @@ def _chunk_statistics_1d(
     precisions_chol: np.ndarray,
     sample_weight: np.ndarray | None,
 ) -> Statistics:
-    """:func:`chunk_statistics` for one channel: the same E-step and moments, fused per block.
+    """:func:`chunk_statistics` for one channel in numpy, the reference of the compiled kernel.
+
+    :func:`chunk_statistics` calls :func:`_compiled_statistics_1d`, which gives these numbers
+    (to rounding) in a loop that releases the GIL; this function stays as its documented,
+    tested reference. The same E-step and moments as the general path, fused per block.
 
     With the scaled residual ``y_kn = (x_n - c_k) / (sqrt(2) sigma_k)`` the log-domain E-step
     is ``log pi_k + log N(x_n | c_k, sigma_k^2) = a_k - y_kn^2``, with

@@ -1,7 +1,8 @@
 """Deterministic weighted k-means (k-means++ seeding, Lloyd steps) for EM initialisation.
 
 Runs in memory on a small weighted sample: the distinct intensities with their counts (exact
-for integer-valued scans) or a seeded subsample of voxels. Pure numpy, no Dask.
+for integer-valued scans) or a seeded subsample of voxels (:func:`stratified_indices`). Pure
+numpy, no Dask.
 
 References
 ----------
@@ -11,6 +12,48 @@ Arthur & Vassilvitskii (2007), k-means++: the advantages of careful seeding. SOD
 from __future__ import annotations
 
 import numpy as np
+
+
+def stratified_indices(n_total: int, n_sample: int, rng: np.random.Generator) -> np.ndarray:
+    """A seeded stratified sample of ``n_sample`` of the indices ``0 .. n_total - 1``.
+
+    The indices are cut into ``n_sample`` strata of consecutive indices (lengths differ by at
+    most one) and one index is drawn uniformly in each: the sample is sorted and distinct by
+    construction, spread over the whole volume, and costs O(n_sample) (``rng.choice`` without
+    replacement, then sorting, cost several times more on 10^7 voxels).
+
+    Parameters
+    ----------
+    n_total : int
+    n_sample : int
+        At most ``n_total``.
+    rng : numpy Generator
+
+    Returns
+    -------
+    indices : (n_sample,) int64 array, strictly increasing
+    """
+    if not 0 < n_sample <= n_total:
+        raise ValueError(f"need 0 < n_sample <= n_total, got {n_sample} and {n_total}")
+    bounds = np.arange(n_sample + 1, dtype=np.int64) * n_total // n_sample
+    lengths = np.diff(bounds)
+    offsets = (rng.random(n_sample) * lengths).astype(np.int64)
+    return bounds[:-1] + np.minimum(offsets, lengths - 1)  # u * length < length, even rounded
+
+
+def count_distinct(X: np.ndarray, limit: int) -> int:
+    """Number of distinct rows of ``X`` (N, D), counted up to ``limit``.
+
+    ``min(n_distinct, limit)`` in O(limit N): each step drops the rows equal to the first
+    remaining one. Faster than ``np.unique`` (a sort) when only "at least ``limit``?" matters.
+    """
+    if len(X) > 1024 and count_distinct(X[:1024], limit) == limit:  # the usual case, at once
+        return limit
+    rest, count = X, 0
+    while count < limit and len(rest):
+        rest = rest[(rest != rest[0]).any(axis=1)]
+        count += 1
+    return count
 
 
 def kmeans_plusplus(
@@ -32,17 +75,21 @@ def kmeans_plusplus(
     n_trials = 2 + int(np.log(n_clusters))
     centers = [X[_weighted_choice(rng, sample_weight / sample_weight.sum())]]
     closest = _squared_distances(X, centers[0][None, :])[0]
+    # one (n_trials, N) buffer for all rounds: fresh ones cost page faults, round after round
+    buffer = np.empty((n_trials, len(X)))
     for _ in range(1, n_clusters):
         potential = sample_weight * closest
         total = potential.sum()
         if total <= 0:  # fewer distinct points than clusters: caller checks first
             break
-        candidates = _weighted_choice(rng, potential / total, n_trials)
-        distances = _squared_distances(X, X[candidates])
+        candidates = _weighted_choice(rng, np.divide(potential, total, out=potential), n_trials)
+        distances = _squared_distances(X, X[candidates], out=buffer[: len(candidates)])
         candidate_closest = np.minimum(closest[None, :], distances, out=distances)
-        best = int(np.argmin(candidate_closest @ sample_weight))
+        # einsum, not @: OpenBLAS runs products this long on its own threads (see
+        # parameters_from_clusters)
+        best = int(np.argmin(np.einsum("jn,n->j", candidate_closest, sample_weight)))
         centers.append(X[candidates[best]])
-        closest = candidate_closest[best]
+        closest = candidate_closest[best].copy()
     return np.array(centers)
 
 
@@ -116,9 +163,12 @@ def _lloyd_1d(
     The same steps as the general loop (nearest centre, then weighted means), but each costs
     O(K log N) with cumulative sums instead of O(N K).
     """
-    # Tied values may come in any order: it changes no cluster, only the order of a cumsum.
-    order = np.argsort(x)  # several times faster than kind="stable" on 10^5 floats
-    values, weights = x[order], sample_weight[order]
+    if np.all(x[1:] >= x[:-1]):  # sorted already, as the distinct values are
+        values, weights = x, sample_weight
+    else:
+        # Tied values may come in any order: it changes no cluster, only the order of a cumsum.
+        order = np.argsort(x)  # several times faster than kind="stable" on 10^5 floats
+        values, weights = x[order], sample_weight[order]
     cum_weight = np.concatenate([[0.0], np.cumsum(weights)])
     cum_moment = np.concatenate([[0.0], np.cumsum(weights * values)])
     centers = centers.copy()
@@ -139,10 +189,15 @@ def _lloyd_1d(
     return centers
 
 
-def _squared_distances(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    """``|x_n - c_j|^2`` as a (J, N) array (centre-major, so each row is contiguous)."""
+def _squared_distances(
+    X: np.ndarray, centers: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """``|x_n - c_j|^2`` as a (J, N) array (centre-major, so each row is contiguous).
+
+    ``out`` (J, N), if given, receives the result (one channel only).
+    """
     if X.shape[1] == 1:  # the same numbers as the general sum, without its length-1 axis
-        distances = np.subtract(X[:, 0], centers[:, :1])
+        distances = np.subtract(X[:, 0], centers[:, :1], out=out)
         return np.square(distances, out=distances)
     return ((X[None, :, :] - centers[:, None, :]) ** 2).sum(axis=2)
 
@@ -150,14 +205,15 @@ def _squared_distances(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
 def _nearest(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
     """Index of the nearest centre of each row (the first on a tie), (N,).
 
-    ``argmin(distances, axis=0)`` row by row: argmin across the short axis would copy the array.
+    One centre at a time, keeping the running minimum: no (K, N) array of distances.
     """
-    distances = _squared_distances(X, centers)
-    labels = np.zeros(distances.shape[1], dtype=np.intp)
-    nearest = distances[0]
-    for k in range(1, len(distances)):
-        labels[distances[k] < nearest] = k
-        nearest = np.minimum(nearest, distances[k], out=nearest)
+    nearest = _squared_distances(X, centers[:1])[0]
+    distance = np.empty_like(nearest)
+    labels = np.zeros(len(nearest), dtype=np.intp)
+    for k in range(1, len(centers)):
+        distance = _squared_distances(X, centers[k : k + 1], out=distance[None, :])[0]
+        labels[distance < nearest] = k
+        np.minimum(nearest, distance, out=nearest)
     return labels
 
 
@@ -173,23 +229,22 @@ def parameters_from_clusters(
     covariances : (K, D, D) array, cluster covariances (before any variance floor)
     """
     X = np.asarray(X, dtype=np.float64)
+    sample_weight = np.asarray(sample_weight, dtype=np.float64)
     n_features = X.shape[1]
-    weights = np.zeros(n_clusters)
-    means = np.zeros((n_clusters, n_features))
+    # Sums per cluster by bincount: one pass over the rows per moment, no sort or copies.
+    weights = np.bincount(labels, weights=sample_weight, minlength=n_clusters)
+    occupied = weights > 0
+    safe = np.where(occupied, weights, 1.0)
+    means = np.stack(
+        [np.bincount(labels, weights=sample_weight * X[:, d], minlength=n_clusters)
+         for d in range(n_features)], axis=1,
+    ) / safe[:, None]  # fmt: skip
+    means[~occupied] = 0.0
+    diff = X - means[labels]
     covariances = np.zeros((n_clusters, n_features, n_features))
-    # Group the rows by cluster once (a stable sort keeps each cluster's rows in their order),
-    # then each cluster is a contiguous slice instead of a mask and two copies per cluster.
-    order = np.argsort(labels, kind="stable")
-    X, sample_weight = X[order], np.asarray(sample_weight)[order]
-    bounds = np.searchsorted(labels[order], np.arange(n_clusters + 1))
-    for k in range(n_clusters):
-        members = slice(bounds[k], bounds[k + 1])
-        w = sample_weight[members]
-        weights[k] = w.sum()
-        if weights[k] > 0:
-            # einsum, not @: OpenBLAS runs products this long on its own threads, which then
-            # spin for about 0.1 s, taking a core from the first E-step of a multi-threaded fit.
-            means[k] = np.einsum("n,nd->d", w, X[members]) / weights[k]
-            diff = X[members] - means[k]
-            covariances[k] = np.einsum("n,nd,ne->de", w, diff, diff) / weights[k]
+    for d in range(n_features):
+        weighted = sample_weight * diff[:, d]
+        for e in range(d + 1):
+            column = np.bincount(labels, weights=weighted * diff[:, e], minlength=n_clusters)
+            covariances[:, d, e] = covariances[:, e, d] = column / safe
     return weights / weights.sum(), means, covariances

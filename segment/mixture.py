@@ -388,12 +388,14 @@ class GaussianMixtureEM:
                 )
             del data
         n_threads = 1 if self.scheduler == "synchronous" else (self.n_workers or os.cpu_count())
-        rows = _sweep_rows(mask.shape, self.chunk_size, n_threads)
+        rows = _sweep_rows(mask.shape[::-1], self.chunk_size, n_threads)  # the grid's axes reversed
 
-        def log_bias(shape, offset):
+        def log_bias(shape, offset, reverse=False):
             if not self.bias_field:
                 return np.zeros(shape + (D,), np.float32)
-            return _spatial.log_bias_grid_block(shape, offset, coefficients, boxes, degree)
+            return _spatial.log_bias_grid_block(
+                shape, offset, coefficients, boxes, degree, reverse=reverse
+            )
 
         # the mixture's responsibilities under the final field, then the MRF posterior
         grid = _sweeps.PosteriorGrid(
@@ -585,12 +587,20 @@ class GaussianMixtureEM:
         )
 
     def _init_sample(self, data: _FitData, rng: np.random.Generator, ckw: dict):
-        """All distinct rows with their counts, or a seeded subsample of voxels."""
+        """All distinct rows with their counts, or a seeded subsample of voxels.
+
+        The subsample is stratified (:func:`segment._kmeans.stratified_indices`): one voxel
+        drawn with ``rng`` in each run of ``N / init_sample_size`` consecutive voxels. It
+        replaced ``rng.choice`` without replacement, which, sorted, cost 0.2 s of serial time
+        per 10^7 voxels before the first E-step; initial parameters (and so fitted results, to
+        within EM's tolerance, or another local optimum of k-means) differ from those of
+        segment versions before the change.
+        """
         if data.path == "distinct-values":
             return data.X.astype(np.float64), data.sample_weight
         n_samples = data.X.shape[0]
         if n_samples > self.init_sample_size:
-            indices = np.sort(rng.choice(n_samples, self.init_sample_size, replace=False))
+            indices = _kmeans.stratified_indices(n_samples, self.init_sample_size, rng)
         else:
             indices = np.arange(n_samples)
         if data.in_memory is not None:  # plain indexing: dask's fancy indexing is serial work
@@ -602,7 +612,7 @@ class GaussianMixtureEM:
             if data.sample_weight is None
             else _chunked.take_rows(data.sample_weight[:, None], indices, ckw)[:, 0]
         )
-        n_distinct = len(np.unique(sample[:, 0] if sample.shape[1] == 1 else sample, axis=0))
+        n_distinct = _kmeans.count_distinct(sample, self.n_components)
         if n_distinct < self.n_components:  # the subsample may miss rare values: count them all
             distinct = _chunked.distinct_rows(data.X, MAX_DISTINCT, ckw)
             if distinct is None:

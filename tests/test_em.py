@@ -15,7 +15,7 @@ import pytest
 import reference_em as ref
 from scipy.stats import multivariate_normal
 
-from segment import ConvergenceWarning, GaussianMixtureEM, _em, _kmeans
+from segment import ConvergenceWarning, GaussianMixtureEM, _em, _estep_kernels, _kmeans
 
 
 def _random_spd(rng, n_components, n_features, scale=1.0):
@@ -210,25 +210,42 @@ def _general_statistics(X, params, sample_weight=None):
     return _em._moments(X, resp, params[1], log_norm @ sample_weight, sample_weight.sum())
 
 
+#: The one-channel statistics: the compiled kernel that chunk_statistics uses, and the numpy
+#: function that stays its reference.
+ONE_CHANNEL = {
+    "compiled": lambda X, *params, sample_weight=None: _em.chunk_statistics(
+        X, *params, sample_weight=sample_weight
+    ),
+    "numpy": lambda X, *params, sample_weight=None: _em._chunk_statistics_1d(
+        X, *params, sample_weight
+    ),
+}
+
+
+@pytest.fixture(params=sorted(ONE_CHANNEL))
+def one_channel(request):
+    return ONE_CHANNEL[request.param]
+
+
 @pytest.mark.parametrize(
     "n_voxels", [0, 1, 7, _em.BLOCK_1D, _em.BLOCK_1D + 1, 3 * _em.BLOCK_1D - 5]
 )
-def test_one_channel_kernel_matches_general_e_step_and_moments(rng, n_voxels):
-    """The fused one-channel kernel gives the statistics of e_step + _moments, blocks or not."""
+def test_one_channel_kernel_matches_general_e_step_and_moments(rng, n_voxels, one_channel):
+    """Both one-channel kernels give the statistics of e_step + _moments, blocks or not."""
     X = _mixture_sample(rng, [2950.0, 3000.0, 3080.0], [20.0, 15.0, 25.0], [n_voxels, 0, 0])
     X[: n_voxels // 3] += 100.0 * rng.normal(size=(n_voxels // 3, 1))  # spread the voxels out
     weights = np.array([0.3, 0.4, 0.3])
     means = np.array([[2940.0], [3010.0], [3070.0]])
     params = (weights, means, _em.precision_cholesky(np.array([[[300.0]], [[200.0]], [[700.0]]])))
 
-    fused = _em.chunk_statistics(X, *params)
+    fused = one_channel(X, *params)
 
     _assert_stats_equal(fused, _general_statistics(X, params), rtol=1e-12)
     assert fused["nk"].shape == (3,) and fused["sum_centered"].shape == (3, 1)
     assert fused["scatter"].shape == (3, 1, 1) and fused["n_samples"] == n_voxels
 
 
-def test_one_channel_kernel_float32_and_sample_weight(rng):
+def test_one_channel_kernel_float32_and_sample_weight(rng, one_channel):
     """float32 voxels are read exactly (as float64) and weights multiply each voxel's share."""
     X32 = _mixture_sample(rng, [10.0, 60.0, 150.0], [3.0, 8.0, 12.0], [9000, 6000, 5000])
     X32 = X32.astype(np.float32)
@@ -239,13 +256,13 @@ def test_one_channel_kernel_float32_and_sample_weight(rng):
         _em.precision_cholesky(np.array([[[16.0]], [[90.0]], [[100.0]]])),
     )
 
-    fused = _em.chunk_statistics(X32, *params, sample_weight=sample_weight)
+    fused = one_channel(X32, *params, sample_weight=sample_weight)
     general = _general_statistics(X32.astype(np.float64), params, sample_weight)
 
     _assert_stats_equal(fused, general, rtol=1e-12)
 
 
-def test_one_channel_kernel_far_away_voxels_stay_finite():
+def test_one_channel_kernel_far_away_voxels_stay_finite(one_channel):
     X = np.array([[0.0], [1e6], [-40.0], [3.0]])
     params = (
         np.array([0.3, 0.7]),
@@ -254,14 +271,14 @@ def test_one_channel_kernel_far_away_voxels_stay_finite():
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        stats = _em.chunk_statistics(X, *params)
+        stats = one_channel(X, *params)
     general = _general_statistics(X, params)
     _assert_stats_equal(stats, general, rtol=1e-12)
     assert stats["nk"].sum() == pytest.approx(4.0, rel=1e-14)
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-def test_one_channel_kernel_redoes_the_blocks_with_far_away_voxels(rng, weighted):
+def test_one_channel_kernel_redoes_the_blocks_with_far_away_voxels(rng, weighted, one_channel):
     """A block where a voxel's density underflows is redone by log-sum-exp, the rest is not."""
     n_voxels = 3 * _em.BLOCK_1D + 11
     X = _mixture_sample(rng, [10.0, 50.0], [2.0, 5.0], [n_voxels // 2, n_voxels - n_voxels // 2])
@@ -275,11 +292,11 @@ def test_one_channel_kernel_redoes_the_blocks_with_far_away_voxels(rng, weighted
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        stats = _em.chunk_statistics(X, *params, sample_weight=sample_weight)
+        stats = one_channel(X, *params, sample_weight=sample_weight)
     _assert_stats_equal(stats, _general_statistics(X, params, sample_weight), rtol=1e-12)
 
 
-def test_one_channel_kernel_far_away_value_with_a_large_count():
+def test_one_channel_kernel_far_away_value_with_a_large_count(one_channel):
     """Distinct values with counts: a far value weighing 1e12 voxels raises no warning."""
     X = np.array([[0.0], [1.0], [5000.0], [3.0]])
     sample_weight = np.array([1e6, 3e9, 1e12, 5.0])
@@ -290,11 +307,11 @@ def test_one_channel_kernel_far_away_value_with_a_large_count():
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        stats = _em.chunk_statistics(X, *params, sample_weight=sample_weight)
+        stats = one_channel(X, *params, sample_weight=sample_weight)
     _assert_stats_equal(stats, _general_statistics(X, params, sample_weight), rtol=1e-12)
 
 
-def test_one_channel_kernel_very_narrow_component():
+def test_one_channel_kernel_very_narrow_component(one_channel):
     """A component so narrow that its peak density would overflow exp takes the shifted path."""
     X = np.array([[0.0], [1e-265], [-2e-265], [5e-265]])
     params = (
@@ -304,9 +321,135 @@ def test_one_channel_kernel_very_narrow_component():
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        stats = _em.chunk_statistics(X, *params)
+        stats = one_channel(X, *params)
     assert np.isfinite(stats["log_likelihood"]) and stats["log_likelihood"] > 600
     _assert_stats_equal(stats, _general_statistics(X, params), rtol=1e-12)
+
+
+def _one_channel_params(rng, n_components, spread=60.0):
+    weights = rng.dirichlet(np.ones(n_components))
+    means = np.sort(rng.uniform(-spread, spread, n_components))[:, None] + 1000.0
+    variances = rng.uniform(4.0, 200.0, n_components)[:, None, None]
+    return weights, means, _em.precision_cholesky(variances)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16, np.uint16, np.int64])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_compiled_kernel_matches_numpy_reference_and_e_step(rng, dtype, weighted):
+    """Random data with far outliers, any dtype, weights, pieces that do not divide N."""
+    n_voxels, n_components = 3 * _estep_kernels.BLOCK + 77, 5
+    X = rng.normal(1000.0, 80.0, size=(n_voxels, 1))
+    X[rng.choice(n_voxels, 9, replace=False), 0] = [-3e4, 1e5, 2e4, 5e4, -1e4, 0, 3e3, 9e4, 1]
+    X = X.astype(dtype)
+    sample_weight = rng.uniform(0, 4, size=n_voxels) if weighted else None
+    params = _one_channel_params(rng, n_components)
+
+    compiled = _em.chunk_statistics(X, *params, sample_weight=sample_weight)
+    numpy_ref = _em._chunk_statistics_1d(X, *params, sample_weight)
+    general = _general_statistics(X.astype(np.float64), params, sample_weight)
+    pieces = _stats_of_pieces(X, params, [0, 1, 255, 256, 700, n_voxels], sample_weight)
+
+    _assert_stats_equal(compiled, numpy_ref, rtol=1e-12)
+    _assert_stats_equal(compiled, general, rtol=1e-12)
+    _assert_stats_equal(pieces, compiled, rtol=1e-12)
+    assert compiled["n_samples"] == pytest.approx(
+        n_voxels if sample_weight is None else sample_weight.sum(), rel=1e-14
+    )
+    assert np.isfinite(compiled["log_likelihood"]) and compiled["nk"].sum() == pytest.approx(
+        compiled["n_samples"], rel=1e-12
+    )
+
+
+@pytest.mark.parametrize("n_features", [2, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_compiled_multichannel_kernel_matches_numpy_reference(rng, n_features, dtype, weighted):
+    """D channels: full covariances, far outliers, weights, pieces that do not divide N."""
+    n_voxels, n_components = 2 * _estep_kernels.BLOCK + 45, 4
+    X = rng.normal(800.0, 60.0, size=(n_voxels, n_features))
+    X[rng.choice(n_voxels, 5, replace=False)] = rng.choice([-3e4, 2e4, 9e4], (5, n_features))
+    X = X.astype(dtype)
+    sample_weight = rng.uniform(0, 4, size=n_voxels) if weighted else None
+    weights = rng.dirichlet(np.ones(n_components))
+    means = rng.normal(800.0, 50.0, size=(n_components, n_features))
+    covariances = _random_spd(rng, n_components, n_features, scale=500.0)
+    params = (weights, means, _em.precision_cholesky(covariances))
+
+    compiled = _em.chunk_statistics(X, *params, sample_weight=sample_weight)
+    numpy_ref = _em._numpy_statistics(X, *params, sample_weight=sample_weight)
+    pieces = _stats_of_pieces(X, params, [0, 1, 256, 300, n_voxels], sample_weight)
+
+    _assert_stats_equal(compiled, numpy_ref, rtol=1e-12)
+    _assert_stats_equal(pieces, compiled, rtol=1e-12)
+    np.testing.assert_array_equal(compiled["scatter"], np.swapaxes(compiled["scatter"], 1, 2))
+    assert compiled["scatter"].shape == (n_components, n_features, n_features)
+
+
+@pytest.mark.parametrize("n_components", [1, 2, 40, 300])
+def test_compiled_kernel_with_many_components(rng, n_components):
+    """The log-likelihood takes one log per product of totals: no overflow for large K."""
+    X = rng.normal(1000.0, 90.0, size=(1000, 1))
+    params = _one_channel_params(rng, n_components, spread=200.0)
+    _assert_stats_equal(
+        _em.chunk_statistics(X, *params), _general_statistics(X, params), rtol=1e-12
+    )
+
+
+@pytest.mark.parametrize("n_features", [1, 2])
+def test_compiled_kernel_is_deterministic_and_runs_in_parallel_threads(rng, n_features):
+    """The kernels release the GIL: threads give the same bits as one call after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    X = rng.normal(1000.0, 80.0, size=(50_000, n_features)).astype(np.float32)
+    means = rng.normal(1000.0, 60.0, size=(6, n_features))
+    covariances = _random_spd(rng, 6, n_features, scale=900.0)
+    params = (np.full(6, 1 / 6), means, _em.precision_cholesky(covariances))
+    chunks = [X[i : i + 6007] for i in range(0, len(X), 6007)]
+    serial = [_em.chunk_statistics(c, *params) for c in chunks]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda c: _em.chunk_statistics(c, *params), chunks))
+    for a, b in zip(serial, threaded):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("n_features", [1, 2])
+def test_compiled_kernel_propagates_non_finite_voxels(bad, n_features):
+    """Like the numpy reference, a non-finite voxel gives NaN sums, not a silent zero."""
+    X = np.repeat([[0.0], [1.0], [bad], [3.0]], n_features, axis=1)
+    params = (
+        np.array([0.5, 0.5]),
+        np.repeat([[0.0], [2.0]], n_features, axis=1),
+        np.stack([np.eye(n_features)] * 2),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        stats = _em.chunk_statistics(X, *params)
+    assert np.isnan(stats["log_likelihood"]) and np.isnan(stats["nk"]).all()
+
+
+def test_exp_nonpositive_matches_numpy_exp(rng):
+    """The vectorised float64 exponential: about one float64 step from np.exp."""
+    import numba
+
+    @numba.njit
+    def exp_all(t):
+        out = np.empty_like(t)
+        for j in range(t.shape[0]):
+            out[j] = _estep_kernels.exp_nonpositive(t[j])
+        return out
+
+    t = np.concatenate([
+        -rng.uniform(0, 1e-6, 1000), -rng.uniform(0, 1, 1000), -rng.uniform(0, 708, 10_000),
+        [0.0, -0.0, -1e-300, -np.log(2) / 2, -np.log(2), -707.9, -708.0],
+    ])  # fmt: skip
+    got = exp_all(t)
+    np.testing.assert_allclose(got, np.exp(t), rtol=1e-15, atol=0)
+    # below MIN_EXPONENT the argument is raised to it: negligible next to exp(0) = 1
+    np.testing.assert_allclose(
+        exp_all(np.array([-800.0, -np.inf])), np.exp(_estep_kernels.MIN_EXPONENT), rtol=1e-15
+    )
 
 
 # ----------------------------------------------------------------------------- covariances
@@ -459,6 +602,44 @@ def test_kmeans_weighted_centers_are_weighted_means():
         (2 * 30 + 6 * 31) / 8,
     }
     assert sorted(centers.ravel()) == pytest.approx(sorted(expected))
+
+
+@pytest.mark.parametrize("n_total, n_sample", [(10, 10), (11, 10), (1_000_003, 997), (50, 7)])
+def test_stratified_indices_one_per_stratum_sorted_distinct(n_total, n_sample):
+    indices = _kmeans.stratified_indices(n_total, n_sample, np.random.default_rng(3))
+
+    bounds = np.arange(n_sample + 1) * n_total // n_sample
+    assert indices.shape == (n_sample,) and indices.dtype == np.int64
+    assert np.all(np.diff(indices) > 0)  # sorted and distinct
+    np.testing.assert_array_equal(
+        np.searchsorted(bounds, indices, "right") - 1, np.arange(n_sample)
+    )
+    again = _kmeans.stratified_indices(n_total, n_sample, np.random.default_rng(3))
+    np.testing.assert_array_equal(indices, again)
+    other = _kmeans.stratified_indices(n_total, n_sample, np.random.default_rng(4))
+    assert n_total == n_sample or not np.array_equal(indices, other)
+    with pytest.raises(ValueError, match="n_sample <= n_total"):
+        _kmeans.stratified_indices(n_sample - 1, n_sample, np.random.default_rng(3))
+
+
+def test_stratified_indices_are_uniform_within_strata():
+    """Each index of a stratum is drawn equally often (chi-square-free check on the means)."""
+    rng = np.random.default_rng(5)
+    offsets = np.concatenate(
+        [_kmeans.stratified_indices(7 * 1000, 1000, rng) % 7 for _ in range(50)]
+    )
+    counts = np.bincount(offsets, minlength=7)
+    assert counts.min() > 0.9 * len(offsets) / 7 and counts.max() < 1.1 * len(offsets) / 7
+
+
+@pytest.mark.parametrize("n_features", [1, 2])
+def test_count_distinct_up_to_a_limit(rng, n_features):
+    X = rng.integers(0, 4, size=(500, n_features)).astype(float)
+    n_distinct = len(np.unique(X, axis=0))
+    assert _kmeans.count_distinct(X, 100) == n_distinct
+    assert _kmeans.count_distinct(X, 3) == 3
+    assert _kmeans.count_distinct(X[:0], 3) == 0
+    assert _kmeans.count_distinct(np.ones((9, n_features)), 6) == 1
 
 
 @pytest.mark.parametrize("n_features", [1, 2])

@@ -478,6 +478,19 @@ def test_fit_on_dask_array_equals_numpy(data_1d, history_1d):
     assert_matches_history(gm, history_1d, 3, rtol=1e-9)
 
 
+def test_numpy_features_are_chunked_as_views_without_a_copy(data_1d):
+    """The fit reads the caller's array chunk by chunk; dask's from_array would copy it."""
+    from segment import _chunked
+
+    X = data_1d.astype(np.float32)
+    Xd = _chunked.as_feature_array(X, 997)
+    assert Xd.chunks[0][:2] == (997, 997) and sum(Xd.chunks[0]) == len(X)
+    graph = dict(Xd.__dask_graph__())
+    assert all(np.shares_memory(block, X) for block in graph.values())
+    np.testing.assert_array_equal(Xd.compute(scheduler="synchronous"), X)
+    np.testing.assert_array_equal(Xd[990:1010].compute(scheduler="synchronous"), X[990:1010])
+
+
 def test_score_is_log_likelihood_per_voxel(data_1d, history_1d):
     gm = fit_tol0(data_1d, max_iter=2, variance_floor=FLOOR, chunk_size=997, **INIT_1D)
     assert gm.score(data_1d) == pytest.approx(gm.log_likelihood_ / len(data_1d), rel=1e-12)
