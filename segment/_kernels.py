@@ -21,8 +21,9 @@ import numba
 import numpy as np
 
 #: What :func:`mean_field_rows` writes: the next uint8 state (a sweep), the float32 posterior
-#: (*block, K), or the float32 posterior component by component, (K, *computed planes).
-STATE, FINAL, FINAL_BY_COMPONENT = 0, 1, 2
+#: (*block, K), the same with the block's axes reversed, or the float32 posterior component by
+#: component, (K, *computed planes).
+STATE, FINAL, FINAL_REVERSED, FINAL_BY_COMPONENT = 0, 1, 3, 2
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -156,8 +157,9 @@ def mean_field_rows(
         :data:`STATE`: write ``state_out`` (n0, n1, n2, K + 1) uint8, the rounded posterior
         (units of 1/255) and in the last slot the change ``round(sum_k |state_k -
         previous_k| / 2)``. :data:`FINAL`: write the float32 posterior into ``final_out``
-        (n0, n1, n2, K) unless it has size 1. :data:`FINAL_BY_COMPONENT`: into ``final_out``
-        (K, i1 - i0, n1, n2) at ``[k, i - i0, j, z]``.
+        (n0, n1, n2, K) unless it has size 1; :data:`FINAL_REVERSED`: (n2, n1, n0, K), at
+        ``[z, j, i, k]``. :data:`FINAL_BY_COMPONENT`: into ``final_out`` (K, i1 - i0, n1, n2)
+        at ``[k, i - i0, j, z]``.
     skip_settled : bool
         Keep the previous state of voxels none of whose neighbours changed in the previous
         sweep (their update would give the same values again, exactly). Only valid when that
@@ -223,29 +225,17 @@ def mean_field_rows(
                     if keep_maps:
                         if mode == FINAL:
                             final_out[i, j, z, k] = value
+                        elif mode == FINAL_REVERSED:
+                            final_out[z, j, i, k] = value
                         else:
                             final_out[k, i - i0, j, z] = value
                 if keep_labels:
                     if mode == FINAL:
                         labels_out[i, j, z] = best + 1
+                    elif mode == FINAL_REVERSED:
+                        labels_out[z, j, i] = best + 1
                     else:
                         labels_out[i - i0, j, z] = best + 1
-
-
-@numba.njit(cache=True, nogil=True)
-def reverse_axes(source, z0, z1, j0, j1, out):  # pragma: no cover - compiled; tested
-    """``out[z - z0, j, i, s] = source[i, j, z, s]`` for z in z0:z1, j in j0:j1 (all i, s).
-
-    A transposed copy of a few planes of the last axis (the trailing slots kept together),
-    for one thread's rows. The writes are sequential; the reads of one row ``j`` are one run
-    per ``i``, reused from the cache for each plane ``z`` (other loop orders were 2x slower).
-    """
-    n0, n_slots = source.shape[0], source.shape[3]
-    for j in range(j0, j1):
-        for z in range(z0, z1):
-            for i in range(n0):
-                for s in range(n_slots):
-                    out[z - z0, j, i, s] = source[i, j, z, s]
 
 
 #: Components more than this many nats under a voxel's best are given weight 0, not

@@ -136,7 +136,9 @@ def _axis_polynomials(coords: list[np.ndarray], degree: int) -> list[np.ndarray]
     return [legendre.legvander(c, degree).T for c in coords]
 
 
-def log_bias_block(coefficients: np.ndarray, coords: list[np.ndarray], degree: int) -> np.ndarray:
+def log_bias_block(
+    coefficients: np.ndarray, coords: list[np.ndarray], degree: int, reverse: bool = False
+) -> np.ndarray:
     """Evaluate ``log b`` on a block.
 
     Parameters
@@ -144,6 +146,8 @@ def log_bias_block(coefficients: np.ndarray, coords: list[np.ndarray], degree: i
     coefficients : (M, D) array, one column per channel
     coords : list of ndim 1-D arrays, the block's normalised coordinates per axis
     degree : int
+    reverse : bool
+        ``coords`` are given last axis first, and so is the result.
 
     Returns
     -------
@@ -155,7 +159,7 @@ def log_bias_block(coefficients: np.ndarray, coords: list[np.ndarray], degree: i
     # polynomial table per axis: a few BLAS calls instead of M outer products of the block
     tensor = np.zeros((degree + 1,) * ndim + (coefficients.shape[1],))
     for m, powers in enumerate(bias_terms(degree, ndim)):
-        tensor[powers] = coefficients[m]
+        tensor[powers[::-1] if reverse else powers] = coefficients[m]
     for axis in range(ndim):  # contract the leading power index; the voxel axis goes last
         tensor = np.tensordot(tensor, polys[axis], axes=(0, 0))
     # axes are now (D, x_0, ..., x_{ndim-1})
@@ -338,27 +342,31 @@ def mean_field_final(
     halo: tuple[int, int] = (0, 0),
     probabilities: np.ndarray | None = None,
     labels: np.ndarray | None = None,
+    reverse: bool = False,
 ) -> np.ndarray:
     """The final sweep of :func:`mean_field_sweep`, into given arrays; returns its column sums.
 
     ``probabilities`` (*block, K) float32 and ``labels`` (*block) uint8 (``1 + argmax_k``),
-    each optional, get the computed planes (the others are not touched). Returns the
+    each optional (views are fine), get the computed planes (the others are not touched);
+    with ``reverse`` their spatial axes are those of the block reversed. Returns the
     probabilities summed over the computed voxels, (K,) float64.
     """
     from . import _kernels
 
     n_components = params[1].shape[0]
     counts = np.zeros(n_components)
+    shape = _as_3d(mask.shape)
+    spatial = shape[::-1] if reverse else shape
     if probabilities is None:
         out = np.zeros((1, 1, 1, 1), np.float32)
     else:  # a view (the kernel writes into it)
-        out = probabilities.view()
-        out.shape = _as_3d(mask.shape) + (n_components,)
+        out = probabilities.reshape(spatial + (n_components,))
+        assert np.may_share_memory(out, probabilities)
     if labels is not None:
-        labels = labels.view()
-        labels.shape = _as_3d(mask.shape)
-    _run_rows(previous, intensities, mask, log_bias, params, beta, kernel, halo,
-              _kernels.FINAL, out, labels, False, counts)  # fmt: skip
+        labels = labels.reshape(spatial)
+    mode = _kernels.FINAL_REVERSED if reverse else _kernels.FINAL
+    _run_rows(previous, intensities, mask, log_bias, params, beta, kernel, halo, mode, out,
+              labels, False, counts)  # fmt: skip
     return counts
 
 
@@ -385,6 +393,8 @@ def mean_field_final_by_component(
     from . import _kernels
 
     counts = np.zeros(params[1].shape[0])
+    if mask.ndim == 2:  # views with the unit third axis of the kernel's 3-D blocks
+        probabilities, labels = probabilities[..., None], labels[..., None]
     _run_rows(previous, intensities, mask, log_bias, params, beta, kernel, halo,
               _kernels.FINAL_BY_COMPONENT, probabilities, labels, False, counts,
               rows=rows)  # fmt: skip
@@ -553,7 +563,12 @@ def log_bias_grid_block(
     coefficients: np.ndarray,
     boxes: list[tuple[float, float]],
     degree: int,
+    reverse: bool = False,
 ) -> np.ndarray:
-    """``log b`` on the block of ``shape`` at ``offset``, (*shape, D) float32."""
+    """``log b`` on the block of ``shape`` at ``offset``, (*shape, D) float32.
+
+    With ``reverse``, ``shape`` and ``offset`` are given last axis first, as is the result.
+    """
+    boxes = boxes[::-1] if reverse else boxes
     coords = [axis_coordinates(o, o + n, box) for o, n, box in zip(offset, shape, boxes)]
-    return log_bias_block(coefficients, coords, degree).astype(np.float32)
+    return log_bias_block(coefficients, coords, degree, reverse).astype(np.float32)

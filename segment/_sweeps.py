@@ -1,16 +1,21 @@
 """The MRF posterior on the image grid: mean-field sweeps over slabs, run on threads.
 
 The per-block maths is :func:`segment._spatial.mean_field_sweep` (compiled); this module only
-walks it over slabs of the first axis. The posterior is one uint8 grid (K + 1 bytes a voxel)
+walks it over slabs. The grid is held with its axes reversed (last axis first): for NIfTI data,
+which are stored in Fortran order, the intensities are then read in the order they lie in
+memory, and a slab of the first axis is a slab of the file's last axis, the one the maps are
+written in (so they are computed in the order they are written, without transposed copies).
+The posterior is one uint8 grid (K + 1 bytes a voxel)
 updated in place: before a sweep overwrites any slab, the planes that border another slab are
 copied, and every slab reads its neighbours' planes from those copies, so each voxel is
 updated from the previous sweep exactly as with two grids (the result does not depend on the
 slabs) at half the memory. Because the grid is updated in place, the sweeps run on threads of
 the calling process (the kernel releases the GIL), whatever scheduler the EM's passes use.
 
-The final probabilities are one more sweep, kept in memory (:meth:`PosteriorGrid.probabilities`)
-or recomputed slab by slab along the last axis when written (:meth:`PosteriorGrid.slab`), so a
-scan too large for its K float32 maps never holds them.
+The final probabilities are one more sweep, kept in memory (:meth:`PosteriorGrid.probabilities`,
+in the grid's own axis order) or recomputed slab by slab along the grid's last axis when
+written, with their labels (:meth:`PosteriorGrid.slab`), so a scan too large for its K float32
+maps never holds them.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import _kernels, _spatial
+from . import _spatial
 
 
 class PosteriorGrid:
@@ -32,11 +37,17 @@ class PosteriorGrid:
     mask : (*spatial) bool array, the fitted voxels
     params : (weights, means, precisions_chol) of the mixture
     kernel : neighbour weights, see :func:`segment._spatial.neighbour_kernel`
-    log_bias : callable ``(shape, offset) -> (*shape, D) float32``
-        The log bias field on a block of the grid.
+    log_bias : callable ``(shape, offset, reverse) -> (*shape, D) float32``
+        The log bias field on a block of the grid (with ``reverse``, the block's shape and
+        offset are given last axis first, and so is the result).
     rows : int
-        Planes of the first axis per slab.
+        Planes of the grid's *last* axis per slab (the first axis of :attr:`state`).
     n_threads : int
+
+    Attributes
+    ----------
+    state : (*spatial[::-1], K + 1) uint8
+        The posterior in units of 1/255 and the last sweep's change, axes reversed.
     """
 
     def __init__(
@@ -45,20 +56,28 @@ class PosteriorGrid:
         mask: np.ndarray,
         params: tuple[np.ndarray, np.ndarray, np.ndarray],
         kernel: np.ndarray,
-        log_bias: Callable[[tuple[int, ...], tuple[int, ...]], np.ndarray],
+        log_bias: Callable[..., np.ndarray],
         rows: int,
         n_threads: int,
     ):
-        self.image, self.mask, self.params = image, np.ascontiguousarray(mask), params
-        self.kernel, self.log_bias, self.n_threads = kernel, log_bias, max(1, n_threads)
+        ndim = mask.ndim
+        self.reverse = tuple(range(ndim))[::-1]
+        self.image = image.transpose(self.reverse + (ndim,))  # C-contiguous for NIfTI data
+        self.mask = np.ascontiguousarray(mask.transpose(self.reverse))
+        self.kernel = np.ascontiguousarray(kernel.transpose(self.reverse))
+        self.params, self.grid_log_bias, self.n_threads = params, log_bias, max(1, n_threads)
         n_components = params[1].shape[0]
-        self.state = np.zeros(mask.shape + (n_components + 1,), np.uint8)
-        n_planes = mask.shape[0]
+        self.state = np.zeros(self.mask.shape + (n_components + 1,), np.uint8)
+        n_planes = self.mask.shape[0]
         self.slabs = [(r, min(r + rows, n_planes)) for r in range(0, n_planes, max(1, rows))]
 
     @property
     def n_components(self) -> int:
         return self.params[1].shape[0]
+
+    def log_bias(self, shape: tuple[int, ...], offset: tuple[int, ...]) -> np.ndarray:
+        """The log bias field on a block of :attr:`state`'s (reversed) axes."""
+        return self.grid_log_bias(shape, offset, reverse=True)
 
     def sweep(self, beta: float, skip_settled: bool = False) -> float:
         """One sweep in place; returns the mean change of the posterior per fitted voxel.
@@ -93,7 +112,7 @@ class PosteriorGrid:
 
     def probabilities(self, beta: float) -> np.ndarray:
         """One more sweep, as float32 probabilities (*spatial, K) (zeros outside the mask)."""
-        out = np.zeros(self.mask.shape + (self.n_components,), np.float32)
+        out = np.zeros(self.mask.shape[::-1] + (self.n_components,), np.float32)
         self._final_sweep(beta, probabilities=out)
         return out
 
@@ -103,22 +122,28 @@ class PosteriorGrid:
         The same sweep, keeping only the argmax of each voxel's float32 probabilities and the
         sums: no (*spatial, K) float array.
         """
-        labels = np.zeros(self.mask.shape, np.uint8)
+        labels = np.zeros(self.mask.shape[::-1], np.uint8)
         return labels, self._final_sweep(beta, labels=labels)
 
     def _final_sweep(self, beta: float, probabilities=None, labels=None) -> np.ndarray:
-        """The float32 sweep slab by slab on the threads, into the given arrays; column sums."""
+        """The float32 sweep slab by slab on the threads, into the given arrays (grid order).
+
+        Returns the column sums.
+        """
         n_planes = self.mask.shape[0]
 
         def one(slab):
             r0, r1 = slab
             lo, hi = max(r0 - 1, 0), min(r1 + 1, n_planes)
+            block = (Ellipsis, slice(lo, hi))  # the same planes, in the grid's axis order
+            if probabilities is not None:
+                block += (slice(None),)
             return _spatial.mean_field_final(
                 self.state[lo:hi], self.image[r0:r1], self.mask[lo:hi],
                 self.log_bias(self.mask[r0:r1].shape, (r0,) + (0,) * (self.mask.ndim - 1)),
                 self.params, beta, self.kernel, halo=(r0 - lo, hi - r1),
-                probabilities=None if probabilities is None else probabilities[lo:hi],
-                labels=None if labels is None else labels[lo:hi],
+                probabilities=None if probabilities is None else probabilities[block],
+                labels=None if labels is None else labels[..., lo:hi], reverse=True,
             )  # fmt: skip
 
         with ThreadPoolExecutor(self.n_threads) as pool:
@@ -131,48 +156,29 @@ class PosteriorGrid:
         ``(K, stop - start, ..., n_0)`` (each map in the Fortran order NIfTI stores:
         ``maps[k].T`` is the slab in the grid's axis order), the labels likewise
         ``(stop - start, ..., n_0)``, and the maps' column sums (K,). ``maps`` and ``labels``
-        may be given (zeros, or views of larger arrays), to be written into. The planes and
-        their neighbours are copied with their axes reversed; the threads share the rows.
+        may be given (zeros, or views of larger arrays), to be written into. These planes are
+        a slab of :attr:`state`, whose threads share its rows.
         """
-        K, ndim = self.n_components, self.mask.ndim
-        width = stop - start
-        reversed_shape = (width,) + self.mask.shape[:-1][::-1]
+        K = self.n_components
+        n_planes, n_rows = self.mask.shape[:2]
+        reversed_shape = (stop - start,) + self.mask.shape[1:]
         maps = np.zeros((K,) + reversed_shape, np.float32) if maps is None else maps
         labels = np.zeros(reversed_shape, np.uint8) if labels is None else labels
-        if ndim == 2:  # a picture: small, computed whole
-            whole = np.zeros(self.mask.shape + (K,), np.float32)
-            whole_labels = np.zeros(self.mask.shape, np.uint8)
-            self._final_sweep(beta, probabilities=whole, labels=whole_labels)
-            maps[...] = whole[:, start:stop].transpose(2, 1, 0)
-            labels[...] = whole_labels[:, start:stop].T
-            return maps, labels, whole[:, start:stop].reshape(-1, K).sum(axis=0, dtype=float)
-        # the planes with their neighbours, axes reversed (the sweep's rows run along the
-        # grid's first axis, and its output is already in NIfTI order)
-        n0, n_rows, n_last = self.mask.shape
-        lo, hi = max(start - 1, 0), min(stop + 1, n_last)
-        state = np.empty((hi - lo, n_rows, n0, K + 1), np.uint8)
-        mask = np.empty((hi - lo, n_rows, n0, 1), np.bool_)
-        kernel = np.ascontiguousarray(self.kernel.transpose(2, 1, 0))
-        image = self.image[:, :, start:stop].transpose(2, 1, 0, 3)  # views
-        log_bias = self.log_bias(self.mask[:, :, start:stop].shape, (0, 0, start))
-        log_bias = log_bias.transpose(2, 1, 0, 3)
+        lo, hi = max(start - 1, 0), min(stop + 1, n_planes)
+        offset = (start,) + (0,) * (self.mask.ndim - 1)
+        log_bias = self.log_bias(reversed_shape, offset)
         step = -(-n_rows // (2 * self.n_threads))
         parts = [(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
-
-        def reverse(part):
-            _kernels.reverse_axes(self.state, lo, hi, *part, state)
-            _kernels.reverse_axes(self.mask[..., None], lo, hi, *part, mask)
 
         def one(part):
             rows = slice(*part)
             return _spatial.mean_field_final_by_component(
-                state, image[:, rows], mask, log_bias[:, rows], self.params, beta, kernel,
+                self.state[lo:hi], self.image[start:stop, rows], self.mask[lo:hi],
+                log_bias[:, rows], self.params, beta, self.kernel,
                 halo=(start - lo, hi - stop), rows=part, probabilities=maps, labels=labels,
             )  # fmt: skip
 
         with ThreadPoolExecutor(self.n_threads) as pool:
-            list(pool.map(reverse, parts))
-            mask = mask[..., 0]
             sums = np.sum(list(pool.map(one, parts)), axis=0)
         return maps, labels, sums
 
