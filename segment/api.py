@@ -440,11 +440,10 @@ class _StreamedPosterior(_StreamedVolumes):
         super().__init__([], mask, estimator)
         self.keep_labels = keep_labels
 
-    #: Writer slabs computed together. Each computed block visits every (first, second axis)
-    #: position of the grid once, a scattered read whose cost is shared by the block's planes:
-    #: on the 1x head the posterior's transposed copy cost 25, 18 and 18 ns a voxel for blocks
-    #: of 5, 10 and 20 planes. 2 (10 planes at 8x) holds 2 slabs of the K maps (44 MB at 8x).
-    GROUP = 2
+    #: Writer slabs computed together. The grid is held in NIfTI order, so a block of writer
+    #: slabs is a slab of the grid; its neighbours are read in place. 1 and 2 took the same
+    #: time at 8x (28.8 s); 2 held 74 MB more.
+    GROUP = 1
 
     def slabs(self, step: int) -> Iterator[list[np.ndarray]]:
         grid, beta = self.estimator._posterior
