@@ -222,6 +222,23 @@ ONE_CHANNEL = {
 }
 
 
+@pytest.fixture(autouse=True)
+def compiled_kernels_for_any_size(monkeypatch):
+    """Chunks of every size go through the compiled kernels here (small ones take numpy)."""
+    monkeypatch.setattr(_em, "NUMPY_ROWS", 0)
+
+
+def test_small_chunks_take_the_numpy_path_with_the_same_numbers(rng, monkeypatch):
+    X = rng.normal(100.0, 20.0, size=(_em.BLOCK_1D + 7, 1))
+    params = _one_channel_params(rng, 3, spread=40.0)
+    weight = rng.uniform(0, 3, size=len(X))
+    compiled = _em.chunk_statistics(X, *params, sample_weight=weight)
+    monkeypatch.setattr(_em, "NUMPY_ROWS", len(X))
+    monkeypatch.setattr(_em, "_compiled_statistics_1d", None)  # would fail if called
+    _assert_stats_equal(_em.chunk_statistics(X, *params, sample_weight=weight), compiled,
+                        rtol=1e-12)  # fmt: skip
+
+
 @pytest.fixture(params=sorted(ONE_CHANNEL))
 def one_channel(request):
     return ONE_CHANNEL[request.param]
