@@ -206,15 +206,19 @@ def test_killed_batch_resumes(tmp_path):
     out = tmp_path / "out"
     args = [SEGMENT, "batch", str(root), "-o", str(out), "-r", "--jobs", "1", "--tol", "0",
             "--max-iter", "60", "--no-qc", "-q"]  # fmt: skip
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # its own process group, killed whole (as a job scheduler does): a worker process that
+    # outlived its parent for a moment could otherwise still write while the re-run checks
+    process = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     summary = out / "batch_summary.tsv"
     deadline = time.monotonic() + 60
     while not (summary.exists() and read_summary(summary)) and time.monotonic() < deadline:
         assert process.poll() is None, "the batch ended before it could be killed"
         time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    time.sleep(0.5)  # the worker processes exit with their parent
+    time.sleep(0.5)
     done = read_summary(out / "batch_summary.tsv")
     assert 1 <= len(done) < 6 and {r["status"] for r in done} == {"ok"}
     finished = {r["input"] for r in done}
