@@ -335,15 +335,7 @@ def _compiled_statistics_1d(
     the numpy reference (the tests compare the two), and adds
     ``sum_n r_nk y_kn^j w_n`` for j = 0, 1, 2; here they are scaled back to intensities.
     """
-    x = np.asarray(X)[:, 0]
-    if x.dtype != np.float32:  # the kernel is compiled for float32 and float64 voxels
-        x = x.astype(np.float64, copy=False)
-    x = np.ascontiguousarray(x)
-    w = (
-        np.empty(0)
-        if sample_weight is None
-        else np.ascontiguousarray(sample_weight, dtype=np.float64)
-    )
+    x, w = _kernel_inputs(np.asarray(X)[:, 0], sample_weight)
     precision_root = np.asarray(precisions_chol[:, 0, 0], dtype=np.float64)  # 1 / sigma_k
     sigma_root2 = np.sqrt(2.0) / precision_root  # sqrt(2) sigma_k
     offset = np.log(weights) + np.log(precision_root) - 0.5 * LOG_2PI  # a_k
@@ -363,6 +355,16 @@ def _compiled_statistics_1d(
     )
 
 
+def _kernel_inputs(X: np.ndarray, sample_weight: np.ndarray | None):
+    """Voxels and weights as the compiled kernels take them: C-contiguous, float32 or float64
+    voxels, float64 weights (length 0 for a weight of 1 per voxel)."""
+    if X.dtype != np.float32:  # the kernels are compiled for float32 and float64 voxels
+        X = X.astype(np.float64, copy=False)
+    if sample_weight is None:
+        return np.ascontiguousarray(X), np.empty(0)
+    return np.ascontiguousarray(X), np.ascontiguousarray(sample_weight, dtype=np.float64)
+
+
 def _compiled_statistics_nd(
     X: np.ndarray,
     weights: np.ndarray,
@@ -376,15 +378,7 @@ def _compiled_statistics_nd(
     (the reference, :func:`_numpy_statistics`) voxel block by voxel block in one loop over
     the chunk; it fills the lower triangle of each scatter matrix, mirrored here.
     """
-    X = np.asarray(X)
-    if X.dtype != np.float32:  # the kernel is compiled for float32 and float64 voxels
-        X = X.astype(np.float64, copy=False)
-    X = np.ascontiguousarray(X)
-    w = (
-        np.empty(0)
-        if sample_weight is None
-        else np.ascontiguousarray(sample_weight, dtype=np.float64)
-    )
+    X, w = _kernel_inputs(np.asarray(X), sample_weight)
     n_components, n_features = means.shape
     precisions_chol = np.ascontiguousarray(precisions_chol, dtype=np.float64)
     log_det = np.log(np.diagonal(precisions_chol, axis1=1, axis2=2)).sum(axis=1)

@@ -135,6 +135,34 @@ def _log_likelihood_unweighted(total, peak, n_block, group):  # pragma: no cover
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
+def _normalise_block(e, peak, ratio, nb, n_components, weight, start, group):  # pragma: no cover
+    """The E-step's normalisation of one block; returns its log-likelihood.
+
+    ``e`` holds ``log pi_k N(x_n | k)`` (K rows of ``nb``) and ``peak`` each voxel's largest.
+    Writes ``e_nk = exp(e_nk - peak_n)`` and ``ratio_n = w_n / t_n`` with ``t_n = sum_k e_nk``,
+    so that ``r_nk w_n = e_nk ratio_n``; ``weight`` of length 0 means 1 per voxel.
+    """
+    ratio[:nb] = 0.0
+    for k in range(n_components):
+        row = k * nb
+        for i in range(nb):
+            v = exp_nonpositive(e[row + i] - peak[i])
+            e[row + i] = v
+            ratio[i] += v  # t_n
+    if weight.shape[0] > 0:
+        log_likelihood = 0.0
+        for i in range(nb):
+            w = weight[start + i]
+            log_likelihood += w * (np.log(ratio[i]) + peak[i])
+            ratio[i] = w / ratio[i]
+        return log_likelihood
+    log_likelihood = _log_likelihood_unweighted(ratio, peak, nb, group)
+    for i in range(nb):
+        ratio[i] = 1.0 / ratio[i]
+    return log_likelihood
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def statistics_1d(x, sample_weight, centers, inv_scale, offset, sums):  # pragma: no cover
     """One-channel E-step of a chunk reduced to weighted row sums, in one pass; no GIL.
 
@@ -160,7 +188,6 @@ def statistics_1d(x, sample_weight, centers, inv_scale, offset, sums):  # pragma
     """
     n_voxels = x.shape[0]
     n_components = centers.shape[0]
-    weighted = sample_weight.shape[0] > 0
     size = n_components * BLOCK
     y = np.empty(size)
     e = np.empty(size)
@@ -180,22 +207,9 @@ def statistics_1d(x, sample_weight, centers, inv_scale, offset, sums):  # pragma
                 v = a - v * v
                 e[row + i] = v
                 peak[i] = max(peak[i], v)
-        ratio[:nb] = 0.0
-        for k in range(n_components):
-            row = k * nb
-            for i in range(nb):
-                v = exp_nonpositive(e[row + i] - peak[i])
-                e[row + i] = v
-                ratio[i] += v  # t_n
-        if weighted:
-            for i in range(nb):
-                w = sample_weight[start + i]
-                log_likelihood += w * (np.log(ratio[i]) + peak[i])
-                ratio[i] = w / ratio[i]
-        else:
-            log_likelihood += _log_likelihood_unweighted(ratio, peak, nb, group)
-            for i in range(nb):
-                ratio[i] = 1.0 / ratio[i]
+        log_likelihood += _normalise_block(
+            e, peak, ratio, nb, n_components, sample_weight, start, group
+        )
         _weighted_row_sums(e, y, ratio, nb, sums)
     return log_likelihood
 
@@ -249,7 +263,6 @@ def statistics_nd(
     """
     n_voxels, n_features = X.shape
     n_components = means.shape[0]
-    weighted = sample_weight.shape[0] > 0
     xt = np.empty((n_features, BLOCK))  # the block's voxels, channel-major
     diff = np.empty((n_features, BLOCK))
     e = np.empty(n_components * BLOCK)
@@ -283,22 +296,9 @@ def statistics_nd(
                 v = offset[k] - 0.5 * e[row + i]
                 e[row + i] = v
                 peak[i] = max(peak[i], v)
-        ratio[:nb] = 0.0
-        for k in range(n_components):
-            row = k * nb
-            for i in range(nb):
-                v = exp_nonpositive(e[row + i] - peak[i])
-                e[row + i] = v
-                ratio[i] += v
-        if weighted:
-            for i in range(nb):
-                w = sample_weight[start + i]
-                log_likelihood += w * (np.log(ratio[i]) + peak[i])
-                ratio[i] = w / ratio[i]
-        else:
-            log_likelihood += _log_likelihood_unweighted(ratio, peak, nb, group)
-            for i in range(nb):
-                ratio[i] = 1.0 / ratio[i]
+        log_likelihood += _normalise_block(
+            e, peak, ratio, nb, n_components, sample_weight, start, group
+        )
         for k in range(n_components):
             row = k * nb
             for i in range(nb):

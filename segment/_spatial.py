@@ -342,21 +342,20 @@ def mean_field_final(
     halo: tuple[int, int] = (0, 0),
     probabilities: np.ndarray | None = None,
     labels: np.ndarray | None = None,
-    reverse: bool = False,
 ) -> np.ndarray:
     """The final sweep of :func:`mean_field_sweep`, into given arrays; returns its column sums.
 
-    ``probabilities`` (*block, K) float32 and ``labels`` (*block) uint8 (``1 + argmax_k``),
-    each optional (views are fine), get the computed planes (the others are not touched);
-    with ``reverse`` their spatial axes are those of the block reversed. Returns the
-    probabilities summed over the computed voxels, (K,) float64.
+    ``probabilities`` (*block[::-1], K) float32 and ``labels`` (*block[::-1]) uint8
+    (``1 + argmax_k``), each optional (views are fine), have the block's axes reversed (the
+    block is a slab of the reversed grid of :class:`segment._sweeps.PosteriorGrid`, so they
+    are in the image's own order) and get the computed planes (the others are not touched).
+    Returns the probabilities summed over the computed voxels, (K,) float64.
     """
     from . import _kernels
 
     n_components = params[1].shape[0]
     counts = np.zeros(n_components)
-    shape = _as_3d(mask.shape)
-    spatial = shape[::-1] if reverse else shape
+    spatial = _as_3d(mask.shape)[::-1]
     if probabilities is None:
         out = np.zeros((1, 1, 1, 1), np.float32)
     else:  # a view (the kernel writes into it)
@@ -364,9 +363,8 @@ def mean_field_final(
         assert np.may_share_memory(out, probabilities)
     if labels is not None:
         labels = labels.reshape(spatial)
-    mode = _kernels.FINAL_REVERSED if reverse else _kernels.FINAL
-    _run_rows(previous, intensities, mask, log_bias, params, beta, kernel, halo, mode, out,
-              labels, False, counts)  # fmt: skip
+    _run_rows(previous, intensities, mask, log_bias, params, beta, kernel, halo,
+              _kernels.FINAL_REVERSED, out, labels, False, counts)  # fmt: skip
     return counts
 
 

@@ -143,7 +143,7 @@ class PosteriorGrid:
                 self.log_bias(self.mask[r0:r1].shape, (r0,) + (0,) * (self.mask.ndim - 1)),
                 self.params, beta, self.kernel, halo=(r0 - lo, hi - r1),
                 probabilities=None if probabilities is None else probabilities[block],
-                labels=None if labels is None else labels[..., lo:hi], reverse=True,
+                labels=None if labels is None else labels[..., lo:hi],
             )  # fmt: skip
 
         with ThreadPoolExecutor(self.n_threads) as pool:
