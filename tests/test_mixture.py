@@ -578,3 +578,27 @@ def test_weights_sum_to_one_after_reseeding(rng):
             gm.fit(X)
     assert gm.weights_.sum() == pytest.approx(1.0, rel=1e-12)
     np.testing.assert_allclose(gm.predict_proba(X).sum(axis=1), 1.0, rtol=1e-12)
+
+
+def test_integer_predictions_are_looked_up_by_value_with_the_same_numbers():
+    """Labels and maps of integer features come from a table per value: same as per voxel."""
+    from segment.mixture import (
+        _labels_and_responsibilities_block,
+        _labels_block,
+        _responsibility_column_block,
+    )
+
+    rng = np.random.default_rng(4)
+    X = np.concatenate([rng.normal(m, 9, 4000) for m in (40, 90, 160)]).clip(0, 255)
+    X = X.astype(np.uint8)[:, None]
+    gm = GaussianMixtureEM(3).fit(X)
+    params = gm._params
+    as_float = X.astype(np.float64)  # the per-voxel path
+    np.testing.assert_array_equal(
+        _labels_and_responsibilities_block(X, *params),
+        _labels_and_responsibilities_block(as_float, *params),
+    )
+    np.testing.assert_array_equal(_labels_block(X, *params, 1), _labels_block(as_float, *params, 1))
+    column = [_responsibility_column_block(data, *params, 2) for data in (X, as_float)]
+    np.testing.assert_array_equal(column[0], column[1])
+    np.testing.assert_array_equal(gm.predict(X), gm.predict(as_float))
