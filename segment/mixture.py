@@ -781,6 +781,12 @@ class GaussianMixtureEM:
 
     def _compute(self, array: da.Array) -> np.ndarray:
         with compute_kwargs(self.scheduler, self.n_workers) as ckw:
+            if self.scheduler in (None, "threads", "synchronous"):
+                # each block written into the result as it is computed: compute() would hold
+                # every block's output and their concatenation at once (twice the result)
+                out = np.empty(array.shape, array.dtype)
+                da.store(array, out, lock=False, **ckw)
+                return out
             return array.compute(**ckw)
 
 
