@@ -27,29 +27,29 @@ STATE, FINAL, FINAL_REVERSED, FINAL_BY_COMPONENT = 0, 1, 3, 2
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _neighbour_sums_row(flat_previous, shape, n_slots, i, j, c0, c1, offsets, offset_weights,
+def _neighbour_sums_row(flat_previous, shape, n_slots, i, j, offsets, offset_weights,
                         sums):  # fmt: skip  # pragma: no cover
-    """``sums[(m - c0) * n_slots + s] = sum_o w_o previous[(i, j, m) + o, s]`` for m in c0:c1.
+    """``sums[m * n_slots + s] = sum_o w_o previous[(i, j, m) + o, s]`` for the row's voxels m.
 
     Neighbours outermost: for each one, the row's values are one contiguous run, which the
     compiler vectorises. Neighbours outside the grid count 0.
     """
     n0, n1, n2 = shape
-    sums[: (c1 - c0) * n_slots] = 0.0
+    sums[:] = 0.0
     for o in range(offset_weights.shape[0]):
         a = i + offsets[o, 0]
         b = j + offsets[o, 1]
         shift = offsets[o, 2]
         if a < 0 or a >= n0 or b < 0 or b >= n1:
             continue
-        lo, hi = max(c0, -shift), min(c1, n2 - shift)  # columns whose neighbour is inside
+        lo, hi = max(0, -shift), min(n2, n2 - shift)  # voxels whose neighbour is inside
         if hi <= lo:
             continue
         w = np.float32(offset_weights[o])
         source = ((a * n1 + b) * n2 + lo + shift) * n_slots
         # slices, so that the loop index is known non-negative and vectorises
         values = flat_previous[source : source + (hi - lo) * n_slots]
-        target = sums[(lo - c0) * n_slots : (hi - c0) * n_slots]
+        target = sums[lo * n_slots : hi * n_slots]
         for t in range((hi - lo) * n_slots):
             target[t] += w * np.float32(values[t])
 
@@ -123,8 +123,6 @@ def mean_field_rows(
     i1,
     j0,
     j1,
-    c0,
-    c1,
     mode,
     skip_settled,
     state_out,
@@ -132,14 +130,14 @@ def mean_field_rows(
     labels_out,
     counts,
 ):  # pragma: no cover - compiled; tested against the numpy reference
-    """One mean-field sweep over the voxels ``[i0:i1, j0:j1, c0:c1]`` of a 3-D block.
+    """One mean-field sweep over the rows ``[i0:i1, j0:j1]`` of a 3-D block.
 
     Parameters
     ----------
     previous : (n0, n1, n2, >= K) uint8
         The previous posterior in units of 1/255 in the first K slots (zeros outside the mask),
         read (never written) for the voxels and their neighbours.
-    corrected : (i1 - i0, j1 - j0, c1 - c0, D) float32
+    corrected : (i1 - i0, j1 - j0, n2, D) float32
         The bias-corrected intensities ``y / b`` of the computed voxels.
     mask : (n0, n1, n2) bool
     offsets : (M, 3) int64 and offset_weights : (M,) float64
@@ -150,16 +148,16 @@ def mean_field_rows(
         ``log pi_k``, used when ``prior_scale == 0`` (the plain E-step).
     prior_scale : float
         ``beta / 255``: the log prior is ``prior_scale * sum_j w_ij previous_jk``.
-    i0, i1, j0, j1, c0, c1 : int
-        The voxels to compute: planes of the first axis, rows of the second, columns of the
-        last.
+    i0, i1, j0, j1 : int
+        The rows to compute: planes of the first axis, rows of the second (whole rows of the
+        last axis each).
     mode : int
         :data:`STATE`: write ``state_out`` (n0, n1, n2, K + 1) uint8, the rounded posterior
         (units of 1/255) and in the last slot the change ``round(sum_k |state_k -
         previous_k| / 2)``. :data:`FINAL`: write the float32 posterior into ``final_out``
         (n0, n1, n2, K) unless it has size 1; :data:`FINAL_REVERSED`: (n2, n1, n0, K), at
-        ``[z, j, i, k]``. :data:`FINAL_BY_COMPONENT`: into ``final_out`` (K, i1 - i0, n1, n2)
-        at ``[k, i - i0, j, z]``.
+        ``[m, j, i, k]``. :data:`FINAL_BY_COMPONENT`: into ``final_out`` (K, i1 - i0, n1, n2)
+        at ``[k, i - i0, j, m]``.
     skip_settled : bool
         Keep the previous state of voxels none of whose neighbours changed in the previous
         sweep (their update would give the same values again, exactly). Only valid when that
@@ -174,7 +172,7 @@ def mean_field_rows(
     n_components, n_features = means.shape
     n_slots = previous.shape[3]
     flat_previous = previous.reshape(-1)
-    width = c1 - c0
+    width = n2
     keep_maps, keep_labels = final_out.size > 1, labels_out.size > 1
     sums = np.zeros(width * n_slots, np.float32)
     x = np.zeros((n_features, width))
@@ -186,11 +184,11 @@ def mean_field_rows(
     totals = np.empty(width)
     for i in range(i0, i1):
         for j in range(j0, j1):
-            inside = mask[i, j, c0:c1]
+            inside = mask[i, j]
             if not inside.any():
                 continue
             if prior_scale > 0:
-                _neighbour_sums_row(flat_previous, (n0, n1, n2), n_slots, i, j, c0, c1,
+                _neighbour_sums_row(flat_previous, (n0, n1, n2), n_slots, i, j,
                                     offsets, offset_weights, sums)  # fmt: skip
             for d in range(n_features):
                 for m in range(width):  # outside the mask: any finite value, not used
@@ -201,20 +199,19 @@ def mean_field_rows(
             for m in range(width):
                 if not inside[m]:
                     continue
-                z = c0 + m
                 total = totals[m]
                 if mode == STATE:
                     if skip_settled and sums[m * n_slots + n_components] == 0:
                         for k in range(n_components):  # settled: keeps its state
-                            state_out[i, j, z, k] = previous[i, j, z, k]
-                        state_out[i, j, z, n_components] = 0
+                            state_out[i, j, m, k] = previous[i, j, m, k]
+                        state_out[i, j, m, n_components] = 0
                         continue
                     change = 0
                     for k in range(n_components):
                         level = int(weights[k * width + m] / total * 255.0 + 0.5)
-                        state_out[i, j, z, k] = level
-                        change += abs(level - int(previous[i, j, z, k]))
-                    state_out[i, j, z, n_components] = min((change + 1) // 2, 255)
+                        state_out[i, j, m, k] = level
+                        change += abs(level - int(previous[i, j, m, k]))
+                    state_out[i, j, m, n_components] = min((change + 1) // 2, 255)
                     continue
                 best, best_value = 0, np.float32(-1.0)
                 for k in range(n_components):
@@ -224,18 +221,18 @@ def mean_field_rows(
                         best, best_value = k, value
                     if keep_maps:
                         if mode == FINAL:
-                            final_out[i, j, z, k] = value
+                            final_out[i, j, m, k] = value
                         elif mode == FINAL_REVERSED:
-                            final_out[z, j, i, k] = value
+                            final_out[m, j, i, k] = value
                         else:
-                            final_out[k, i - i0, j, z] = value
+                            final_out[k, i - i0, j, m] = value
                 if keep_labels:
                     if mode == FINAL:
-                        labels_out[i, j, z] = best + 1
+                        labels_out[i, j, m] = best + 1
                     elif mode == FINAL_REVERSED:
-                        labels_out[z, j, i] = best + 1
+                        labels_out[m, j, i] = best + 1
                     else:
-                        labels_out[i - i0, j, z] = best + 1
+                        labels_out[i - i0, j, m] = best + 1
 
 
 #: Components more than this many nats under a voxel's best are given weight 0, not
