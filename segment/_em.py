@@ -3,7 +3,7 @@
 No I/O, no Dask, no file names. Every function takes the features of *one chunk* (or of all
 voxels) and returns arrays; the Dask layer in :mod:`segment._chunked` only maps them over
 chunks and sums their outputs. The statistics of :func:`chunk_statistics`, the pass repeated
-every iteration, run in compiled loops (:mod:`segment._estep_kernels`) that release the GIL;
+every iteration, run in compiled loops (``segment/_estep.c``) that release the GIL;
 the numpy functions they replace, :func:`_chunk_statistics_1d` (one channel) and
 :func:`_numpy_statistics` (any number), stay here as their reference.
 
@@ -29,6 +29,8 @@ from typing import TypedDict
 
 import numpy as np
 from scipy import linalg
+
+from . import _estep
 
 LOG_2PI = np.log(2.0 * np.pi)
 #: Added to each N_k before dividing, like scikit-learn, so an empty component gives no 0/0.
@@ -277,20 +279,9 @@ def chunk_statistics(
     Statistics
         Small dict of (K,), (K, D), (K, D, D) arrays and two floats; no N x K array survives.
     """
-    if len(X) <= NUMPY_ROWS:  # e.g. the distinct intensities of an integer scan
-        if means.shape[1] == 1:
-            return _chunk_statistics_1d(X, weights, means, precisions_chol, sample_weight)
-        return _numpy_statistics(X, weights, means, precisions_chol, sample_weight)
     if means.shape[1] == 1:
         return _compiled_statistics_1d(X, weights, means, precisions_chol, sample_weight)
     return _compiled_statistics_nd(X, weights, means, precisions_chol, sample_weight)
-
-
-#: Chunks of at most this many rows take the numpy path of :func:`chunk_statistics` (same
-#: numbers to rounding): the first call of a compiled kernel in a process costs about 0.24 s
-#: (numba's start-up), which was most of the fit of an integer scan over its few hundred
-#: distinct intensities (0.12 s before the kernels, 0.36 s with them).
-NUMPY_ROWS = 16384
 
 
 def _numpy_statistics(
@@ -327,22 +318,21 @@ def _compiled_statistics_1d(
 ) -> Statistics:
     """:func:`chunk_statistics` for one channel by the compiled kernel, without the GIL.
 
-    :func:`segment._estep_kernels.statistics_1d` runs the E-step of :func:`e_step` (shifted by
-    each voxel's largest term, as :func:`normalize_log_prob`) and the moments of
-    :func:`_moments` voxel block by voxel block, in float64, in one loop over the chunk that
-    releases the GIL, so Dask threads run chunks side by side. It works on the scaled residual
-    ``y_kn = (x_n - c_k) / (sqrt(2) sigma_k)`` of :func:`_chunk_statistics_1d`, which stays
-    the numpy reference (the tests compare the two), and adds
-    ``sum_n r_nk y_kn^j w_n`` for j = 0, 1, 2; here they are scaled back to intensities.
+    ``segment._estep.statistics_1d`` (C, ``segment/_estep.c``) runs the E-step of
+    :func:`e_step` (shifted by each voxel's largest term, as :func:`normalize_log_prob`) and
+    the moments of :func:`_moments` voxel block by voxel block, in float64, in one loop over
+    the chunk that releases the GIL, so Dask threads run chunks side by side. It works on the
+    scaled residual ``y_kn = (x_n - c_k) / (sqrt(2) sigma_k)`` of
+    :func:`_chunk_statistics_1d`, which stays the numpy reference (the tests compare the
+    two), and adds ``sum_n r_nk y_kn^j w_n`` for j = 0, 1, 2; here they are scaled back to
+    intensities.
     """
     x, w = _kernel_inputs(np.asarray(X)[:, 0], sample_weight)
     precision_root = np.asarray(precisions_chol[:, 0, 0], dtype=np.float64)  # 1 / sigma_k
     sigma_root2 = np.sqrt(2.0) / precision_root  # sqrt(2) sigma_k
     offset = np.log(weights) + np.log(precision_root) - 0.5 * LOG_2PI  # a_k
     sums = np.zeros((3, means.shape[0]))
-    from . import _estep_kernels  # numba: imported on first use (integer scans never do)
-
-    log_likelihood = _estep_kernels.statistics_1d(
+    log_likelihood = _estep.statistics_1d(
         x, w, np.ascontiguousarray(means[:, 0], dtype=np.float64), 1.0 / sigma_root2,
         offset.astype(np.float64), sums,
     )  # fmt: skip
@@ -374,7 +364,7 @@ def _compiled_statistics_nd(
 ) -> Statistics:
     """:func:`chunk_statistics` for several channels by the compiled kernel, without the GIL.
 
-    :func:`segment._estep_kernels.statistics_nd` runs :func:`e_step` and :func:`_moments`
+    ``segment._estep.statistics_nd`` (C) runs :func:`e_step` and :func:`_moments`
     (the reference, :func:`_numpy_statistics`) voxel block by voxel block in one loop over
     the chunk; it fills the lower triangle of each scatter matrix, mirrored here.
     """
@@ -386,9 +376,7 @@ def _compiled_statistics_nd(
     nk = np.zeros(n_components)
     sum_centered = np.zeros((n_components, n_features))
     scatter = np.zeros((n_components, n_features, n_features))
-    from . import _estep_kernels
-
-    log_likelihood = _estep_kernels.statistics_nd(
+    log_likelihood = _estep.statistics_nd(
         X, w, np.ascontiguousarray(means, dtype=np.float64), precisions_chol,
         offset.astype(np.float64), nk, sum_centered, scatter,
     )  # fmt: skip

@@ -15,7 +15,7 @@ import pytest
 import reference_em as ref
 from scipy.stats import multivariate_normal
 
-from segment import ConvergenceWarning, GaussianMixtureEM, _em, _estep_kernels, _kmeans
+from segment import ConvergenceWarning, GaussianMixtureEM, _em, _estep, _kmeans
 
 
 def _random_spd(rng, n_components, n_features, scale=1.0):
@@ -222,23 +222,6 @@ ONE_CHANNEL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def compiled_kernels_for_any_size(monkeypatch):
-    """Chunks of every size go through the compiled kernels here (small ones take numpy)."""
-    monkeypatch.setattr(_em, "NUMPY_ROWS", 0)
-
-
-def test_small_chunks_take_the_numpy_path_with_the_same_numbers(rng, monkeypatch):
-    X = rng.normal(100.0, 20.0, size=(_em.BLOCK_1D + 7, 1))
-    params = _one_channel_params(rng, 3, spread=40.0)
-    weight = rng.uniform(0, 3, size=len(X))
-    compiled = _em.chunk_statistics(X, *params, sample_weight=weight)
-    monkeypatch.setattr(_em, "NUMPY_ROWS", len(X))
-    monkeypatch.setattr(_em, "_compiled_statistics_1d", None)  # would fail if called
-    _assert_stats_equal(_em.chunk_statistics(X, *params, sample_weight=weight), compiled,
-                        rtol=1e-12)  # fmt: skip
-
-
 @pytest.fixture(params=sorted(ONE_CHANNEL))
 def one_channel(request):
     return ONE_CHANNEL[request.param]
@@ -354,7 +337,7 @@ def _one_channel_params(rng, n_components, spread=60.0):
 @pytest.mark.parametrize("weighted", [False, True])
 def test_compiled_kernel_matches_numpy_reference_and_e_step(rng, dtype, weighted):
     """Random data with far outliers, any dtype, weights, pieces that do not divide N."""
-    n_voxels, n_components = 3 * _estep_kernels.BLOCK + 77, 5
+    n_voxels, n_components = 3 * _estep.BLOCK + 77, 5
     X = rng.normal(1000.0, 80.0, size=(n_voxels, 1))
     X[rng.choice(n_voxels, 9, replace=False), 0] = [-3e4, 1e5, 2e4, 5e4, -1e4, 0, 3e3, 9e4, 1]
     X = X.astype(dtype)
@@ -382,7 +365,7 @@ def test_compiled_kernel_matches_numpy_reference_and_e_step(rng, dtype, weighted
 @pytest.mark.parametrize("weighted", [False, True])
 def test_compiled_multichannel_kernel_matches_numpy_reference(rng, n_features, dtype, weighted):
     """D channels: full covariances, far outliers, weights, pieces that do not divide N."""
-    n_voxels, n_components = 2 * _estep_kernels.BLOCK + 45, 4
+    n_voxels, n_components = 2 * _estep.BLOCK + 45, 4
     X = rng.normal(800.0, 60.0, size=(n_voxels, n_features))
     X[rng.choice(n_voxels, 5, replace=False)] = rng.choice([-3e4, 2e4, 9e4], (5, n_features))
     X = X.astype(dtype)
@@ -448,13 +431,10 @@ def test_compiled_kernel_propagates_non_finite_voxels(bad, n_features):
 
 def test_exp_nonpositive_matches_numpy_exp(rng):
     """The vectorised float64 exponential: about one float64 step from np.exp."""
-    import numba
 
-    @numba.njit
     def exp_all(t):
         out = np.empty_like(t)
-        for j in range(t.shape[0]):
-            out[j] = _estep_kernels.exp_nonpositive(t[j])
+        _estep.exp_nonpositive(t, out)
         return out
 
     t = np.concatenate([
@@ -465,7 +445,7 @@ def test_exp_nonpositive_matches_numpy_exp(rng):
     np.testing.assert_allclose(got, np.exp(t), rtol=1e-15, atol=0)
     # below MIN_EXPONENT the argument is raised to it: negligible next to exp(0) = 1
     np.testing.assert_allclose(
-        exp_all(np.array([-800.0, -np.inf])), np.exp(_estep_kernels.MIN_EXPONENT), rtol=1e-15
+        exp_all(np.array([-800.0, -np.inf])), np.exp(_estep.MIN_EXPONENT), rtol=1e-15
     )
 
 
@@ -739,3 +719,23 @@ def test_worked_example_one_iteration_by_hand():
     )
     assert gm.initial_log_likelihood_ == pytest.approx(initial, rel=1e-12)
     assert gm.log_likelihood_ > gm.initial_log_likelihood_
+
+
+def test_compiled_kernels_refuse_wrong_buffers():
+    """The C module checks dtypes and sizes itself: a wrong call raises, it does not crash."""
+    x, centers, sums = np.zeros(10, np.float32), np.zeros(3), np.zeros((3, 3))
+    with pytest.raises(TypeError, match="x: expected a contiguous float32 or float64"):
+        _estep.statistics_1d(x.astype(np.int16), np.empty(0), centers, centers, centers, sums)
+    with pytest.raises(TypeError, match="sums"):
+        _estep.statistics_1d(x, np.empty(0), centers, centers, centers, sums.astype(np.float32))
+    with pytest.raises(ValueError, match="sums 3 K"):
+        _estep.statistics_1d(x, np.empty(0), centers, centers, centers, np.zeros(8))
+    with pytest.raises(ValueError, match="sample_weight"):
+        _estep.statistics_1d(x, np.ones(9), centers, centers, centers, sums)
+    with pytest.raises(ValueError, match="inconsistent sizes"):
+        _estep.statistics_nd(
+            np.zeros((10, 2)), np.empty(0), np.zeros((3, 2)), np.zeros((3, 2, 2)), np.zeros(3),
+            np.zeros(3), np.zeros((3, 2)), np.zeros((3, 3, 3)),
+        )  # fmt: skip
+    with pytest.raises(ValueError):  # not contiguous
+        _estep.statistics_1d(np.zeros(20)[::2], np.empty(0), centers, centers, centers, sums)
