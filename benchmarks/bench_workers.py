@@ -14,10 +14,10 @@ worker count:
                 above), as the issue's numbers count it;
 
 and the 1-worker / 2-worker ratios. With ``--warm`` each child first fits 50 000 voxels of the
-scan (untimed), so the timed fit excludes what a process pays once: numba's set-up and the
-loading of the compiled E-step kernel on its first call (about 0.2 s), the thread pool, first
-touches of memory. ``--repeat`` runs every case several times, alternating
-worker counts, and keeps the fastest of each (other engineers share these 2 cores). Before each
+scan (untimed), so the timed fit excludes what a process pays once: the thread pool, first
+touches of memory (before the E-step was C, numba's set-up on the first call, about 0.3 s).
+``--repeat`` runs every case several times, alternating worker counts, and keeps the fastest
+of each (other engineers share these 2 cores). Before each
 run it waits (up to ``--patience`` s) until the rest of the machine uses at most ``--max-busy``
 cores, and prints that and the load average.
 

@@ -15,7 +15,7 @@
  * Why C and not numba (which compiles the MRF sweeps): loading numba and its first cached
  * kernel in a process costs about 0.5 s of Python work under the GIL, as long as several EM
  * iterations of a 9 M-voxel scan, and it does not parallelise. This module loads in under a
- * millisecond. On x86-64 Linux, gcc builds the loops for AVX-512, AVX2 and baseline x86-64 and
+ * millisecond. On x86-64 Linux (glibc), gcc builds the loops for AVX-512, AVX2 and baseline x86-64 and
  * picks one when the module loads (``target_clones``), as numba compiles for the host CPU.
  *
  * Notation as in ``segment._em``: N voxels, K components, D channels. The arguments are
@@ -42,7 +42,8 @@
  * bits: bits(x + ROUND) - bits(ROUND) = round(x). */
 #define ROUND 6755399441055744.0
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+/* target_clones needs the dynamic loader's ifunc support, which glibc has (musl has not) */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
 #define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MULTIVERSION
