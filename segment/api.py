@@ -218,11 +218,12 @@ class SegmentationResult:
         ``compresslevel`` is the gzip level 0-9 of ``.nii.gz`` files (default 1: about 3x
         faster than 6 for files about 10 % larger).
 
-        Each file is written under a temporary name and renamed into place; the sidecar is
-        written last, so its presence means the outputs are complete. Existing outputs are
-        only replaced with ``overwrite=True``. If writing fails or is interrupted (Ctrl-C), the
-        files this call already completed are removed again, and so are the folders it created
-        if they are left empty: each output set is complete or absent.
+        Every file is first written under a hidden temporary name; once all are written they
+        are renamed into place, the sidecar last, so its presence means the outputs are
+        complete. Existing outputs are only replaced with ``overwrite=True``, and then only
+        when the whole new set is written: if writing fails or is interrupted (Ctrl-C), the
+        temporary files are removed, the old outputs are left as they were (put back if the
+        renaming itself is interrupted) and so are the folders it created, if left empty.
 
         Returns
         -------
@@ -240,16 +241,20 @@ class SegmentationResult:
         check_outputs_free(wanted, overwrite)
         created = _missing_dirs(paths.sidecar.parent)
         ensure_out_dir(paths.sidecar.parent)
-        done: list[Path] = []  # files completed by this call, removed again if it fails
         level = _check_compresslevel(compresslevel)
+        staged = io.StagedWrites()
         try:
             self._write_outputs(
-                reference, paths, probseg, qc, command_line, extra, done, corrected, level
+                reference, paths, probseg, qc, command_line, extra, staged, corrected, level
             )
-        except BaseException:  # incl. KeyboardInterrupt: leave no half-written set of outputs
-            for path in reversed(done):
-                with contextlib.suppress(OSError):
-                    path.unlink()
+            staged.commit()
+        except BaseException as error:  # incl. KeyboardInterrupt: no half-written set of outputs
+            self.written = []
+            if isinstance(error, OSError):  # name the output, not its temporary file
+                for attribute in ("filename", "filename2"):
+                    if getattr(error, attribute, None):
+                        setattr(error, attribute, staged.final_name(getattr(error, attribute)))
+            staged.discard()
             for folder in created:  # folders this call created, deepest first, if still empty
                 with contextlib.suppress(OSError):
                     folder.rmdir()
@@ -257,43 +262,40 @@ class SegmentationResult:
         return paths
 
     def _write_outputs(
-        self, reference, paths, probseg, qc, command_line, extra, done, corrected, level
+        self, reference, paths, probseg, qc, command_line, extra, staged, corrected, level
     ) -> None:
-        """The writes of :meth:`save`; each completed file is appended to ``done``."""
+        """The writes of :meth:`save`, each to its temporary path from ``staged``."""
         from . import io
 
         bias_paths = bias_output_paths(paths, self._has_bias_field, corrected)
         for name, path in bias_paths.items():
             if name == "biasfield" and self._streams_bias_field(reference, path):
                 io.write_map_slabs(
-                    self.estimator._bias_field_last_axis_slabs, reference, path,
+                    self.estimator._bias_field_last_axis_slabs, reference, staged.path(path),
                     cal=self.estimator.bias_field_range_, compresslevel=level,
                 )  # fmt: skip
-                done.append(path)
                 continue
             field = self.bias_field
             if name == "corrected":
                 field = np.asarray(reference.data, dtype=np.float32)[..., None] / field
-            io.write_map(field if field.shape[-1] > 1 else field[..., 0], reference, path,
-                         compresslevel=level)  # fmt: skip
-            done.append(path)
+            io.write_map(field if field.shape[-1] > 1 else field[..., 0], reference,
+                         staged.path(path), compresslevel=level)  # fmt: skip
 
         start = time.perf_counter()
         if probseg and self._labels_pending():
             # a streamed MRF posterior: the labels come from the same sweep as the maps
             volumes = _StreamedPosterior(self.mask, self.estimator, keep_labels=self._set_labels)
-            io.write_probabilities(volumes, reference, paths.probseg, compresslevel=level)
-            done.append(paths.probseg)
-            io.write_labels(self.labels, reference, paths.dseg, compresslevel=level)
-            done.append(paths.dseg)
+            io.write_probabilities(
+                volumes, reference, staged.path(paths.probseg), compresslevel=level
+            )
+            io.write_labels(self.labels, reference, staged.path(paths.dseg), compresslevel=level)
         else:
-            io.write_labels(self.labels, reference, paths.dseg, compresslevel=level)
-            done.append(paths.dseg)
+            io.write_labels(self.labels, reference, staged.path(paths.dseg), compresslevel=level)
             if probseg:
                 io.write_probabilities(
-                    self.responsibility_volumes(), reference, paths.probseg, compresslevel=level
-                )
-                done.append(paths.probseg)
+                    self.responsibility_volumes(), reference, staged.path(paths.probseg),
+                    compresslevel=level,
+                )  # fmt: skip
         self.timings["write_s"] = time.perf_counter() - start
         if qc:
             from . import qc as qc_module
@@ -301,21 +303,18 @@ class SegmentationResult:
             start = time.perf_counter()
             image = reference.data if self.reference is not None else self.labels
             qc_module.write_qc(
-                paths.qc, np.asarray(image), self.labels,
+                staged.path(paths.qc), np.asarray(image), self.labels,
                 means=self.estimator.means_, covariances=self.estimator.covariances_,
                 weights=self.estimator.weights_, mask=self.mask,
                 title=self.inputs[0].name if self.inputs else "", zooms=reference.zooms,
             )  # fmt: skip
-            done.append(paths.qc)
             self.timings["qc_s"] = time.perf_counter() - start
         written = {"dseg": paths.dseg, "probseg": paths.probseg if probseg else None,
                    "qc": paths.qc if qc else None, **bias_paths}  # fmt: skip
         outputs = {name: p.name for name, p in written.items() if p is not None}
         record = self.sidecar(outputs, command_line)
         record.update(extra or {})
-        with io.atomic_write(paths.sidecar) as tmp:
-            tmp.write_text(sidecar.dumps(record))
-        done.append(paths.sidecar)
+        staged.path(paths.sidecar).write_text(sidecar.dumps(record))  # moved into place last
         self.written = [p for p in written.values() if p is not None] + [paths.sidecar]
 
 

@@ -37,6 +37,7 @@ from segment.exceptions import DataWarning, InputError
 __all__ = [
     "SUPPORTED_EXTENSIONS",
     "Scan",
+    "StagedWrites",
     "atomic_write",
     "check_same_grid",
     "is_supported",
@@ -473,12 +474,16 @@ def _format_affine(affine: np.ndarray) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _temporary_path(path: Path) -> Path:
+def _temporary_path(path: Path, token: str | None = None) -> Path:
     """Hidden temporary name next to ``path`` keeping its (image) extension."""
     ext = _matched_extension(path) or path.suffix
     stem = path.name[: -len(ext)] if ext else path.name
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    token = token or _temporary_token()
     return path.with_name(f".{stem}.tmp-{token}{ext}")
+
+
+def _temporary_token() -> str:
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 @contextmanager
@@ -508,6 +513,87 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         with suppress(OSError):
             tmp.unlink()
         raise
+
+
+class StagedWrites:
+    """Several files written under temporary names, then moved into place together.
+
+    :meth:`path` gives the temporary name to write a final file under (hidden, in the same
+    folder, with the same extension). :meth:`commit` moves every staged file into place in
+    the order staged, so stage a completeness marker (the sidecar) last: an existing file is
+    first renamed aside, and the set of files this call replaced is put back if a rename
+    fails or is interrupted. :meth:`discard` removes what is still staged. Existing files are
+    therefore never lost to a write that fails: a failed or interrupted set leaves the old
+    files as they were.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> staged = StagedWrites()
+    >>> _ = staged.path(folder / "a.txt").write_text("a")
+    >>> _ = staged.path(folder / "b.txt").write_text("b")
+    >>> sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    []
+    >>> staged.commit()
+    >>> sorted(p.name for p in folder.iterdir())
+    ['a.txt', 'b.txt']
+    """
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[Path, Path]] = []  # (temporary, final)
+        self._tokens: list[str] = []
+
+    def path(self, final: str | Path) -> Path:
+        """The temporary path to write ``final`` under."""
+        final, token = Path(final), _temporary_token()
+        temporary = _temporary_path(final, token)
+        self._staged.append((temporary, final))
+        self._tokens.append(token)
+        return temporary
+
+    def final_name(self, name: str | Path) -> str:
+        """``name`` with a staged temporary path (or a temporary file of one) replaced by its
+        final path, so that an error names the file the user asked for."""
+        text = str(name)
+        for (_, final), token in zip(self._staged, self._tokens):
+            if Path(text).parent == final.parent and f".tmp-{token}" in Path(text).name:
+                return str(final)
+        return text
+
+    def commit(self) -> None:
+        """Move the staged files into place, in order; all of them or, on failure, none."""
+        moved: list[tuple[Path, Path | None]] = []  # (final, old file renamed aside)
+        try:
+            for temporary, final in self._staged:
+                aside = _temporary_path(final) if final.exists() else None
+                moved.append((final, aside))  # before the renames: an interrupt may come between
+                if aside is not None:
+                    os.replace(final, aside)
+                os.replace(temporary, final)
+        except BaseException:
+            for final, aside in reversed(moved):  # put the old files back
+                with suppress(OSError):
+                    if aside is not None:
+                        os.replace(aside, final)
+                    else:
+                        final.unlink()
+            self.discard()
+            raise
+        for _, aside in moved:
+            if aside is not None:
+                with suppress(OSError):
+                    aside.unlink()
+        self._staged.clear()
+        self._tokens.clear()
+
+    def discard(self) -> None:
+        """Remove the files still staged (those written so far)."""
+        for temporary, _ in self._staged:
+            with suppress(OSError):
+                temporary.unlink()
+        self._staged.clear()
+        self._tokens.clear()
 
 
 def write_nifti(img, path: str | Path, *, compresslevel: int = DEFAULT_COMPRESSLEVEL) -> Path:

@@ -333,6 +333,76 @@ def test_interrupted_save_removes_what_it_wrote(picture, tmp_path, monkeypatch, 
     assert result.written == []
 
 
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("fail_in", ["write_probabilities", "write_qc"])
+@pytest.mark.parametrize("error", [KeyboardInterrupt, OSError])
+def test_failed_overwrite_keeps_the_old_outputs(picture, tmp_path, monkeypatch, fail_in, error):
+    """--overwrite replaces nothing until the whole new set is written."""
+    import segment.io
+    import segment.qc
+
+    segment_array(picture, n_components=K).save(tmp_path, prefix="p")
+    before = _contents(tmp_path)
+    assert len(before) == 4  # dseg, probseg, qc, sidecar
+
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(segment.qc if fail_in == "write_qc" else segment.io, fail_in, failing)
+    other = segment_array(picture, n_components=K + 1)
+    with pytest.raises(error):
+        other.save(tmp_path, prefix="p", overwrite=True)
+    assert _contents(tmp_path) == before  # the same files, byte for byte; no temporary files
+    assert other.written == []
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 4])
+@pytest.mark.parametrize("existing", [True, False])
+def test_interrupted_renaming_puts_everything_back(picture, tmp_path, monkeypatch, fail_at,
+                                                   existing):  # fmt: skip
+    """An interrupt while the finished files are renamed into place: the old outputs come
+    back (or, for a new set, nothing is left), whichever rename it hits."""
+    import os
+
+    import segment.io
+
+    out = tmp_path / "out"
+    if existing:
+        segment_array(picture, n_components=K).save(out, prefix="p")
+    before = _contents(out) if existing else {}
+    calls = []
+    real_replace = os.replace
+
+    def replace(source, target):
+        if not (Path(source).name.startswith(".") and Path(target).name.startswith(".")):
+            calls.append(source)  # a rename of the commit (a final name on one side)
+            if len(calls) == fail_at:
+                raise KeyboardInterrupt
+        real_replace(source, target)
+
+    monkeypatch.setattr(segment.io.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        segment_array(picture, n_components=K + 1).save(out, prefix="p", overwrite=True)
+    monkeypatch.setattr(segment.io.os, "replace", real_replace)
+    assert (_contents(out) if out.exists() else {}) == before
+    assert out.exists() == existing  # a folder the call created is removed again
+
+
+def test_overwrite_replaces_the_whole_set(picture, tmp_path):
+    segment_array(picture, n_components=K).save(tmp_path, prefix="p")
+    before = _contents(tmp_path)
+    new = segment_array(picture, n_components=K + 1)
+    new.save(tmp_path, prefix="p", overwrite=True)
+    after = _contents(tmp_path)
+    assert sorted(after) == sorted(before)  # no temporary or set-aside files left
+    assert all(after[name] != before[name] for name in after)
+    assert nib.load(tmp_path / "p_probseg.nii.gz").shape[-1] == K + 1
+    assert json.loads((tmp_path / "p_segment.json").read_text())["model"]["n_components"] == K + 1
+
+
 @pytest.fixture
 def head(tmp_path) -> Path:
     from segment.samples import make_head_phantom

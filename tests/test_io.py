@@ -616,3 +616,24 @@ def test_gzip_members_choose_the_faster_strategy_only_when_it_compresses_as_well
         assert np.array_equal(
             np.frombuffer(gzip.decompress(io_module._gzip_member(data, 1)), np.float32), data
         )
+
+
+def test_staged_writes_name_the_final_file_and_commit_together(tmp_path):
+    """Temporary names (and temporary files of them) map back to the file asked for; nothing
+    appears under a final name before commit."""
+    from segment.io import StagedWrites, _temporary_path
+
+    staged = StagedWrites()
+    first = staged.path(tmp_path / "a_dseg.nii.gz")
+    second = staged.path(tmp_path / "a_qc.png")
+    assert first.name.startswith(".a_dseg.tmp-") and first.name.endswith(".nii.gz")
+    nested = _temporary_path(first)  # what atomic_write makes of a staged path
+    assert staged.final_name(nested) == str(tmp_path / "a_dseg.nii.gz")
+    assert staged.final_name(second) == str(tmp_path / "a_qc.png")
+    assert staged.final_name(tmp_path / "other.png") == str(tmp_path / "other.png")
+    first.write_bytes(b"labels")
+    second.write_bytes(b"picture")
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == []
+    staged.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dseg.nii.gz", "a_qc.png"]
+    assert (tmp_path / "a_dseg.nii.gz").read_bytes() == b"labels"
