@@ -10,7 +10,9 @@ One command measures, side by side in one run, on generated head-like volumes of
 * ``run+spatial``  the same with ``--mrf --bias-field`` (issue 7: at most 3x ``run``);
 * ``run-phases``   ``segment.api.segment_file`` in-process, with peak RSS per phase (load, fit,
                    predict, write, sidecar) to attribute memory;
-* ``segment-fit``  ``GaussianMixtureEM.fit`` on the flattened voxels, 1 and 2 workers;
+* ``segment-fit``  ``GaussianMixtureEM.fit`` on the flattened voxels, 1 and 2 workers, each
+                   run ``--fit-repeat`` times (default 3, worker counts alternating) and the
+                   fastest kept, as ``timeit`` does: the 2 cores are shared with other work;
 * ``sklearn-fit``  ``sklearn.mixture.GaussianMixture`` from segment's initial parameters;
 * ``dense-fit``    a plain full-array textbook EM (in this file) from the same parameters.
 
@@ -586,13 +588,22 @@ def run_suite(args) -> tuple[list[dict], list[str]]:
                 add("run-phases", args.workers, measured(lambda: run_case("run-phases", {
                     "input": str(input_path), "out_dir": str(out / "phases"), **run_opts}),
                     "run-phases", args.max_busy))  # fmt: skip
+            fastest: dict[int, dict] = {}  # best of --fit-repeat runs, worker counts alternating
+            for _ in range(args.fit_repeat):
+                for workers in args.fit_workers:
+                    env = {v: str(workers) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                     "MKL_NUM_THREADS")}  # fmt: skip
+                    fit_opts = {"input": str(input_path), "workers": workers, **common}
+                    result = measured(lambda: run_case("segment-fit", fit_opts, env),
+                                      "segment-fit", args.max_busy)  # fmt: skip
+                    previous = fastest.get(workers)
+                    result["fit_runs"] = [*(previous or {}).get("fit_runs", []), result["fit_s"]]
+                    if previous is None or result["fit_s"] < previous["fit_s"]:
+                        fastest[workers] = result
+                    else:
+                        previous["fit_runs"] = result["fit_runs"]
             for workers in args.fit_workers:
-                env = {v: str(workers) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                                 "MKL_NUM_THREADS")}  # fmt: skip
-                fit_opts = {"input": str(input_path), "workers": workers, **common}
-                add("segment-fit", workers, measured(
-                    lambda: run_case("segment-fit", fit_opts, env), "segment-fit",
-                    args.max_busy))  # fmt: skip
+                add("segment-fit", workers, fastest[workers])
             ref_opts = {"input": str(input_path), "init": str(init_path), **common}
             if scale <= args.skip_sklearn_above:
                 add(
@@ -688,11 +699,15 @@ def ratios(rows: list[dict], args) -> str:
                     f"iterations {best['n_iter']} vs {dense['n_iter']}"
                 )
             if seg.get(1) and seg.get(2):
+                runs = "; ".join(
+                    f"{w} worker(s): " + ", ".join(f"{t:.3f}" for t in seg[w].get("fit_runs", []))
+                    for w in (1, 2)
+                )
                 out.append(
                     f"- {tag}: 1-worker / 2-worker fit = "
                     f"**{seg[1]['fit_s'] / seg[2]['fit_s']:.2f}×**, per iteration "
                     f"{seg[1]['s_per_iter'] / seg[2]['s_per_iter']:.2f}× "
-                    f"(target ≥ 1.7× for float)"
+                    f"(target ≥ 1.7× for float; fastest of the fits, s: {runs})"
                 )
             run = find(rows, "run", scale, dtype)
             floor = find(rows, "io-floor", scale, dtype)
@@ -758,6 +773,12 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--workers", type=int, default=2, help="workers of `segment run`")
     parser.add_argument("--fit-workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--fit-repeat",
+        type=int,
+        default=3,
+        help="runs of each segment-fit case, worker counts alternating; the fastest is kept",
+    )
     parser.add_argument("--tol", type=float, default=1e-3)
     parser.add_argument("--max-iter", type=int, default=500)
     parser.add_argument("--reg-covar", type=float, default=1e-6, help="scikit-learn only")
