@@ -629,14 +629,21 @@ def write_nifti(img, path: str | Path, *, compresslevel: int = DEFAULT_COMPRESSL
 
 
 def _nifti_like(
-    data: np.ndarray, reference: Scan, *, cal: tuple[float, float], components_last: bool
+    data: np.ndarray,
+    reference: Scan,
+    *,
+    cal: tuple[float, float],
+    components_last: bool,
+    intent: str = "none",
 ):
     """Build a NIfTI image of ``data`` on ``reference``'s grid (nilearn ``new_img_like`` style).
 
-    The reference header is copied (sform/qform and codes, zooms, units kept), the data dtype is
-    set to ``data.dtype``, scaling is reset and ``cal_min``/``cal_max`` set to ``cal``.  Axes of
-    ``data`` beyond the reference's spatial axes get a voxel size of 1 (``components_last``: the
-    last axis holds components, not space).
+    The reference header is copied (sform/qform and codes, zooms, spatial units kept), the data
+    dtype is set to ``data.dtype``, scaling is reset and ``cal_min``/``cal_max`` set to ``cal``.
+    Axes of ``data`` beyond the reference's spatial axes get a voxel size of 1
+    (``components_last``: the last axis holds components, not space). What described the input
+    and not the output is reset: the intent (``intent``: ``"label"`` for a label map, else none),
+    the time unit (no output is a time series) and the description.
     """
     ref_header = reference.header
     if isinstance(ref_header, nib.Nifti2Header):
@@ -658,6 +665,9 @@ def _nifti_like(
     hdr["scl_slope"] = np.nan
     hdr["scl_inter"] = np.nan
     hdr["cal_min"], hdr["cal_max"] = cal
+    hdr.set_intent(intent)
+    hdr.set_xyzt_units(xyz=hdr.get_xyzt_units()[0], t="unknown")
+    hdr["descrip"] = b"segment"
     if header is None:
         # A 2-D picture written as NIfTI: mark the identity grid as the scanner grid.
         img.set_sform(reference.affine, code="scanner")
@@ -719,7 +729,9 @@ def write_labels(
         )
     labels = labels.astype(np.uint8)
     if ext in _NIFTI_EXTENSIONS:
-        img = _nifti_like(labels, reference, cal=(0.0, float(top)), components_last=False)
+        img = _nifti_like(
+            labels, reference, cal=(0.0, float(top)), components_last=False, intent="label"
+        )
         return write_nifti_volumes(img.header, [labels], path, compresslevel=compresslevel)
     _check_2d(labels, path, "label map")
     with atomic_write(path) as tmp:

@@ -279,8 +279,33 @@ def _assert_same_geometry(out: nib.Nifti1Image, source: nib.Nifti1Image, n_spati
     np.testing.assert_allclose(oh.get_sform(), sh.get_sform())
     np.testing.assert_allclose(oh.get_qform(), sh.get_qform())
     assert oh.get_zooms()[:n_spatial] == pytest.approx(sh.get_zooms()[:n_spatial])
-    assert oh.get_xyzt_units() == sh.get_xyzt_units()
+    assert oh.get_xyzt_units()[0] == sh.get_xyzt_units()[0]  # spatial unit kept
+    assert oh.get_xyzt_units()[1] == "unknown"  # no output is a time series
     assert out.shape[:n_spatial] == source.shape[:n_spatial]
+
+
+@pytest.mark.parametrize("nifti2", [False, True])
+def test_outputs_do_not_inherit_what_described_the_input(tmp_path, make_nifti, nifti2, rng):
+    """A statistic map's intent, a time unit and a description are the input's, not ours: the
+    label map says NIFTI_INTENT_LABEL, the maps no intent, all no time unit."""
+    source = nib.load(make_nifti(nifti2=nifti2))
+    source.header.set_intent("t test", (12.0,))
+    source.header["descrip"] = b"scanner XYZ"
+    source_path = tmp_path / "stat.nii.gz"
+    nib.save(source, source_path)
+    scan = load_scan(source_path)
+    labels = write_labels(rng.integers(0, 4, size=scan.shape), scan, tmp_path / "d.nii.gz")
+    maps = write_probabilities(
+        rng.random(scan.shape + (3,)).astype(np.float32), scan, tmp_path / "p.nii.gz"
+    )
+    field = io_module.write_map(
+        rng.random(scan.shape).astype(np.float32), scan, tmp_path / "b.nii.gz"
+    )
+    for path, intent in ((labels, "label"), (maps, "none"), (field, "none")):
+        header = nib.load(path).header
+        assert header.get_intent()[0] == intent
+        assert header.get_xyzt_units() == ("mm", "unknown")
+        assert bytes(header["descrip"]).rstrip(b"\0") == b"segment"
 
 
 @pytest.mark.parametrize("nifti2", [False, True])
