@@ -62,7 +62,9 @@ class PosteriorGrid:
     ):
         ndim = mask.ndim
         self.reverse = tuple(range(ndim))[::-1]
-        self.image = image.transpose(self.reverse + (ndim,))  # C-contiguous for NIfTI data
+        # C-contiguous as it is for NIfTI (Fortran-order) data; a C-ordered array is copied once
+        # here rather than read with strides in every sweep
+        self.image = np.ascontiguousarray(image.transpose(self.reverse + (ndim,)))
         self.mask = np.ascontiguousarray(mask.transpose(self.reverse))
         self.kernel = np.ascontiguousarray(kernel.transpose(self.reverse))
         self.params, self.grid_log_bias, self.n_threads = params, log_bias, max(1, n_threads)

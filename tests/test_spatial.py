@@ -360,6 +360,18 @@ def test_scheduler_invariance(head, odd_chunks_fit, scheduler):
     np.testing.assert_array_equal(fit.bias_field_, odd_chunks_fit.bias_field_)
 
 
+def test_memory_order_of_the_image_changes_nothing(head):
+    """NIfTI data are Fortran-ordered, numpy arrays usually C-ordered: the same posterior."""
+    image, _, mask = head
+    options = dict(n_components=3, mrf_beta=DEFAULT_MRF_BETA, bias_field=True,
+                   bias_smoothness=15.0)  # fmt: skip
+    c_order = segment_array(np.ascontiguousarray(image), mask, **options)
+    f_order = segment_array(np.asfortranarray(image), np.asfortranarray(mask), **options)
+    np.testing.assert_array_equal(c_order.labels, f_order.labels)
+    np.testing.assert_allclose(c_order.responsibilities, f_order.responsibilities, atol=1e-6)
+    np.testing.assert_allclose(c_order.estimator.means_, f_order.estimator.means_, rtol=1e-9)
+
+
 def test_both_off_is_bit_for_bit_the_plain_mixture(head):
     image, _, mask = head
     plain = GaussianMixtureEM(3).fit(image[mask])
