@@ -760,7 +760,9 @@ def segment_file(
         here (see :meth:`SegmentationResult.save`).
     mask : {"none", "auto"} or path, optional
         Voxels to model: all (default), the automatic foreground (Otsu threshold, largest
-        connected component, holes filled), or a mask file on the same grid.
+        connected component, holes filled), or a mask file on the same grid. A template such
+        as ``"{stem}_brainmask.nii.gz"`` names the mask after the (first) scan, relative to its
+        folder (see :class:`segment.batch.MaskSpec`).
     overwrite, probseg, qc : bool
         Replace existing outputs; write the probability maps; write the QC picture.
     callback : callable, optional
@@ -805,6 +807,11 @@ def segment_file(
         ).values()
         check_outputs_free(wanted, overwrite)
         check_out_dir_creatable(output_paths.sidecar.parent)
+    if isinstance(mask, (str, Path)) and ("{" in str(mask) or "}" in str(mask)):
+        from .batch import MaskSpec  # the templates of segment batch, for this one scan
+
+        first = paths[0].absolute()
+        mask = MaskSpec.parse(mask).for_scan(first, first.parent)
     _check_mask_spec(mask)
     start = time.perf_counter()
     scans = [io.load_scan(p) for p in paths]

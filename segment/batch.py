@@ -7,11 +7,17 @@ The steps, each a small function:
 2. :func:`plan` gives each scan its outputs (input sub-folders mirrored, or BIDS-derivative
    names) and decides, from what is already on disk, whether it is ``skipped`` (complete and
    made with the same options, input and pipeline), to be run, or ``failed`` (outputs made with
-   other options and no ``overwrite``; two inputs that would write the same outputs);
+   other options and no ``overwrite``; two inputs that would write the same outputs;
+   a scan whose own mask cannot be found);
 3. :func:`run_batch` submits one :func:`run_task` per scan to a Dask executor -- a
    ``distributed.LocalCluster`` of ``jobs`` processes by default, or any running cluster given by
    its ``tcp://`` address -- and collects results as they complete.  ``run_task`` never raises:
    a failing scan becomes a ``failed`` row, and no scan's failure stops another.
+
+Each scan may have its own mask (:class:`MaskSpec`): a template such as
+``{stem}_brainmask.nii.gz``, or in BIDS mode (``bids``) the brain mask a preprocessing
+pipeline left in the dataset's derivatives (:func:`find_bids_mask`).  A file used as another
+scan's mask is not itself segmented.
 
 ``batch_summary.tsv`` is rewritten (atomically) after every finished scan, so a killed batch
 still leaves a valid summary of what finished.  Every output file is written under a temporary
@@ -27,6 +33,7 @@ import fnmatch
 import json
 import os
 import re
+import string
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -40,10 +47,13 @@ from .io import SUPPORTED_EXTENSIONS, atomic_write, is_supported, scan_stem
 
 __all__ = [
     "SUMMARY_COLUMNS",
+    "MASK_PLACEHOLDERS",
     "ScanTask",
     "BatchResult",
+    "MaskSpec",
     "discover",
     "discover_bids",
+    "find_bids_mask",
     "plan",
     "run_task",
     "run_batch",
@@ -59,6 +69,12 @@ _NIFTI = (".nii", ".nii.gz")
 #: How long to wait for a ``tcp://`` scheduler to answer.
 CONNECT_TIMEOUT = "10s"
 _TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}")
+#: Placeholders of a per-scan mask template, e.g. ``{stem}_brainmask.nii.gz``.
+MASK_PLACEHOLDERS = ("stem", "rel")
+#: Entities a BIDS brain mask must share with its scan when both have them.
+_BIDS_MASK_ENTITIES = ("acq", "run", "rec")
+#: ``space-`` labels of a brain mask on the scan's own grid (preferred after no ``space-``).
+_NATIVE_SPACES = ("orig", "T1w")
 
 
 @dataclass
@@ -83,6 +99,9 @@ class ScanTask:
         Replace existing (incomplete or other-options) outputs.
     label_map : dict or None
         ``LabelMap`` of the BIDS ``_probseg.json``; ``None`` outside BIDS mode.
+    mask : str or None
+        This scan's mask: ``"none"``, ``"auto"`` or the absolute path of its mask file;
+        ``None`` means ``settings["mask"]``.
     """
 
     input: Path
@@ -93,6 +112,7 @@ class ScanTask:
     extra: dict[str, Any]
     overwrite: bool = False
     label_map: dict[str, str] | None = None
+    mask: str | None = None
 
 
 @dataclass
@@ -106,6 +126,229 @@ class BatchResult:
 
     def __post_init__(self) -> None:
         self.n_failed = sum(row["status"] == "failed" for row in self.rows)
+
+
+# --------------------------------------------------------------------------------------------
+# masks
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MaskSpec:
+    """How each scan of a batch finds its mask.
+
+    Parse one with :meth:`parse`; :meth:`for_scan` gives a scan's mask.
+
+    Attributes
+    ----------
+    kind : {"none", "auto", "file", "template", "bids"}
+        No mask; the automatic foreground of each scan; one mask file for every scan; a
+        template with placeholders; the brain mask in the BIDS derivatives.
+    text : str
+        The specification as given.
+    """
+
+    kind: str
+    text: str
+
+    @classmethod
+    def parse(cls, spec: str | Path | None, *, bids: bool = False) -> MaskSpec:
+        """Classify and check a mask specification.
+
+        Parameters
+        ----------
+        spec : str, Path or None
+            ``None``/``"none"``, ``"auto"``, ``"bids"`` (BIDS mode only), a template holding
+            ``{stem}`` (the scan's name without its extension, :func:`segment.io.scan_stem`)
+            and/or ``{rel}`` (the scan's folder relative to the input folder, ``.`` at the top),
+            or the path of one mask file.  Anything with a brace is a template; a literal brace
+            in a file name is written ``{{`` or ``}}``.
+        bids : bool
+            Whether the batch is in BIDS mode.
+
+        Raises
+        ------
+        SegmentError
+            A malformed template, an unknown placeholder, or ``"bids"`` outside BIDS mode.
+
+        Examples
+        --------
+        >>> MaskSpec.parse("{stem}_brainmask.nii.gz").kind
+        'template'
+        >>> MaskSpec.parse("brain.nii.gz").kind, MaskSpec.parse(None).kind
+        ('file', 'none')
+        """
+        text = "none" if spec is None else str(spec)
+        keyword = text.strip().lower()
+        if keyword in ("none", "auto"):
+            return cls(keyword, text)
+        if keyword == "bids":
+            if not bids:
+                raise SegmentError(
+                    "mask 'bids' (each scan's brain mask in the dataset's derivatives) needs "
+                    "BIDS mode (--bids); give a file or a template such as "
+                    "'{stem}_brainmask.nii.gz' instead"
+                )
+            return cls("bids", text)
+        if "{" not in text and "}" not in text:
+            return cls("file", text)
+        return cls("template" if _template_fields(text) else "file", text)
+
+    @property
+    def fields(self) -> frozenset[str]:
+        """The placeholders of a template (empty for the other kinds)."""
+        return _template_fields(self.text) if self.kind == "template" else frozenset()
+
+    def for_scan(self, scan: Path, input_dir: Path, *, exclude: Iterable[Path] = ()) -> str:
+        """The mask of one scan: ``"none"``, ``"auto"`` or the absolute path of a mask file.
+
+        Parameters
+        ----------
+        scan : Path
+            Absolute path of the scan, inside ``input_dir``.
+        input_dir : Path
+            The batch's input folder (the BIDS dataset in BIDS mode).
+        exclude : paths
+            Derivative folders never searched for BIDS masks (our own output folder).
+
+        A relative template is resolved against the scan's folder, or against ``input_dir``
+        when it holds ``{rel}`` (so ``masks/{rel}/{stem}_mask.nii.gz`` mirrors the input tree
+        under ``input_dir/masks``); a relative file path against the working directory.
+
+        Raises
+        ------
+        InputError
+            The mask file does not exist; no or several BIDS brain masks fit the scan.
+        """
+        if self.kind in ("none", "auto"):
+            return self.kind
+        if self.kind == "bids":
+            return str(find_bids_mask(scan, input_dir, exclude=exclude))
+        if self.kind == "file":
+            path = Path(self.text.format() if "{" in self.text or "}" in self.text
+                        else self.text).expanduser().absolute()  # fmt: skip
+            if not path.exists():
+                raise InputError(path, "mask file not found; give a mask file on the scan's "
+                                       "grid, 'auto' or 'none'")  # fmt: skip
+            return str(path)
+        rel = scan.parent.relative_to(input_dir).as_posix()
+        path = Path(self.text.format(stem=scan_stem(scan), rel=rel)).expanduser()
+        if not path.is_absolute():
+            path = (input_dir if "rel" in self.fields else scan.parent) / path
+        if not path.exists():
+            raise InputError(
+                path, f"mask file not found (mask template {self.text!r} for {scan.name})"
+            )
+        return str(path)
+
+
+def _template_fields(text: str) -> frozenset[str]:
+    """Placeholders of a mask template; SegmentError when malformed or unknown."""
+    known = " and ".join("{" + name + "}" for name in MASK_PLACEHOLDERS)
+    try:
+        parts = list(string.Formatter().parse(text))
+    except ValueError as error:
+        raise SegmentError(
+            f"mask template {text!r} is malformed ({error}); the placeholders are {known}; "
+            "a literal brace is written {{ or }}"
+        ) from None
+    found = set()
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name not in MASK_PLACEHOLDERS or spec or conversion:
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + \
+                (f":{spec}" if spec else "") + "}"  # fmt: skip
+            raise SegmentError(
+                f"mask template {text!r}: unknown placeholder {shown}; the placeholders are "
+                f"{known} (a literal brace is written {{{{ or }}}})"
+            )
+        found.add(name)
+    return frozenset(found)
+
+
+def find_bids_mask(scan: Path, bids_dir: Path, *, exclude: Iterable[Path] = ()) -> Path:
+    """The brain mask of a BIDS scan in the dataset's derivatives.
+
+    Looks for ``derivatives/*/sub-<label>/[ses-<label>/]anat/*_desc-brain_mask.nii[.gz]``
+    (the standard name, e.g. fMRIPrep's ``sub-01_desc-brain_mask.nii.gz``) whose ``sub`` and
+    ``ses`` are the scan's; an ``acq``, ``run`` or ``rec`` entity that both have must be the
+    same.  When several fit, those whose ``acq``/``run``/``rec`` are exactly the scan's are
+    preferred, then those without ``space-``, then those in ``space-orig`` or
+    ``space-T1w``; if several are still left, the scan fails naming them.
+    ``derivatives/segment`` (our own outputs) and the folders in ``exclude`` are never searched.
+
+    Parameters
+    ----------
+    scan : Path
+        A scan of the dataset (its name gives the entities).
+    bids_dir : Path
+        The dataset's root.
+    exclude : paths
+        Further folders to leave out.
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    InputError
+        On the scan: no brain mask fits, or several fit equally well.
+    """
+    bids_dir = Path(bids_dir)
+    entities = naming.parse_bids_entities(scan)
+    sub, ses = entities["sub"], entities.get("ses")
+    folder = Path(f"sub-{sub}", *([f"ses-{ses}"] if ses else []), "anat")
+    skipped = {(bids_dir / "derivatives" / "segment").resolve()}
+    skipped |= {Path(p).resolve() for p in exclude}
+    found: list[tuple[Path, dict[str, str]]] = []
+    for pipeline_dir in sorted((bids_dir / "derivatives").glob("*")):
+        if pipeline_dir.name.startswith(".") or pipeline_dir.resolve() in skipped:
+            continue
+        for path in sorted((pipeline_dir / folder).glob("*_desc-brain_mask.nii*")):
+            if path.name.startswith(".") or not path.name.endswith(_NIFTI):
+                continue
+            try:
+                mask = naming.parse_bids_entities(path)
+            except ValueError:
+                continue
+            if (mask["suffix"] == "mask" and mask.get("desc") == "brain"
+                    and mask["sub"] == sub and mask.get("ses") == ses
+                    and all(mask[key] == entities[key] for key in _BIDS_MASK_ENTITIES
+                            if key in mask and key in entities)):  # fmt: skip
+                found.append((path, mask))
+    if not found:
+        name = "_".join([f"sub-{sub}", *([f"ses-{ses}"] if ses else []), "*desc-brain_mask"])
+        raise InputError(
+            scan,
+            f"no brain mask found: nothing matches derivatives/*/{folder.as_posix()}/"
+            f"{name}.nii[.gz] in {bids_dir}; give --mask none, auto or a template instead",
+        )
+    for keep in (
+        lambda m: all(m.get(k) == entities.get(k) for k in _BIDS_MASK_ENTITIES),
+        lambda m: "space" not in m,
+        lambda m: m.get("space") in _NATIVE_SPACES,
+    ):
+        if len(found) > 1 and any(keep(m) for _, m in found):
+            found = [(p, m) for p, m in found if keep(m)]
+    if len(found) > 1:
+        names = ", ".join(p.relative_to(bids_dir).as_posix() for p, _ in found)
+        raise InputError(
+            scan,
+            f"several brain masks fit: {names}; remove the ones not on this scan's grid or "
+            "give the mask with a template (--mask '/path/{stem}_mask.nii.gz')",
+        )
+    return found[0][0]
+
+
+def _leave_out_masks(scans: list[Path], masks: dict[Path, Any]) -> list[Path]:
+    """``scans`` without the files that are another scan's mask."""
+    used = set()
+    for scan, mask in masks.items():
+        if isinstance(mask, str) and mask not in ("none", "auto"):
+            path = Path(mask).resolve()
+            if path != scan.resolve():
+                used.add(path)
+    return [scan for scan in scans if scan.resolve() not in used]
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,6 +375,8 @@ def discover(
         Look in sub-folders too.  Hidden files and folders are always left out.
     exclude : paths
         Folders to leave out (e.g. the output folder when it is inside ``input_dir``).
+
+    :func:`run_batch` then leaves out the files that are another scan's mask.
     """
     root = Path(input_dir)
     excluded = {Path(p).resolve() for p in exclude}
@@ -210,14 +455,19 @@ def plan(
     class_names: Sequence[str] = (),
     resume: bool = True,
     overwrite: bool = False,
+    masks: dict[Path, str | SegmentError] | None = None,
 ) -> tuple[list[ScanTask], dict[str, dict[str, Any]]]:
     """Tasks to run, and the rows already decided (``skipped``, or ``failed`` before running).
 
     A scan is complete when its sidecar and every other expected output exist and the sidecar
-    records the same final options, pipeline and input (SHA-256, or the same size and
-    modification time).  Complete scans are skipped (``resume``); with ``overwrite`` every scan
-    is redone.  Outputs of a killed run (no sidecar) are redone when resuming; outputs made
-    with other options are only replaced with ``overwrite``.
+    records the same final options, pipeline, input (SHA-256, or the same size and
+    modification time) and mask file (SHA-256, or the same path, size and modification time).
+    Complete scans are skipped (``resume``); with ``overwrite`` every scan is redone.  Outputs
+    of a killed run (no sidecar) are redone when resuming; outputs made with other options,
+    input or mask are only replaced with ``overwrite``.
+
+    ``masks`` gives each scan's mask (:meth:`MaskSpec.for_scan`), or the error that says why it
+    has none (the scan fails); scans not in it use ``settings["mask"]``.
     """
     tasks, decided, owners = [], {}, {}
     for scan in scans:
@@ -229,12 +479,20 @@ def plan(
                 "or use --pattern to choose"))  # fmt: skip
             continue
         owners[paths.sidecar] = rel
-        task_extra = {**extra, "input_stat": _stat(scan)}
+        mask = (masks or {}).get(scan, str(settings.get("mask", "none")))
+        if isinstance(mask, Exception):
+            decided[rel] = _row(rel, "failed", error=str(mask))
+            continue
+        task_extra = {**extra, "input_stat": _stat(scan), "mask_file": _mask_record(mask)}
         label_map = None
         if bids:
             task_extra["Sources"] = [f"bids:raw:{rel}"]
+            if task_extra["mask_file"] and Path(mask).is_relative_to(input_dir):
+                source = Path(mask).relative_to(input_dir).as_posix()
+                task_extra["Sources"].append(f"bids:raw:{source}")
             label_map = {str(k): name for k, name in enumerate(class_names)}
-        task = ScanTask(scan, rel, paths, settings, em_options, task_extra, overwrite, label_map)
+        task = ScanTask(scan, rel, paths, settings, em_options, task_extra, overwrite, label_map,
+                        mask)  # fmt: skip
         state, detail = ("redo", "") if overwrite else _existing_state(task)
         if state == "complete" and resume:
             decided[rel] = _row(rel, "skipped", **detail)
@@ -262,6 +520,13 @@ def _stat(path: Path) -> dict[str, int] | None:
     except OSError:
         return None
     return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+
+
+def _mask_record(mask: str) -> dict[str, Any] | None:
+    """``mask_file`` of the sidecar: the mask file's path, size and mtime (None without one)."""
+    if mask.lower() in ("none", "auto"):
+        return None
+    return {"path": mask, **(_stat(Path(mask)) or {})}
 
 
 def _expected(task: ScanTask) -> list[Path]:
@@ -297,6 +562,10 @@ def _existing_state(task: ScanTask) -> tuple[str, Any]:
         return "different", "another pipeline file"
     if not _same_input(task.input, record):
         return "different", f"another version of the input {task.input.name}"
+    if "mask_file" in record:  # not recorded before per-scan masks: options tell enough
+        changed = _mask_change(record["mask_file"], task.extra.get("mask_file"))
+        if changed:
+            return "different", changed
     model = record.get("model", {})
     return "complete", {"K": model.get("n_components"), "iterations": model.get("n_iter"),
                         "converged": model.get("converged"),
@@ -313,6 +582,31 @@ def _same_input(path: Path, record: dict) -> bool:
         return inputs[0].get("sha256") == file_sha256(path)
     except OSError:
         return False
+
+
+def _mask_change(old: dict | None, new: dict | None) -> str:
+    """How the mask file of a scan changed since its outputs were made (``""``: it did not).
+
+    As for the input, the content counts: the same path, size and modification time, or the
+    same SHA-256 (so a dataset moved with its masks is still complete).
+    """
+    before = (old or {}).get("path", "no mask file")
+    now = (new or {}).get("path", "no mask file")
+    if old is None or new is None:
+        return "" if old is new else f"another mask ({before}, now {now})"
+    same_path = before == now
+    if same_path and all(old.get(k) == new.get(k) for k in ("size", "mtime_ns")):
+        return ""
+    from .sidecar import file_sha256
+
+    try:
+        if old.get("sha256") == file_sha256(new["path"]):
+            return ""
+    except OSError:
+        pass
+    if same_path:
+        return f"another version of the mask {Path(now).name}"
+    return f"another mask ({before}, now {now})"
 
 
 def clean_stale_temporaries(root: str | Path) -> list[Path]:
@@ -356,6 +650,7 @@ def run_task(task: ScanTask) -> dict[str, Any]:
 
     start = time.perf_counter()
     settings = task.settings
+    mask = str(settings["mask"] if task.mask is None else task.mask)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -365,9 +660,9 @@ def run_task(task: ScanTask) -> dict[str, Any]:
                 task.paths.qc.parent.mkdir(parents=True, exist_ok=True)
             result = segment_file(
                 task.input, task.paths.sidecar.parent, output_paths=task.paths,
-                mask=None if settings["mask"] == "none" else settings["mask"],
+                mask=None if mask.lower() == "none" else mask,
                 overwrite=task.overwrite, probseg=settings["probseg"], qc=settings["qc"],
-                command_line=task.extra.get("command_line"), extra=task.extra,
+                command_line=task.extra.get("command_line"), extra=_hash_mask(task.extra),
                 **task.em_options,
             )  # fmt: skip
     except Exception as error:  # noqa: BLE001 - one failing scan must not stop the batch
@@ -383,6 +678,19 @@ def run_task(task: ScanTask) -> dict[str, Any]:
         seconds=time.perf_counter() - start, warnings="; ".join(notes),
         dseg=str(task.paths.dseg),
     )  # fmt: skip
+
+
+def _hash_mask(extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` with the SHA-256 of the mask file, so that resume can check its content."""
+    record = extra.get("mask_file")
+    if not record:
+        return extra
+    from .sidecar import file_sha256
+
+    try:
+        return {**extra, "mask_file": {**record, "sha256": file_sha256(record["path"])}}
+    except OSError:  # gone or unreadable: segment_file says so, naming the file
+        return extra
 
 
 def _discard_extras(task: ScanTask) -> None:
@@ -458,6 +766,7 @@ def run_batch(
     pipeline=None,
     settings: dict[str, Any] | None = None,
     sources: dict[str, str] | None = None,
+    mask: str | Path | None = None,
     jobs: int | None = None,
     scheduler: str | None = None,
     workers: int | None = None,
@@ -482,6 +791,13 @@ def run_batch(
         Recorded in the sidecars; BIDS names get ``_desc-<pipeline name>``.
     settings, sources : dict
         Final settings and where each came from (:func:`segment.pipelines.resolve_options`).
+    mask : str or Path, optional
+        Replaces ``settings["mask"]`` (default ``"none"``): ``"none"``, ``"auto"``, one mask
+        file for every scan, a template giving each scan its own mask
+        (``"{stem}_brainmask.nii.gz"``, ``"/data/masks/{rel}/{stem}_mask.nii.gz"``), or with
+        ``bids`` ``"bids"``: each scan's brain mask in the dataset's derivatives.  See
+        :class:`MaskSpec` and :func:`find_bids_mask`.  A scan whose mask is missing, unreadable
+        or on another grid fails alone; files used as a mask are not segmented as scans.
     jobs : int, optional
         Scans at once on the local cluster (default: CPU count, at most the scans to do).
     scheduler : {None, "processes", "threads", "synchronous"} or address
@@ -503,6 +819,11 @@ def run_batch(
     Returns
     -------
     BatchResult
+
+    Raises
+    ------
+    SegmentError
+        Bad options, among them a malformed mask template (before any scan is read).
     """
     from .api import (
         _check_compresslevel,
@@ -516,6 +837,9 @@ def run_batch(
     if not input_dir.is_dir():
         raise InputError(input_dir, "input folder not found")
     settings = {**DEFAULT_SETTINGS, **(settings or {})}
+    if mask is not None:
+        settings["mask"] = str(mask)
+    mask_spec = MaskSpec.parse(settings["mask"], bids=bids)
     model = {k: settings[k] for k in ("n_components", "max_iter", "tol", "variance_floor",
                                       "seed", "chunk_size", "mrf_beta", "bias_field",
                                       "bias_smoothness")}  # fmt: skip
@@ -533,6 +857,13 @@ def run_batch(
         scans = discover_bids(input_dir, subjects=subjects, sessions=sessions, suffixes=suffixes)
     else:
         scans = discover(input_dir, patterns, recursive=recursive, exclude=[output_root])
+    masks: dict[Path, str | SegmentError] = {}
+    for scan in scans:
+        try:
+            masks[scan] = mask_spec.for_scan(scan, input_dir, exclude=[output_root])
+        except SegmentError as error:
+            masks[scan] = error
+    scans = _leave_out_masks(scans, masks)
     if not scans:
         what = "anatomical NIfTI scans" if bids else (
             f"files matching {', '.join(patterns)}" if patterns else
@@ -548,7 +879,7 @@ def run_batch(
     tasks, decided = plan(
         scans, input_dir, output_root, settings=settings, extra=extra, em_options=em_options,
         bids=bids, desc=pipeline.name if pipeline else None, class_names=names,
-        resume=resume, overwrite=overwrite,
+        resume=resume, overwrite=overwrite, masks=masks,
     )  # fmt: skip
     output_root.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(output_root)

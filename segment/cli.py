@@ -124,17 +124,31 @@ def _check_scheduler(ctx, param, value):
         raise click.BadParameter(str(error)) from None
 
 
-def model_options(func):
-    """Options shared by ``run`` and ``batch``."""
+_MASK_HELP = ("Voxels to model: a mask file on the same grid, 'auto' (Otsu foreground, largest "
+              "component, holes filled) or 'none' (all).")  # fmt: skip
+_BATCH_MASK_HELP = (
+    "Voxels to model: 'none' (all), 'auto' (Otsu foreground, largest component, holes "
+    "filled), one mask file for every scan, or a template giving each scan its own mask: "
+    "{stem} is the scan's name without extension, {rel} its folder relative to INPUT_DIR, "
+    "e.g. '{stem}_brainmask.nii.gz' (next to each scan) or '/data/masks/{rel}/{stem}_mask.nii'. "
+    "With --bids, 'bids' takes each scan's derivatives/*/sub-*/[ses-*/]anat/*_desc-brain_mask "
+    "file. Files used as masks are not segmented."
+)
+
+
+def model_options(func=None, *, batch: bool = False):
+    """Options shared by ``run`` and ``batch`` (``batch=True``: the batch's --mask help)."""
+    if func is None:
+        return functools.partial(model_options, batch=batch)
     options = [
         click.option("-p", "--pipeline", default=None, metavar="NAME|FILE",
                      help="Preset of options (see `segment pipelines`); options given on the "
                           "command line override it."),
         click.option("-k", "--n-components", type=click.IntRange(1, 255), default=6,
                      show_default=True, help="Number of tissue classes K."),
-        click.option("--mask", "mask", default="none", show_default=True, metavar="PATH|auto|none",
-                     help="Voxels to model: a mask file on the same grid, 'auto' (Otsu "
-                          "foreground, largest component, holes filled) or 'none' (all)."),
+        click.option("--mask", "mask", default="none", show_default=True,
+                     metavar="PATH|TEMPLATE|auto|none|bids" if batch else "PATH|auto|none",
+                     help=_BATCH_MASK_HELP if batch else _MASK_HELP),
         click.option("--max-iter", type=click.IntRange(min=1), default=300, show_default=True,
                      help="Maximum EM iterations."),
         click.option("--tol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
@@ -432,7 +446,7 @@ def _clock(seconds: float) -> str:
 )
 @click.option("--memory-limit", default=None, metavar="SIZE",
               help="Memory to aim for per scan, as for `segment run` [default: 3GB].")  # fmt: skip
-@model_options
+@model_options(batch=True)
 @_handle_errors
 def batch(input_dir: Path, out_dir: Path | None, **kwargs) -> None:
     """Segment every scan in INPUT_DIR, several at once, locally or on a Dask cluster.
@@ -449,16 +463,25 @@ def batch(input_dir: Path, out_dir: Path | None, **kwargs) -> None:
     Examples:
       segment batch scans/ -o out/ --recursive --jobs 4
       segment batch scans/ -o out/ --pipeline t1-brain-3class --pattern '*T1w.nii.gz'
+      segment batch scans/ -o out/ -k 3 --mask '{stem}_brainmask.nii.gz'
       segment batch bids/ --bids --suffix T1w --pipeline t1-head-6class
+      segment batch bids/ --bids --suffix T1w --pipeline t1-brain-3class --mask bids
       segment batch scans/ -o out/ --scheduler tcp://10.0.0.5:8786
     """
-    from .batch import run_batch
+    from .batch import MaskSpec, run_batch
+    from .exceptions import SegmentError
 
     if out_dir is None and not kwargs["bids"]:
         raise click.UsageError("Missing option '-o' / '--out-dir' (required unless --bids).")
     if not kwargs["bids"] and (kwargs["subjects"] or kwargs["sessions"] or kwargs["suffixes"]):
         raise click.UsageError("--subject, --session and --suffix need --bids.")
     pipeline, extra = _apply_pipeline(kwargs)
+    try:
+        MaskSpec.parse(kwargs["mask"], bids=kwargs["bids"])
+    except SegmentError as error:
+        where = "'--mask'" if extra["option_sources"]["mask"] == "command line" else (
+            f"the mask of pipeline {pipeline.name}")  # fmt: skip
+        raise click.BadParameter(str(error), param_hint=where) from None
     result = run_batch(
         input_dir, out_dir, patterns=kwargs["patterns"], recursive=kwargs["recursive"],
         bids=kwargs["bids"], subjects=kwargs["subjects"], sessions=kwargs["sessions"],

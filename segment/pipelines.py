@@ -3,7 +3,8 @@
 A pipeline file looks like this (every key is optional except ``description``)::
 
     description = "Six tissue classes of a whole-head T1-weighted scan"   # one line
-    mask = "none"              # "none", "auto" or a mask file (relative to this file)
+    mask = "none"              # "none", "auto", a mask file (relative to this file), a template
+                               # such as "{stem}_brainmask.nii.gz" or "bids" (segment batch)
     labels = ["background", "skull", "csf", "grey matter", "white matter", "fat"]
 
     [model]
@@ -134,7 +135,7 @@ _TOP_KEYS = {
     ),
     "mask": Check(
         lambda v: isinstance(v, str) and v.strip() != "",
-        "'auto', 'none' or the path of a mask file",
+        "'auto', 'none', 'bids', the path of a mask file or a template ({stem}, {rel})",
     ),
     "labels": Check(
         lambda v: isinstance(v, list) and all(isinstance(x, str) and x.strip() for x in v),
@@ -170,7 +171,8 @@ class Pipeline:
     options : dict
         ``[model]`` keys given in the file.
     mask : str or None
-        ``"auto"``, ``"none"`` or an absolute mask path; ``None`` when the file does not say.
+        ``"auto"``, ``"none"``, ``"bids"``, a mask template or an absolute mask path; ``None``
+        when the file does not say.
     outputs : dict
         ``[outputs]`` keys given in the file (``probseg``, ``qc``).
     labels : tuple of str
@@ -315,9 +317,12 @@ def _check_table(path: Path, section: str, table: dict, checks: Mapping[str, Che
 
 
 def _mask_spec(value: str | None, path: Path) -> str | None:
-    """``auto``/``none`` as they are; a mask path made absolute relative to the pipeline file."""
-    if value is None or value.strip().lower() in ("auto", "none"):
+    """``auto``/``none``/``bids`` as they are; a template (``{stem}``, ``{rel}``) as it is, to
+    be resolved for each scan; a mask path made absolute relative to the pipeline file."""
+    if value is None or value.strip().lower() in ("auto", "none", "bids"):
         return None if value is None else value.strip().lower()
+    if "{" in value or "}" in value:
+        return value
     mask = Path(value).expanduser()
     return str(mask if mask.is_absolute() else (path.parent / mask).resolve())
 

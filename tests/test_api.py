@@ -233,6 +233,20 @@ def test_segment_file_mask_options(make_nifti, tissues, scan):
     assert result.mask_spec == "auto" and 0 < result.mask.sum() < mask.size
 
 
+def test_segment_file_mask_template_names_the_mask_after_the_scan(make_nifti, tissues, scan):
+    mask = np.zeros(tissues.shape, np.uint8)
+    mask[3:15, 4:20, 2:12] = 1
+    mask_path = make_nifti(mask, "scan_brainmask.nii.gz", dtype=np.uint8)
+    assert mask_path.parent == scan.parent
+    result = segment_file(scan, mask="{stem}_brainmask.nii.gz", n_components=K)
+    assert result.mask_spec == str(mask_path.absolute())
+    assert (result.labels[mask == 0] == 0).all() and (result.labels[mask == 1] > 0).all()
+    with pytest.raises(InputError, match="mask file not found .*'{stem}_other.nii.gz'"):
+        segment_file(scan, mask="{stem}_other.nii.gz", n_components=K)
+    with pytest.raises(SegmentError, match="unknown placeholder {name}"):
+        segment_file(scan, mask="{name}_mask.nii.gz", n_components=K)
+
+
 def test_segment_file_checks_outputs_before_fitting(scan, tmp_path, monkeypatch):
     out_dir = tmp_path / "out"
     out_dir.mkdir()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,8 +18,16 @@ import skimage.io
 from click.testing import CliRunner
 
 from segment import io as segment_io
-from segment.batch import clean_stale_temporaries, discover, read_summary, run_batch
+from segment.batch import (
+    MaskSpec,
+    clean_stale_temporaries,
+    discover,
+    find_bids_mask,
+    read_summary,
+    run_batch,
+)
 from segment.cli import cli
+from segment.exceptions import InputError, SegmentError
 from segment.naming import bids_output_paths, parse_bids_entities
 from segment.samples import make_head_phantom, make_microscopy_image
 
@@ -358,3 +367,315 @@ def test_bids_needs_a_dataset(tmp_path):
     write_head(tmp_path / "sub-01" / "anat" / "sub-01_T1w.nii.gz", 1)
     result = CliRunner().invoke(cli, ["batch", str(tmp_path), "--bids"])
     assert result.exit_code == 1 and "not a BIDS dataset" in result.output
+
+
+# ------------------------------------------------------------------------------ per-scan masks
+BOX_A = np.s_[3:20, 4:22, 3:16]
+BOX_B = np.s_[6:18, 2:25, 5:18]
+SMALL = {"n_components": 2, "max_iter": 20, "probseg": False, "qc": False}
+
+
+def write_mask(path: Path, scan: Path, box, *, shape=None) -> Path:
+    """A uint8 mask on the grid of ``scan`` (or of another ``shape``), 1 inside ``box``."""
+    image = nib.load(scan)
+    data = np.zeros(shape or image.shape, np.uint8)
+    data[box] = 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, image.affine), path)
+    return path
+
+
+def inside(dseg: Path) -> np.ndarray:
+    """Voxels of a label map that are not label 0."""
+    return np.asarray(nib.load(dseg).dataobj) > 0
+
+
+def box_mask(box) -> np.ndarray:
+    mask = np.zeros(SHAPE, bool)
+    mask[box] = True
+    return mask
+
+
+def test_mask_spec_parse():
+    assert MaskSpec.parse(None).kind == "none" and MaskSpec.parse("AUTO").kind == "auto"
+    assert MaskSpec.parse("brain.nii.gz").kind == "file"
+    assert MaskSpec.parse("bids", bids=True).kind == "bids"
+    template = MaskSpec.parse("/m/{rel}/{stem}_mask.nii.gz")
+    assert template.kind == "template" and template.fields == {"rel", "stem"}
+    assert MaskSpec.parse("odd{{name}}.nii.gz").kind == "file"  # escaped braces only
+    for bad, fragment in [
+        ("{stem", "is malformed"),
+        ("mask}.nii", "is malformed"),
+        ("{subject}_mask.nii.gz", "unknown placeholder {subject}"),
+        ("{stem!r}.nii", "unknown placeholder {stem!r}"),
+        ("{stem:>9}.nii", "unknown placeholder {stem:>9}"),
+        ("{}.nii", "unknown placeholder {}"),
+        ("bids", "needs BIDS mode"),
+    ]:
+        with pytest.raises(SegmentError, match="mask") as caught:
+            MaskSpec.parse(bad)
+        assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_mask_spec_for_scan(tmp_path):
+    root = tmp_path / "in"
+    scan = root / "site" / "a.nii.gz"
+    literal = tmp_path / "odd{name}.nii.gz"
+    for path in (literal, root / "site" / "a_m.nii.gz", root / "m" / "site" / "a.nii"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    assert MaskSpec.parse("none").for_scan(scan, root) == "none"
+    assert MaskSpec.parse(str(tmp_path / "odd{{name}}.nii.gz")).for_scan(scan, root) == str(literal)
+    # relative: against the scan's folder; with {rel}: against the input folder
+    assert MaskSpec.parse("{stem}_m.nii.gz").for_scan(scan, root) == str(scan.parent / "a_m.nii.gz")
+    assert MaskSpec.parse("m/{rel}/{stem}.nii").for_scan(scan, root) == str(
+        root / "m" / "site" / "a.nii"
+    )
+    assert MaskSpec.parse(f"{root}/m/{{rel}}/{{stem}}.nii").for_scan(scan, root) == str(
+        root / "m" / "site" / "a.nii"
+    )
+    with pytest.raises(InputError, match="a_x.nii.gz: mask file not found .*'{stem}_x.nii.gz'"):
+        MaskSpec.parse("{stem}_x.nii.gz").for_scan(scan, root)
+
+
+def test_per_scan_masks_are_applied_and_not_segmented(tmp_path):
+    root = tmp_path / "scans"
+    a = write_head(root / "a.nii.gz", 1)
+    b = write_head(root / "site" / "b.nii", 2)
+    write_mask(root / "a_brainmask.nii.gz", a, BOX_A)
+    write_mask(root / "site" / "b_brainmask.nii.gz", b, BOX_B)
+    out = tmp_path / "out"
+    args = ["batch", str(root), "-o", str(out), "-r", "-k", "3", *FAST, "--no-qc",
+            "--mask", "{stem}_brainmask.nii.gz", "--scheduler", "synchronous"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    rows = read_summary(out / "batch_summary.tsv")  # the masks are not scans
+    assert [(r["input"], r["status"]) for r in rows] == [("a.nii.gz", "ok"), ("site/b.nii", "ok")]
+    assert not list(out.rglob("*brainmask*"))
+    dseg_a, dseg_b = out / "a_dseg.nii.gz", out / "site" / "b_dseg.nii.gz"
+    assert np.array_equal(inside(dseg_a), box_mask(BOX_A))
+    assert np.array_equal(inside(dseg_b), box_mask(BOX_B))
+    assert not np.array_equal(inside(dseg_a), inside(dseg_b))
+    sidecar = json.loads((out / "site" / "b_segment.json").read_text())
+    assert sidecar["final_options"]["mask"] == "{stem}_brainmask.nii.gz"
+    assert sidecar["mask_file"]["path"] == str(root / "site" / "b_brainmask.nii.gz")
+    assert len(sidecar["mask_file"]["sha256"]) == 64
+    assert sidecar["mask"]["n_voxels"] == int(box_mask(BOX_B).sum())
+
+
+def test_mask_templates_with_rel_and_absolute(tmp_path):
+    root = tmp_path / "scans"
+    a = write_head(root / "a.nii.gz", 1)
+    b = write_head(root / "site" / "b.nii.gz", 2)
+    masks = tmp_path / "masks"
+    write_mask(masks / "a_mask.nii.gz", a, BOX_A)
+    write_mask(masks / "site" / "b_mask.nii.gz", b, BOX_B)
+    out = tmp_path / "out"
+    result = run_batch(root, out, recursive=True, mask=f"{masks}/{{rel}}/{{stem}}_mask.nii.gz",
+                       settings=SMALL, scheduler="synchronous")  # fmt: skip
+    assert [r["status"] for r in result.rows] == ["ok", "ok"]
+    assert np.array_equal(inside(out / "a_dseg.nii.gz"), box_mask(BOX_A))
+    assert np.array_equal(inside(out / "site" / "b_dseg.nii.gz"), box_mask(BOX_B))
+
+    # a relative template with {rel} mirrors the tree under INPUT_DIR; the mirror is not scanned
+    shutil.copytree(masks, root / "masks")
+    result = run_batch(root, tmp_path / "out2", recursive=True,
+                       mask="masks/{rel}/{stem}_mask.nii.gz", settings=SMALL,
+                       scheduler="synchronous")  # fmt: skip
+    assert [(r["input"], r["status"]) for r in result.rows] == [
+        ("a.nii.gz", "ok"), ("site/b.nii.gz", "ok")
+    ]  # fmt: skip
+    sidecar = json.loads((tmp_path / "out2" / "site" / "b_segment.json").read_text())
+    assert sidecar["mask_file"]["path"] == str(root / "masks" / "site" / "b_mask.nii.gz")
+
+
+def test_one_mask_file_for_every_scan_is_not_a_scan(tmp_path):
+    root = tmp_path / "scans"
+    a = write_head(root / "a.nii.gz", 1)
+    write_head(root / "b.nii.gz", 2)
+    brain = write_mask(root / "brain.nii.gz", a, BOX_A)
+    result = run_batch(root, tmp_path / "out", mask=brain, settings=SMALL,
+                       scheduler="synchronous")  # fmt: skip
+    assert [(r["input"], r["status"]) for r in result.rows] == [("a.nii.gz", "ok"),
+                                                                 ("b.nii.gz", "ok")]  # fmt: skip
+    for name in ("a", "b"):
+        assert np.array_equal(inside(tmp_path / "out" / f"{name}_dseg.nii.gz"), box_mask(BOX_A))
+
+
+def test_a_missing_mask_fails_its_scan_alone(tmp_path):
+    root = tmp_path / "scans"
+    for i, name in enumerate(("s1", "s2", "s3")):
+        scan = write_head(root / f"{name}.nii.gz", i)
+        if name != "s2":
+            write_mask(root / f"{name}_mask.nii.gz", scan, BOX_A)
+    out = tmp_path / "out"
+    args = ["batch", str(root), "-o", str(out), "-k", "2", *FAST, "--no-qc", "--no-probseg",
+            "--mask", "{stem}_mask.nii.gz", "--scheduler", "synchronous"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1, result.output
+    rows = {r["input"]: r for r in read_summary(out / "batch_summary.tsv")}
+    assert list(rows) == ["s1.nii.gz", "s2.nii.gz", "s3.nii.gz"]
+    assert rows["s2.nii.gz"]["status"] == "failed"
+    assert f"{root / 's2_mask.nii.gz'}: mask file not found" in rows["s2.nii.gz"]["error"]
+    assert rows["s1.nii.gz"]["status"] == rows["s3.nii.gz"]["status"] == "ok"
+    assert not list(out.glob("s2_*"))
+
+
+def test_bad_masks_fail_their_scan_alone(tmp_path):
+    root = tmp_path / "scans"
+    scans = [write_head(root / f"s{i}.nii.gz", i) for i in range(4)]
+    write_mask(root / "s0_mask.nii.gz", scans[0], BOX_A)
+    write_mask(root / "s1_mask.nii.gz", scans[1], BOX_A, shape=(24, 28, 19))
+    (root / "s2_mask.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    write_mask(root / "s3_mask.nii.gz", scans[3], np.s_[0:0])
+    result = run_batch(root, tmp_path / "out", mask="{stem}_mask.nii.gz", settings=SMALL,
+                       scheduler="synchronous")  # fmt: skip
+    assert [r["status"] for r in result.rows] == ["ok", "failed", "failed", "failed"]
+    errors = [r["error"] for r in result.rows[1:]]
+    assert errors[0].startswith(f"{root / 's1_mask.nii.gz'}: mask grid does not match s1.nii.gz")
+    assert errors[1].startswith(f"{root / 's2_mask.nii.gz'}: cannot read")
+    assert errors[2].startswith(f"{root / 's3_mask.nii.gz'}: mask is empty")
+
+
+def test_resume_compares_each_scans_mask(tmp_path):
+    root = tmp_path / "scans"
+    scans = [write_head(root / f"s{i}.nii.gz", i) for i in range(2)]
+    masks = [write_mask(root / f"s{i}_mask.nii.gz", scan, BOX_A) for i, scan in enumerate(scans)]
+    out = tmp_path / "out"
+
+    def batch(template="{stem}_mask.nii.gz", **kwargs):
+        result = run_batch(root, out, patterns=["s?.nii.gz"], mask=template, settings=SMALL,
+                           scheduler="synchronous", **kwargs)  # fmt: skip
+        return [r["status"] for r in result.rows], [r["error"] for r in result.rows]
+
+    assert batch()[0] == ["ok", "ok"]
+    assert batch()[0] == ["skipped", "skipped"]
+    later = masks[1].stat().st_mtime_ns + 10**9
+    os.utime(masks[1], ns=(later, later))  # touched, same content: still the same mask
+    assert batch()[0] == ["skipped", "skipped"]
+
+    write_mask(masks[0], scans[0], BOX_B)  # another mask content for s0
+    later = masks[0].stat().st_mtime_ns + 2 * 10**9
+    os.utime(masks[0], ns=(later, later))
+    status, errors = batch()
+    assert status == ["failed", "skipped"]
+    assert "made with another version of the mask s0_mask.nii.gz" in errors[0]
+    assert "pass --overwrite" in errors[0]
+    assert batch(overwrite=True)[0] == ["ok", "ok"]
+    assert np.array_equal(inside(out / "s0_dseg.nii.gz"), box_mask(BOX_B))
+    assert batch()[0] == ["skipped", "skipped"]
+
+    # the dataset moved with its masks (same contents, other paths): still complete
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)  # copies modification times too
+    result = run_batch(moved, out, patterns=["s?.nii.gz"], mask="{stem}_mask.nii.gz",
+                       settings=SMALL, scheduler="synchronous")  # fmt: skip
+    assert [r["status"] for r in result.rows] == ["skipped", "skipped"]
+
+
+def test_resume_notices_the_same_mask_option_naming_another_file(tmp_path, monkeypatch):
+    root = tmp_path / "scans"
+    scan = write_head(root / "s0.nii.gz", 0)
+    first, second = (write_mask(tmp_path / d / "brain.nii.gz", scan, box)
+                     for d, box in (("one", BOX_A), ("two", BOX_B)))  # fmt: skip
+    out = tmp_path / "out"
+
+    def batch(**kwargs):
+        return run_batch(root, out, mask="brain.nii.gz", settings=SMALL,
+                         scheduler="synchronous", **kwargs).rows[0]  # fmt: skip
+
+    monkeypatch.chdir(first.parent)  # a relative mask path is relative to the working folder
+    assert batch()["status"] == "ok"
+    assert batch()["status"] == "skipped"
+    monkeypatch.chdir(second.parent)
+    row = batch()
+    assert row["status"] == "failed"
+    assert f"made with another mask ({first}, now {second})" in row["error"]
+    assert batch(overwrite=True)["status"] == "ok"
+    assert np.array_equal(inside(out / "s0_dseg.nii.gz"), box_mask(BOX_B))
+    sidecar = json.loads((out / "s0_segment.json").read_text())
+    assert sidecar["final_options"]["mask"] == "brain.nii.gz"  # as given
+    assert sidecar["mask_file"]["path"] == sidecar["mask"]["spec"] == str(second)
+
+
+# ------------------------------------------------------------------------------ BIDS masks
+def test_find_bids_mask_prefers_the_closest_match(tmp_path):
+    root = tmp_path / "ds"
+    scan = root / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_acq-fast_run-2_T1w.nii.gz"
+    anat = root / "derivatives" / "prep" / "sub-01" / "ses-1" / "anat"
+
+    def touch(name: str, folder: Path = anat) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).touch()
+        return folder / name
+
+    with pytest.raises(InputError, match="no brain mask found: nothing matches derivatives/"):
+        find_bids_mask(scan, root)
+    touch("sub-01_desc-brain_mask.nii.gz", root / "derivatives" / "prep" / "sub-01" / "anat")
+    touch("sub-01_ses-1_acq-slow_desc-brain_mask.nii.gz")  # another acquisition
+    touch("sub-01_ses-1_desc-brain_mask.json")  # not an image
+    touch("sub-01_ses-1_desc-head_mask.nii.gz")  # not the brain
+    touch("sub-02_ses-1_desc-brain_mask.nii.gz")  # another subject
+    with pytest.raises(InputError, match="no brain mask found"):
+        find_bids_mask(scan, root)
+    generic = touch("sub-01_ses-1_desc-brain_mask.nii.gz")
+    assert find_bids_mask(scan, root) == generic
+    exact = touch("sub-01_ses-1_acq-fast_run-2_space-T1w_desc-brain_mask.nii")
+    assert find_bids_mask(scan, root) == exact  # acq and run exactly the scan's
+    touch("sub-01_ses-1_acq-fast_run-2_space-MNI152NLin2009cAsym_desc-brain_mask.nii.gz")
+    assert find_bids_mask(scan, root) == exact  # the scan's own space
+    native = touch("sub-01_ses-1_acq-fast_run-2_desc-brain_mask.nii.gz")
+    assert find_bids_mask(scan, root) == native  # no space- at all
+    ours = root / "derivatives" / "segment" / "sub-01" / "ses-1" / "anat"
+    touch(native.name, ours)
+    touch(native.name, root / "derivatives" / "mine" / "sub-01" / "ses-1" / "anat")
+    exclude = [root / "derivatives" / "mine"]
+    assert find_bids_mask(scan, root, exclude=exclude) == native
+    other = touch(native.name, root / "derivatives" / "other" / "sub-01" / "ses-1" / "anat")
+    with pytest.raises(InputError, match="several brain masks fit") as caught:
+        find_bids_mask(scan, root, exclude=exclude)
+    message = str(caught.value)
+    assert str(native.relative_to(root)) in message and str(other.relative_to(root)) in message
+    assert "segment/" not in message and "mine/" not in message
+
+
+def test_bids_masks_from_the_derivatives(bids_dataset):
+    deriv = bids_dataset / "derivatives"
+    t1 = bids_dataset / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    prep = deriv / "prep" / "sub-01" / "anat"
+    write_mask(prep / "sub-01_desc-brain_mask.nii.gz", t1, BOX_A)
+    write_mask(prep / "sub-01_space-MNI152NLin6Asym_desc-brain_mask.nii.gz", t1, BOX_B)
+    # our own folder is never searched (it would make sub-01 ambiguous)
+    write_mask(deriv / "segment" / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz", t1, BOX_B)
+    # a session: the mask of that session, not another acquisition's nor the subject's
+    ses = deriv / "prep" / "sub-02" / "ses-pre" / "anat"
+    write_mask(ses / "sub-02_ses-pre_desc-brain_mask.nii.gz", t1, BOX_B)
+    write_mask(ses / "sub-02_ses-pre_acq-slow_desc-brain_mask.nii.gz", t1, BOX_A)
+    write_mask(deriv / "prep" / "sub-02" / "anat" / "sub-02_desc-brain_mask.nii.gz", t1, BOX_A)
+    # two template spaces, none of them the scan's: ambiguous
+    for space in ("MNI152NLin6Asym", "MNIPediatricAsym"):
+        write_mask(deriv / "prep" / "sub-03" / "anat" / f"sub-03_space-{space}_desc-brain_mask"
+                   ".nii.gz", t1, BOX_A)  # fmt: skip
+    args = ["batch", str(bids_dataset), "--bids", "--suffix", "T1w", "-k", "3", *FAST,
+            "--no-qc", "--mask", "bids", "--scheduler", "synchronous"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1, result.output
+    out = deriv / "segment"
+    rows = {r["input"]: r for r in read_summary(out / "batch_summary.tsv")}
+    sub1, sub2 = (
+        "sub-01/anat/sub-01_T1w.nii.gz",
+        "sub-02/ses-pre/anat/sub-02_ses-pre_acq-fast_T1w.nii.gz",
+    )
+    assert rows[sub1]["status"] == rows[sub2]["status"] == "ok"
+    assert np.array_equal(inside(out / "sub-01/anat/sub-01_dseg.nii.gz"), box_mask(BOX_A))
+    dseg = out / "sub-02/ses-pre/anat/sub-02_ses-pre_acq-fast_dseg.nii.gz"
+    assert np.array_equal(inside(dseg), box_mask(BOX_B))
+    sidecar = json.loads((out / "sub-01/anat/sub-01_dseg.json").read_text())
+    assert sidecar["mask_file"]["path"] == str(prep / "sub-01_desc-brain_mask.nii.gz")
+    assert sidecar["Sources"] == ["bids:raw:sub-01/anat/sub-01_T1w.nii.gz",
+                                  "bids:raw:derivatives/prep/sub-01/anat/"
+                                  "sub-01_desc-brain_mask.nii.gz"]  # fmt: skip
+    failed = rows["sub-03/anat/sub-03_T1w.nii.gz"]
+    assert failed["status"] == "failed" and "several brain masks fit" in failed["error"]
+    assert "sub-03_space-MNI152NLin6Asym_desc-brain_mask.nii.gz" in failed["error"]
+    assert "sub-03_space-MNIPediatricAsym_desc-brain_mask.nii.gz" in failed["error"]

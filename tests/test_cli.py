@@ -744,6 +744,32 @@ def test_unknown_option_value_is_a_usage_error(scan, out_dir, args, fragment):
     assert not out_dir.exists()
 
 
+@pytest.mark.parametrize(
+    ("mask", "fragment"),
+    [
+        ("{stem", "is malformed"),
+        ("mask}.nii.gz", "is malformed"),
+        ("{subject}_mask.nii.gz", "unknown placeholder {subject}"),
+        ("/masks/{rel}/{stem:>4}.nii.gz", "unknown placeholder {stem:>4}"),
+        ("bids", "needs BIDS mode (--bids)"),
+    ],
+)
+def test_batch_bad_mask_template_is_a_usage_error(scan, out_dir, mask, fragment):
+    result = invoke("batch", scan.parent, "-o", out_dir, "--mask", mask)
+    line = assert_failed(result, "Invalid value for '--mask'", fragment, code=2)
+    assert "Usage: " in result.stderr and line.startswith("Error: ")
+    assert not out_dir.exists()
+
+
+def test_batch_help_explains_mask_templates():
+    result = invoke("batch", "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "PATH|TEMPLATE|auto|none|bids" in text and "{stem}" in text and "{rel}" in text
+    assert "--mask '{stem}_brainmask.nii.gz'" in text and "--mask bids" in text
+    assert "PATH|TEMPLATE" not in invoke("run", "--help").output  # `run` takes one mask file
+
+
 def test_debug_keeps_the_exception(tmp_path, out_dir):
     missing = tmp_path / "nope.nii.gz"
     result = invoke("run", missing, "-o", out_dir, "--debug")

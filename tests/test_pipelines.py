@@ -81,6 +81,13 @@ def test_load_by_path_and_relative_mask(tmp_path):
     assert pipeline.record()["sha256"] == pipeline.sha256
 
 
+@pytest.mark.parametrize("mask", ["{stem}_brainmask.nii.gz", "/masks/{rel}/{stem}.nii", "bids"])
+def test_mask_templates_and_bids_are_kept_for_each_scan(tmp_path, mask):
+    """Not made into a path next to the pipeline file: segment batch resolves them per scan."""
+    path = write_pipeline(tmp_path, f'description = "x"\nmask = "{mask}"\n')
+    assert load_pipeline(str(path)).mask == mask
+
+
 # ------------------------------------------------------------------------------ precedence
 def test_resolve_options_precedence():
     pipeline = load_pipeline("t1-brain-3class")
@@ -170,7 +177,7 @@ INVALID = [
         r"key 'outputs\.qc': expected true or false, got 'yes'",
     ),
     ('description = "x"\n[outputs]\nprobmap = true\n', r"unknown key 'outputs\.probmap'"),
-    ('description = "x"\nmask = 1\n', r"key 'mask': expected 'auto', 'none' or the path of a"),
+    ('description = "x"\nmask = 1\n', r"key 'mask': expected 'auto', 'none', 'bids', the path"),
     (
         'description = "x"\nlabels = ["a", "b"]\n[model]\nn_components = 3\n',
         r"key 'labels': expected 3 names \(model\.n_components\), got 2",
