@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -533,10 +534,18 @@ def machine_info() -> str:
 
 
 def run_suite(args) -> tuple[list[dict], list[str]]:
+    """Every case of every scale and dtype; the outputs (12 GB at 8x) are removed at the end."""
+    work = Path(tempfile.mkdtemp(prefix="bench_suite_"))
+    try:
+        return _run_cases(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_cases(args, work: Path) -> tuple[list[dict], list[str]]:
     rows: list[dict] = []
     notes: list[str] = []
     common = {"tol": args.tol, "max_iter": args.max_iter, "reg_covar": args.reg_covar}
-    work = Path(tempfile.mkdtemp(prefix="bench_suite_"))
     for scale in args.sizes:
         paths = ensure_volumes(scale, args.uncompressed_from)
         for dtype in args.dtypes:
