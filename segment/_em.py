@@ -615,6 +615,15 @@ def chunk_moments(X: np.ndarray, sample_weight: np.ndarray | None = None) -> Mom
     X = np.asarray(X)
     n_features = X.shape[1]
     n_nonfinite = 0
+    if n_features == 1 and sample_weight is None and X.dtype in (np.float32, np.float64):
+        # one compiled pass pair, no float64 copy, no GIL: the moments pass before a float fit
+        x = np.ascontiguousarray(X[:, 0])
+        minimum, maximum, mean, m2 = _estep.moments_1d(x)
+        if len(x) and np.isfinite(minimum) and np.isfinite(maximum):
+            return Moments(
+                n=float(len(x)), mean=np.array([mean]), m2=np.array([m2]),
+                minimum=np.array([minimum]), maximum=np.array([maximum]), n_nonfinite=0,
+            )  # fmt: skip
     if len(X):
         minimum, maximum = X.min(axis=0), X.max(axis=0)
         if X.dtype.kind == "f" and not (np.isfinite(minimum).all() and np.isfinite(maximum).all()):

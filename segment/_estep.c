@@ -283,6 +283,37 @@ DEFINE_STATISTICS_1D(statistics_1d_double, double)
 DEFINE_STATISTICS_ND(statistics_nd_float, float)
 DEFINE_STATISTICS_ND(statistics_nd_double, double)
 
+/* Extremes, sum and centred sum of squares of one channel, in two passes (no temporaries).
+ * Writes out = {min, max, mean, m2}; the sums are float64 whatever the voxels' type. A NaN or
+ * an infinity makes the sum non-finite, and then min and max are NaN, so the caller sees that
+ * the chunk is not all finite. */
+#define DEFINE_MOMENTS_1D(NAME, TYPE)                                                          \
+    MULTIVERSION static void NAME(const TYPE *x, Py_ssize_t n, double *out)                   \
+    {                                                                                          \
+        double low = INFINITY, high = -INFINITY, sum = 0.0, m2 = 0.0;                          \
+        SIMD_REDUCTION(omp simd reduction(min : low) reduction(max : high) reduction(+ : sum)) \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                   \
+            const double v = (double)x[i];                                                     \
+            low = v < low ? v : low;                                                           \
+            high = v > high ? v : high;                                                        \
+            sum += v;                                                                          \
+        }                                                                                      \
+        if (!isfinite(sum)) low = high = NAN;                                                  \
+        const double mean = n > 0 ? sum / (double)n : 0.0;                                     \
+        SIMD_REDUCTION(omp simd reduction(+ : m2))                                             \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                   \
+            const double d = (double)x[i] - mean;                                              \
+            m2 += d * d;                                                                       \
+        }                                                                                      \
+        out[0] = low;                                                                          \
+        out[1] = high;                                                                         \
+        out[2] = mean;                                                                         \
+        out[3] = m2;                                                                           \
+    }
+
+DEFINE_MOMENTS_1D(moments_1d_float, float)
+DEFINE_MOMENTS_1D(moments_1d_double, double)
+
 /* ------------------------------------------------------------------ Python bindings */
 
 enum kind { FLOAT64, FLOAT32_OR_64 };
@@ -430,6 +461,31 @@ static PyObject *statistics_nd(PyObject *self, PyObject *args)
     return PyFloat_FromDouble(log_likelihood);
 }
 
+PyDoc_STRVAR(moments_1d_doc,
+"moments_1d(x) -> (minimum, maximum, mean, m2)\n\n"
+"Extremes, mean and centred sum of squares (float64) of a float32 or float64 array, in two\n"
+"passes without the GIL. A NaN or an infinity gives NaN extremes (see\n"
+"segment._em.chunk_moments, which then counts them in numpy).");
+
+static PyObject *moments_1d(PyObject *self, PyObject *args)
+{
+    PyObject *object;
+    Py_buffer view;
+    int is_float32 = 0;
+    double out[4];
+    if (!PyArg_UnpackTuple(args, "moments_1d", 1, 1, &object)) return NULL;
+    if (get_buffer(object, &view, "x", 0, FLOAT32_OR_64, &is_float32) < 0) return NULL;
+    const Py_ssize_t n = count(&view);
+    Py_BEGIN_ALLOW_THREADS
+    if (is_float32)
+        moments_1d_float(view.buf, n, out);
+    else
+        moments_1d_double(view.buf, n, out);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(dddd)", out[0], out[1], out[2], out[3]);
+}
+
 PyDoc_STRVAR(exp_nonpositive_doc,
 "exp_nonpositive(t, out)\n\n"
 "out[i] = exp(max(t[i], -708)) for t[i] <= 0, by the kernels' own exponential (for tests).\n"
@@ -458,6 +514,7 @@ static PyObject *exp_nonpositive_py(PyObject *self, PyObject *args)
 static PyMethodDef methods[] = {
     {"statistics_1d", statistics_1d, METH_VARARGS, statistics_1d_doc},
     {"statistics_nd", statistics_nd, METH_VARARGS, statistics_nd_doc},
+    {"moments_1d", moments_1d, METH_VARARGS, moments_1d_doc},
     {"exp_nonpositive", exp_nonpositive_py, METH_VARARGS, exp_nonpositive_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -739,3 +739,16 @@ def test_compiled_kernels_refuse_wrong_buffers():
         )  # fmt: skip
     with pytest.raises(ValueError):  # not contiguous
         _estep.statistics_1d(np.zeros(20)[::2], np.empty(0), centers, centers, centers, sums)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_moments_of_one_channel_match_numpy(rng, dtype):
+    """The compiled pass (one float channel, no weights) against the weighted numpy path."""
+    X = rng.normal(900.0, 120.0, size=(100_003, 1)).astype(dtype)
+    compiled = _em.chunk_moments(X)
+    reference = _em.chunk_moments(X, np.ones(len(X)))  # weights take the numpy path
+    for key in ("n", "mean", "m2", "minimum", "maximum"):
+        np.testing.assert_allclose(compiled[key], reference[key], rtol=1e-12)
+    assert compiled["n_nonfinite"] == 0
+    minimum, maximum, mean, m2 = _estep.moments_1d(np.array([1.0, np.nan, 3.0]))
+    assert np.isnan(minimum) and np.isnan(maximum)  # the caller falls back to the mask path
