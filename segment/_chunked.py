@@ -18,7 +18,7 @@ from dask.array.core import normalize_chunks
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from . import _em
+from . import _em, _estep
 
 #: Default number of voxels per chunk: big enough that numpy dominates the per-task overhead,
 #: small enough that the (chunk, K) float64 temporaries stay in tens of MB.
@@ -127,6 +127,26 @@ def moments(
     return map_reduce(
         _em.chunk_moments, _em.combine_moments, [X, sample_weight], (), compute_kwargs
     )
+
+
+def histogram(
+    X: da.Array, low: float, high: float, n_bins: int, compute_kwargs: dict | None = None
+) -> np.ndarray:
+    """Counts of the one-channel features in ``n_bins`` equal bins over ``[low, high]``."""
+    return map_reduce(_histogram_block, _sum_arrays, [X], (low, high, n_bins), compute_kwargs)
+
+
+def _histogram_block(X, low, high, n_bins):
+    counts = np.zeros(n_bins)
+    values = np.asarray(X)[:, 0]
+    if values.dtype not in (np.float32, np.float64):
+        values = values.astype(np.float64)
+    _estep.histogram_1d(np.ascontiguousarray(values), low, high, counts)
+    return counts
+
+
+def _sum_arrays(parts):
+    return np.sum(parts, axis=0)
 
 
 def distinct_rows(

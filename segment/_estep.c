@@ -314,6 +314,24 @@ DEFINE_STATISTICS_ND(statistics_nd_double, double)
 DEFINE_MOMENTS_1D(moments_1d_float, float)
 DEFINE_MOMENTS_1D(moments_1d_double, double)
 
+/* Counts of one channel's values in n_bins equal bins over [low, high] (the last bin closed),
+ * added into counts; values outside the range or not finite are not counted. */
+#define DEFINE_HISTOGRAM_1D(NAME, TYPE)                                                        \
+    static void NAME(const TYPE *x, Py_ssize_t n, double low, double high, Py_ssize_t n_bins,  \
+                     double *counts)                                                           \
+    {                                                                                          \
+        const double scale = high > low ? (double)n_bins / (high - low) : 0.0;                 \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                   \
+            const double v = (double)x[i];                                                     \
+            if (!(v >= low && v <= high)) continue;                                            \
+            Py_ssize_t bin = (Py_ssize_t)((v - low) * scale);                                  \
+            counts[bin < n_bins ? bin : n_bins - 1] += 1.0;                                    \
+        }                                                                                      \
+    }
+
+DEFINE_HISTOGRAM_1D(histogram_1d_float, float)
+DEFINE_HISTOGRAM_1D(histogram_1d_double, double)
+
 /* ------------------------------------------------------------------ Python bindings */
 
 enum kind { FLOAT64, FLOAT32_OR_64 };
@@ -486,6 +504,36 @@ static PyObject *moments_1d(PyObject *self, PyObject *args)
     return Py_BuildValue("(dddd)", out[0], out[1], out[2], out[3]);
 }
 
+PyDoc_STRVAR(histogram_1d_doc,
+"histogram_1d(x, low, high, counts)\n\n"
+"Add the counts of x (float32 or float64) in len(counts) equal bins over [low, high] (the\n"
+"last bin closed) into counts (float64), without the GIL; other values are not counted.");
+
+static PyObject *histogram_1d(PyObject *self, PyObject *args)
+{
+    PyObject *x_object, *counts_object;
+    double low, high;
+    Py_buffer views[2];
+    int is_float32 = 0;
+    if (!PyArg_ParseTuple(args, "OddO", &x_object, &low, &high, &counts_object)) return NULL;
+    if (get_buffer(x_object, &views[0], "x", 0, FLOAT32_OR_64, &is_float32) < 0) return NULL;
+    if (get_buffer(counts_object, &views[1], "counts", 1, FLOAT64, NULL) < 0) {
+        release(views, 1);
+        return NULL;
+    }
+    const Py_ssize_t n = count(&views[0]), n_bins = count(&views[1]);
+    if (n_bins < 1 || !(high >= low))
+        return size_error(views, 2, "need at least one bin and low <= high");
+    Py_BEGIN_ALLOW_THREADS
+    if (is_float32)
+        histogram_1d_float(views[0].buf, n, low, high, n_bins, views[1].buf);
+    else
+        histogram_1d_double(views[0].buf, n, low, high, n_bins, views[1].buf);
+    Py_END_ALLOW_THREADS
+    release(views, 2);
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(exp_nonpositive_doc,
 "exp_nonpositive(t, out)\n\n"
 "out[i] = exp(max(t[i], -708)) for t[i] <= 0, by the kernels' own exponential (for tests).\n"
@@ -515,6 +563,7 @@ static PyMethodDef methods[] = {
     {"statistics_1d", statistics_1d, METH_VARARGS, statistics_1d_doc},
     {"statistics_nd", statistics_nd, METH_VARARGS, statistics_nd_doc},
     {"moments_1d", moments_1d, METH_VARARGS, moments_1d_doc},
+    {"histogram_1d", histogram_1d, METH_VARARGS, histogram_1d_doc},
     {"exp_nonpositive", exp_nonpositive_py, METH_VARARGS, exp_nonpositive_doc},
     {NULL, NULL, 0, NULL},
 };

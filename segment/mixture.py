@@ -23,6 +23,9 @@ __all__ = ["GaussianMixtureEM"]
 RELATIVE_VARIANCE_FLOOR = 1e-3
 #: The distinct-values fast path is used while the data have at most this many distinct rows.
 MAX_DISTINCT = 1 << 17
+#: Bins of the histogram that one-channel float fits are initialised from (see
+#: ``GaussianMixtureEM._init_histogram``).
+INIT_HISTOGRAM_BINS = 4096
 #: A component whose responsibilities add up to less than one voxel is re-seeded.
 MIN_COMPONENT_VOXELS = 1.0
 #: Mean-field sweeps stop when the posterior changes by less than this per voxel (half the L1
@@ -587,10 +590,14 @@ class GaussianMixtureEM:
         )
 
     def _init_sample(self, data: _FitData, rng: np.random.Generator, ckw: dict):
-        """All distinct rows with their counts, or a seeded subsample of voxels.
+        """All distinct rows with their counts, a histogram, or a seeded subsample of voxels.
 
-        The subsample is stratified (:func:`segment._kmeans.stratified_indices`): one voxel
-        drawn with ``rng`` in each run of ``N / init_sample_size`` consecutive voxels. It
+        One float channel with more voxels than ``init_sample_size`` is summarised by a fine
+        histogram of all its voxels (:meth:`_init_histogram`; the initial parameters, and so
+        fitted results to within EM's tolerance, differ from those of the subsample used
+        before). Otherwise the subsample is stratified
+        (:func:`segment._kmeans.stratified_indices`): one voxel drawn with ``rng`` in each run
+        of ``N / init_sample_size`` consecutive voxels. It
         replaced ``rng.choice`` without replacement, which, sorted, cost 0.2 s of serial time
         per 10^7 voxels before the first E-step; initial parameters (and so fitted results, to
         within EM's tolerance, or another local optimum of k-means) differ from those of
@@ -599,6 +606,13 @@ class GaussianMixtureEM:
         if data.path == "distinct-values":
             return data.X.astype(np.float64), data.sample_weight
         n_samples = data.X.shape[0]
+        if (
+            data.X.shape[1] == 1 and data.sample_weight is None
+            and data.X.dtype.kind == "f" and n_samples > self.init_sample_size
+        ):  # fmt: skip
+            centres, counts = self._init_histogram(data, ckw)
+            if len(centres) >= self.n_components:  # else: a few values, counted below
+                return centres, counts
         if n_samples > self.init_sample_size:
             indices = _kmeans.stratified_indices(n_samples, self.init_sample_size, rng)
         else:
@@ -623,6 +637,25 @@ class GaussianMixtureEM:
             _validation.check_n_distinct(len(distinct[0]), self.n_components)
             return distinct[0].astype(np.float64), distinct[1]
         return sample, weight
+
+    def _init_histogram(self, data: _FitData, ckw: dict):
+        """The occupied bins of a fine histogram of all voxels, weighted by their counts.
+
+        For one float channel with more voxels than ``init_sample_size``: a parallel pass
+        counts the voxels in :data:`INIT_HISTOGRAM_BINS` equal bins between the extremes the
+        moments pass found, and k-means runs on the centres of the occupied bins. It sees
+        every voxel (a subsample sees ``init_sample_size``), its k-means costs nothing next to
+        one on 200 000 points (which was most of the fit's serial time), and the counts do not
+        depend on the chunks. A bin is (max - min) / 4096 wide: k-means centres land within
+        half of that, a negligible shift for a starting point.
+        """
+        low = float(data.moments["minimum"][0])
+        high = float(data.moments["maximum"][0])
+        counts = _chunked.histogram(data.X, low, high, INIT_HISTOGRAM_BINS, ckw)
+        width = (high - low) / INIT_HISTOGRAM_BINS
+        centres = low + (np.arange(INIT_HISTOGRAM_BINS) + 0.5) * width
+        occupied = counts > 0
+        return centres[occupied][:, None], counts[occupied]
 
     def _statistics(self, data: _FitData, params: tuple, ckw: dict) -> _em.Statistics:
         if data.path == "distinct-values":

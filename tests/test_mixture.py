@@ -602,3 +602,44 @@ def test_integer_predictions_are_looked_up_by_value_with_the_same_numbers():
     column = [_responsibility_column_block(data, *params, 2) for data in (X, as_float)]
     np.testing.assert_array_equal(column[0], column[1])
     np.testing.assert_array_equal(gm.predict(X), gm.predict(as_float))
+
+
+def test_float_fit_is_initialised_from_a_histogram_of_all_voxels(monkeypatch):
+    """One float channel with more voxels than init_sample_size: k-means runs on the occupied
+    bins of a histogram of every voxel (counts add up to N, whatever the chunks), and the
+    fit lands where a subsample-initialised fit does."""
+    from segment import _kmeans, mixture
+
+    rng = np.random.default_rng(5)
+    X = np.concatenate([rng.normal(m, s, n) for m, s, n in
+                        ((40, 6, 30_000), (100, 9, 50_000), (160, 7, 20_000))])  # fmt: skip
+    X = rng.permutation(X).astype(np.float32)[:, None]
+    seen = []
+    kmeans = _kmeans.kmeans
+    monkeypatch.setattr(_kmeans, "kmeans", lambda s, w, *a, **k: seen.append((s, w)) or
+                        kmeans(s, w, *a, **k))  # fmt: skip
+    fits = [
+        GaussianMixtureEM(3, init_sample_size=1000, chunk_size=c, random_state=0).fit(X)
+        for c in (7_001, 100_000)
+    ]
+    for sample, weight in seen:
+        assert len(sample) <= mixture.INIT_HISTOGRAM_BINS and weight.sum() == len(X)
+    np.testing.assert_array_equal(seen[0][0], seen[1][0])
+    np.testing.assert_array_equal(seen[0][1], seen[1][1])
+    np.testing.assert_allclose(fits[0].means_, fits[1].means_, rtol=1e-9)
+    np.testing.assert_allclose(fits[0].means_[:, 0], [40, 100, 160], atol=1.0)
+    monkeypatch.setattr(mixture, "INIT_HISTOGRAM_BINS", 2)  # fewer bins than K: the subsample
+    sampled = GaussianMixtureEM(3, init_sample_size=1000, random_state=0).fit(X)
+    assert len(seen[-1][0]) == 1000
+    np.testing.assert_allclose(sampled.means_, fits[0].means_, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_histogram_matches_numpy(dtype):
+    from segment import _estep
+
+    x = np.random.default_rng(2).uniform(-5, 250, 100_000).astype(dtype)
+    x[:4] = [-5, 250, 100, 300]  # both edges, and a value outside
+    counts = np.zeros(512)
+    _estep.histogram_1d(x, -5.0, 250.0, counts)
+    np.testing.assert_array_equal(counts, np.histogram(x, bins=512, range=(-5, 250))[0])
