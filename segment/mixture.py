@@ -90,8 +90,9 @@ class GaussianMixtureEM:
         estimator exactly and much faster for integer-valued scans. ``"auto"`` does so for
         integer dtypes with at most 131072 distinct values.
     init_sample_size : int, default 200000
-        The k-means initialisation runs on all distinct values, or on this many voxels drawn
-        with ``random_state`` when the per-voxel path is used.
+        The k-means initialisation runs on all distinct values (integer scans), on a
+        4096-bin histogram of all voxels (one float channel with more voxels than this), or
+        on this many voxels drawn with ``random_state`` (several channels).
     mrf_beta : float, default 0.0
         Strength of the Potts (Markov random field) prior used by :meth:`fit_image`:
         ``beta * sum_j w_ij [z_i = z_j]`` over the 26-neighbourhood (8 in 2-D), ``w_ij`` = 1 /
