@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import os
 import warnings
@@ -14,6 +15,7 @@ import dask.array as da
 import numpy as np
 
 from . import _chunked, _em, _kmeans, _spatial, _sweeps, _validation
+from .spatial import bias as _bias
 from ._scheduler import check_scheduler, compute_kwargs, is_distributed
 from .exceptions import ConvergenceWarning, DataWarning, SegmentError
 
@@ -37,7 +39,14 @@ MRF_TOL = 2e-2
 #: ... or after this many sweeps.
 MAX_MRF_SWEEPS = 50
 #: The bias field's EM runs on a regular sub-grid of at least this many voxels.
-BIAS_EM_VOXELS = 1_000_000
+BIAS_EM_VOXELS = 300_000
+
+
+#: Fitted attributes that a discarded bias field restores to the plain mixture's.
+_FIT_ATTRIBUTES = (
+    "weights_", "means_", "covariances_", "precisions_cholesky_", "log_likelihood_trace_",
+    "log_likelihood_", "n_iter_", "converged_", "soft_counts_",
+)  # fmt: skip
 
 
 @dataclass
@@ -102,8 +111,8 @@ class GaussianMixtureEM:
     bias_field : bool, default False
         Estimate a smooth multiplicative bias field inside the EM (:meth:`fit_image` only).
     bias_smoothness : float, default 60.0
-        Bias field smoothness as a length in mm: the field is a polynomial of total degree
-        ``round(extent / bias_smoothness)`` (1 to 6) over the fitted region's extent.
+        Bias field smoothness in mm: the full width at half maximum of the Gaussian that
+        smooths the field's residuals (see :mod:`segment.spatial.bias`).
     callback : callable, optional
         Called after each iteration as ``callback(iteration, log_likelihood, change_per_voxel)``.
 
@@ -320,24 +329,34 @@ class GaussianMixtureEM:
             field[start : start + len(planes)] = planes
         return field
 
+    def _log_bias_on_input_grid(self, shape, offset, reverse=False):
+        """``log b`` on a block of the input grid, offset relative to the input's origin."""
+        _, box_offset, _ = self._bias_grid
+        start = (
+            tuple(o + b for o, b in zip(offset, box_offset[::-1]))
+            if reverse
+            else tuple(o + b for o, b in zip(offset, box_offset))
+        )
+        return _bias.log_bias_block(
+            shape, start, self.bias_coefficients_, self.bias_cells_, reverse=reverse
+        )
+
     def _bias_field_last_axis_slabs(self, step: int):
         """``[field[..., start:start + step, 0]]`` for ``start = 0, step, ...`` (one channel)."""
-        shape, offset, _ = self._bias_grid
+        shape, _, _ = self._bias_grid
         for start in range(0, shape[-1], step):
-            planes = _spatial.log_bias_grid_block(
-                shape[:-1] + (min(step, shape[-1] - start),), offset[:-1] + (offset[-1] + start,),
-                self.bias_coefficients_, self._bias_boxes, self.bias_degree_,
-            )  # fmt: skip
+            planes = self._log_bias_on_input_grid(
+                shape[:-1] + (min(step, shape[-1] - start),), (0,) * (len(shape) - 1) + (start,)
+            )
             yield [np.exp(planes[..., 0])]
 
     def _bias_field_slabs(self, step: int = 16):
         """``(start, field[start:start + step])`` along the first axis of the input grid."""
-        shape, offset, _ = self._bias_grid
+        shape, _, _ = self._bias_grid
         for start in range(0, shape[0], step):
-            planes = _spatial.log_bias_grid_block(
-                (min(step, shape[0] - start),) + shape[1:], (offset[0] + start,) + offset[1:],
-                self.bias_coefficients_, self._bias_boxes, self.bias_degree_,
-            )  # fmt: skip
+            planes = self._log_bias_on_input_grid(
+                (min(step, shape[0] - start),) + shape[1:], (start,) + (0,) * (len(shape) - 1)
+            )
             yield start, np.exp(planes, out=planes)
 
     def _fit_grid(self, image, mask, features, spacing) -> GaussianMixtureEM:
@@ -358,8 +377,8 @@ class GaussianMixtureEM:
         )
         beta = float(self.mrf_beta)
         kernel = _spatial.neighbour_kernel(spacing)
-        boxes, degree = _bias_geometry(mask, spacing, self.bias_smoothness)
-        n_terms = len(_spatial.bias_terms(degree, n_spatial))
+        cells = _bias.field_cells(spacing, self.bias_smoothness)
+        coarse_shape = _bias.coarse_shape(mask.shape, cells)
         with compute_kwargs(self.scheduler, self.n_workers) as ckw:
             data = self._prepare(_validation.check_features(features.pop()), None, ckw)
             if floor is None:
@@ -374,21 +393,11 @@ class GaussianMixtureEM:
                 self._run_em(data, weights, means, covariances, floor, ckw)
             params = (self.weights_, self.means_, self.precisions_cholesky_)
 
-            def persist(array):  # on the chosen scheduler
-                return (
-                    ckw["scheduler"].persist(array) if is_distributed(ckw) else array.persist(**ckw)
-                )
-
-            def field(coefficients, like, boxes):
-                return persist(_chunked.map_grid_new(
-                    _spatial.log_bias_grid_block, like, n_spatial, D, np.float32,
-                    (coefficients, boxes, degree),
-                ))  # fmt: skip
-
-            coefficients = np.zeros((n_terms, D))
+            coefficients = np.zeros((D, *coarse_shape))
+            self.bias_status_ = None
             if self.bias_field:
                 coefficients, params = self._fit_bias_field(
-                    image, mask, params, floor, boxes, degree, n_terms, data, ckw, persist, field
+                    image, mask, params, floor, cells, spacing, data, ckw
                 )
             del data
         n_threads = 1 if self.scheduler == "synchronous" else (self.n_workers or os.cpu_count())
@@ -397,9 +406,7 @@ class GaussianMixtureEM:
         def log_bias(shape, offset, reverse=False):
             if not self.bias_field:
                 return np.zeros(shape + (D,), np.float32)
-            return _spatial.log_bias_grid_block(
-                shape, offset, coefficients, boxes, degree, reverse=reverse
-            )
+            return _bias.log_bias_block(shape, offset, coefficients, cells, reverse=reverse)
 
         # the mixture's responsibilities under the final field, then the MRF posterior
         grid = _sweeps.PosteriorGrid(
@@ -433,8 +440,7 @@ class GaussianMixtureEM:
             else ""
         )
         self.bias_coefficients_ = coefficients
-        self.bias_degree_ = degree
-        self._bias_boxes = boxes
+        self.bias_cells_ = cells
         self._posterior = None
         if self.sort_components:  # the estimator's parameters and the grid's, in mean order
             self.soft_counts_ = np.zeros(K)  # set below, from the sorted posterior
@@ -456,32 +462,46 @@ class GaussianMixtureEM:
         self.soft_counts_ = _column_sums(self.responsibilities_)
         return self
 
-    def _fit_bias_field(
-        self, image, mask, params, floor, boxes, degree, n_terms, data, ckw, persist, field
-    ):
+    def _fit_bias_field(self, image, mask, params, floor, cells, spacing, data, ckw):
         """EM of the class parameters with the bias field, on a regular sub-grid of the voxels.
 
         Every ``s``-th voxel along each axis, with ``s`` the largest step that keeps at least
         :data:`BIAS_EM_VOXELS` of the mask (as SPM fits its model on voxels a sampling distance
-        apart): a smooth field and six class parameters are determined many times over by a
-        million voxels, and each iteration costs a fraction of a pass. The trace holds the
-        sub-grid's log-likelihood scaled to the mask's voxel count. The labels and maps are
-        then computed for every voxel. Returns the field's coefficients and the parameters.
+        apart). Each iteration: the field from the residuals' cell sums
+        (:func:`segment.spatial.bias.cell_sums`, one pass), an M-step and an E-step of the
+        corrected intensities. The field is then kept only when the classes agree on it and no
+        class lost most of its voxels to it; otherwise the plain mixture stands and a
+        :class:`DataWarning` says why (``bias_status_``). Returns the field's coarse values
+        and the parameters.
         """
         n_spatial, n_features = mask.ndim, image.shape[-1]
         ratio = (mask.sum() / BIAS_EM_VOXELS) ** (1 / n_spatial)
-        subs = [max(1, min(int(ratio), size // 4)) for size in mask.shape]
+        subs = tuple(max(1, min(round(ratio), size // 4)) for size in mask.shape)
         picks = tuple(slice(None, None, s) for s in subs)
         sub_mask = mask[picks]
-        sub_boxes = [(lo / s, hi / s) for (lo, hi), s in zip(boxes, subs)]
         chunks = _chunked.grid_chunks(sub_mask.shape, self.chunk_size)
         x_grid = _chunked.as_grid_array(image[picks], chunks)
         mask_grid = _chunked.as_grid_array(sub_mask, chunks)
         if is_distributed(ckw):
             x_grid, mask_grid = ckw["scheduler"].persist([x_grid, mask_grid])
-        step = max(1, round((sub_mask.sum() / 200_000) ** (1 / n_spatial)))
-        state = {"coefficients": np.zeros((n_terms, n_features))}
-        state["log_bias"] = field(state["coefficients"], mask_grid, sub_boxes)
+        shape = _bias.coarse_shape(mask.shape, cells)
+        sigma = tuple(
+            self.bias_smoothness * _bias.FWHM_TO_SIGMA / (c * size) for c, size in zip(cells, spacing)
+        )
+        plain = (self.weights_.copy(), self.means_.copy(), self.covariances_.copy())
+        plain_fit = {name: getattr(self, name) for name in _FIT_ATTRIBUTES}
+        state = {"coarse": np.zeros((n_features, *shape))}
+
+        def persist(array):
+            return ckw["scheduler"].persist(array) if is_distributed(ckw) else array.persist(**ckw)
+
+        def field():
+            return persist(_chunked.map_grid_new(
+                _bias.log_bias_block, mask_grid, n_spatial, n_features, np.float32,
+                (state["coarse"], cells, subs),
+            ))  # fmt: skip
+
+        state["log_bias"] = field()
 
         def likelihood(params):  # the E-step statistics under the current field
             return _chunked.map_reduce_grid(
@@ -489,15 +509,16 @@ class GaussianMixtureEM:
                 [x_grid, mask_grid, state["log_bias"]], n_spatial, params, ckw,
             )  # fmt: skip
 
-        def refit_field(params, covariances):
-            gram, moment = _chunked.map_reduce_grid(
-                _spatial.bias_block_statistics, _sum_pairs,
+        def sums(params, covariances):
+            return _chunked.map_reduce_grid(
+                _bias.cell_sums, functools.partial(_bias.combine_cell_sums, shape=shape),
                 [x_grid, mask_grid, state["log_bias"]], n_spatial,
-                (step, sub_boxes, degree, params[0], params[1], covariances), ckw,
-                with_offset=True,
+                (subs, cells, params[0], params[1], covariances), ckw, with_offset=True,
             )  # fmt: skip
-            state["coefficients"] = _spatial.solve_bias(gram, moment)
-            state["log_bias"] = field(state["coefficients"], mask_grid, sub_boxes)
+
+        def refit_field(params, covariances):
+            state["coarse"] = _bias.smooth_log_field(sums(params, covariances), n_features, sigma)
+            state["log_bias"] = field()
 
         try:
             iteration, trace, params, covariances, change, stats = self._em_iterations(
@@ -509,8 +530,53 @@ class GaussianMixtureEM:
         self._finish(self.n_iter_ + iteration,
                      self.log_likelihood_trace_ + [value * scale for value in trace],
                      params, covariances, change, data, n_features)  # fmt: skip
-        self.bias_sampling_ = tuple(subs)
-        return state["coefficients"], params
+        self.bias_sampling_ = subs
+        problem = self._bias_problem(
+            plain[0], sums(params, covariances), covariances, sigma, float(sub_mask.sum())
+        )
+        if problem is None:
+            self.bias_status_ = "applied"
+            return state["coarse"], params
+        for name, value in plain_fit.items():  # the plain mixture stands
+            setattr(self, name, value)
+        self.bias_status_ = f"not applied: {problem}"
+        warnings.warn(
+            f"bias field not applied: {problem}; the plain mixture's result is kept",
+            DataWarning,
+            stacklevel=4,
+        )
+        weights, means, covariances = plain
+        return np.zeros_like(state["coarse"]), (
+            weights, means, _em.precision_cholesky(covariances)
+        )
+
+    def _bias_problem(self, plain_weights, sums, covariances, sigma, n_voxels) -> str | None:
+        """Why the fitted field should not be used, or None.
+
+        A class that lost three quarters of its weight to the field (or all but 0.1 % of the
+        voxels) means the field absorbed the contrast between classes; classes that do not agree
+        on the field (:func:`segment.spatial.bias.class_agreement`) mean it explains anatomy,
+        not a non-uniformity.
+        """
+        n_features, K = self.means_.shape[1], self.n_components
+        counts = np.array([sums[2 * n_features + 2 + 2 * k].sum() for k in range(K)])
+        for k in range(K):
+            if self.weights_[k] < 0.25 * plain_weights[k] or counts[k] < 1e-3 * n_voxels:
+                return (
+                    f"class {k + 1} (mean {self.means_[k, 0]:.4g}) would keep "
+                    f"{self.weights_[k]:.1%} of the voxels against {plain_weights[k]:.1%} "
+                    "without the field; raise bias_smoothness (--bias-smoothness)"
+                )
+        snr2 = self.means_[:, 0] ** 2 / covariances[:, 0, 0]
+        agreement, pair = _bias.class_agreement(sums, n_features, K, snr2, sigma)
+        self.bias_agreement_ = agreement
+        if pair is not None and agreement < _bias.MIN_AGREEMENT:
+            return (
+                f"classes {pair[0] + 1} and {pair[1] + 1} do not agree on a field (correlation "
+                f"{agreement:.2f} < {_bias.MIN_AGREEMENT}): the image shows no consistent "
+                "non-uniformity"
+            )
+        return None
 
     def _check_parameters(self) -> None:
         _validation.check_n_components(self.n_components)
@@ -921,13 +987,6 @@ def _release_memory() -> None:
         pass
 
 
-def _sum_pairs(parts):
-    """Sum a list of (gram, moment) pairs in order."""
-    gram = sum(p[0] for p in parts)
-    moment = sum(p[1] for p in parts)
-    return gram, moment
-
-
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
     """Slices of the smallest box holding every True voxel of ``mask``."""
     box = []
@@ -935,14 +994,6 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
         present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
         box.append(slice(int(present[0]), int(present[-1]) + 1))
     return tuple(box)
-
-
-def _bias_geometry(mask: np.ndarray, spacing, smoothness: float):
-    """Bounding box of the mask per axis (first, last voxel index) and the polynomial degree."""
-    boxes = [(float(b.start), float(b.stop - 1)) for b in _bounding_box(mask)]
-    extent = max((hi - lo + 1) * size for (lo, hi), size in zip(boxes, spacing))
-    degree = int(np.clip(round(extent / smoothness), 1, 6))
-    return boxes, degree
 
 
 def _reseed_empty(nk, weights, means, covariances):

@@ -94,13 +94,15 @@ def _bias_record(estimator) -> dict[str, Any] | None:
     """Parameters of the fitted bias field, or None."""
     if getattr(estimator, "_bias_grid", None) is None:
         return None
+    agreement = getattr(estimator, "bias_agreement_", None)
     return {
-        "basis": "Legendre polynomial products over the mask's bounding box, no constant term",
-        "degree": int(estimator.bias_degree_),
+        "model": "Gaussian-smoothed weighted log residuals on a coarse grid, linear interpolation",
+        "status": estimator.bias_status_,
         "smoothness_mm": float(estimator.bias_smoothness),
+        "cell_voxels": list(estimator.bias_cells_),
+        "class_agreement": None if agreement is None else round(float(agreement), 3),
         "fitted_on_every_nth_voxel": list(getattr(estimator, "bias_sampling_", ())),
-        "coefficients": np.asarray(estimator.bias_coefficients_).tolist(),
-        "range": list(estimator.bias_field_range_),
+        "range": [round(float(v), 4) for v in estimator.bias_field_range_],
     }
 
 

@@ -1,0 +1,129 @@
+"""Tests of the bias field's maths (:mod:`segment.spatial.bias`) and its guards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segment import segment_array
+from segment.exceptions import DataWarning
+from segment.samples import make_head_phantom
+from segment.spatial import bias
+
+BRAIN = (3, 4, 5)
+
+
+def _params(means, sds):
+    means = np.asarray(means, float)[:, None]
+    covariances = (np.asarray(sds, float) ** 2)[:, None, None]
+    return np.full(len(means), 1 / len(means)), means, covariances
+
+
+def test_field_cells_follow_the_smoothness_in_mm():
+    assert bias.field_cells((1.0, 1.0, 1.0), 60.0) == (10, 10, 10)
+    assert bias.field_cells((2.0, 1.0, 0.5), 60.0) == (5, 10, 20)
+    assert bias.field_cells((10.0, 10.0), 6.0) == (1, 1)
+    assert bias.coarse_shape((25, 20, 3), (10, 10, 10)) == (3, 2, 2)
+
+
+@pytest.mark.parametrize("scale", [(1, 1, 1), (2, 3, 1)])
+def test_interpolation_is_exact_for_a_linear_field(scale):
+    """Linear interpolation of cell-centre values reproduces a linear function inside."""
+    cells, coarse_shape = (4, 5, 3), (6, 5, 7)
+    centres = [(np.arange(n) + 0.5) * c - 0.5 for n, c in zip(coarse_shape, cells)]
+    slope = np.array([0.01, -0.02, 0.005])
+    grid = np.meshgrid(*centres, indexing="ij")
+    coarse = sum(s * g for s, g in zip(slope, grid))[None]
+    shape, offset = (5, 4, 6), (2, 3, 4)
+    values = bias.log_bias_block(shape, offset, coarse, cells, scale)[..., 0]
+    positions = [(o + np.arange(n)) * s for o, n, s in zip(offset, shape, scale)]
+    expected = sum(s * g for s, g in zip(slope, np.meshgrid(*positions, indexing="ij")))
+    np.testing.assert_allclose(values, expected, atol=1e-5)
+    # the reversed (last axis first) evaluation is the transpose
+    reverse = bias.log_bias_block(shape[::-1], offset[::-1], coarse, cells, scale, reverse=True)
+    np.testing.assert_allclose(reverse[..., 0], values.T, atol=1e-6)
+
+
+def test_cell_sums_do_not_depend_on_the_blocks(rng):
+    """Sums over blocks added into the coarse grid equal those of one block."""
+    shape, cells = (13, 11, 9), (4, 3, 5)
+    image = rng.normal(100, 10, shape + (1,)).astype(np.float32)
+    mask = rng.random(shape) > 0.2
+    log_bias = rng.normal(0, 0.05, shape + (1,)).astype(np.float32)
+    weights, means, covariances = _params([80, 100, 120], [8, 8, 8])
+    args = ((1, 1, 1), cells, weights, means, covariances)
+    coarse = bias.coarse_shape(shape, cells)
+    whole = bias.combine_cell_sums(
+        [bias.cell_sums(image, mask, log_bias, (0, 0, 0), *args)], coarse
+    )
+    parts = []
+    for start, stop in [(0, 5), (5, 6), (6, 13)]:  # blocks that do not align with the cells
+        block = slice(start, stop)
+        parts.append(bias.cell_sums(image[block], mask[block], log_bias[block], (start, 0, 0),
+                                    *args))  # fmt: skip
+    np.testing.assert_allclose(bias.combine_cell_sums(parts, coarse), whole, rtol=1e-12)
+    assert whole[2].sum() == mask.sum()  # the voxel counts
+
+
+def test_smoothed_field_recovers_a_constant_offset_and_has_zero_mean(rng):
+    """Pure classes with every voxel 10 % too bright on one side: the field follows."""
+    shape = (40, 12, 12)
+    log_true = np.where(np.arange(40) < 20, 0.0, np.log(1.1))[:, None, None] * np.ones(shape)
+    classes = rng.integers(0, 2, shape)
+    means = np.array([100.0, 200.0])
+    image = (means[classes] * np.exp(log_true))[..., None]
+    weights, m, covariances = _params(means, [5, 5])
+    cells = (2, 2, 2)
+    coarse = bias.coarse_shape(shape, cells)
+    sums = bias.combine_cell_sums(
+        [bias.cell_sums(image, np.ones(shape, bool), np.zeros_like(image), (0, 0, 0), (1, 1, 1),
+                        cells, weights, m, covariances)], coarse)  # fmt: skip
+    field = bias.smooth_log_field(sums, 1, (1.0, 1.0, 1.0), prior=0.0)
+    assert (field[0] * sums[2]).sum() == pytest.approx(0.0, abs=1e-9)
+    step = field[0][15:, :, :].mean() - field[0][:5, :, :].mean()
+    assert step == pytest.approx(np.log(1.1), rel=0.05)
+    # the prior shrinks the field towards 1 where the data are weak
+    weak = bias.smooth_log_field(sums, 1, (1.0, 1.0, 1.0), prior=1e6)
+    assert np.abs(weak).max() < 1e-3
+
+
+def test_class_agreement_separates_a_field_from_anatomy(rng):
+    shape, cells = (48, 48, 8), (4, 4, 4)
+    coords = np.indices(shape)[0] / shape[0]
+    classes = rng.integers(0, 2, shape)
+    means = np.array([100.0, 200.0])
+    weights, m, covariances = _params(means, [4, 4])
+    coarse = bias.coarse_shape(shape, cells)
+    sigma = (1.0, 1.0, 1.0)
+
+    def agreement(image):
+        sums = bias.combine_cell_sums(
+            [bias.cell_sums(image[..., None], np.ones(shape, bool), np.zeros(shape + (1,)),
+                            (0, 0, 0), (1, 1, 1), cells, weights, m, covariances)], coarse)  # fmt: skip
+        return bias.class_agreement(sums, 1, 2, np.array([625.0, 2500.0]), sigma)
+
+    noise = rng.normal(1, 0.02, shape)
+    field = np.exp(0.2 * coords)  # multiplies both classes
+    r, pair = agreement(means[classes] * field * noise)
+    assert pair == (0, 1) and r > 0.9
+    # each class brighter in its own region (anatomy): the two patterns are unrelated
+    other = np.indices(shape)[1] / shape[1]
+    anatomy = np.where(classes == 1, 1 + 0.1 * np.sin(2 * np.pi * coords),
+                       1 + 0.1 * np.sin(2 * np.pi * other))  # fmt: skip
+    r, _ = agreement(means[classes] * anatomy * noise)
+    assert abs(r) < 0.2
+
+
+def test_a_uniform_image_keeps_the_plain_result():
+    """No non-uniformity: the field is not applied and the result is the plain mixture's."""
+    image, truth, _ = make_head_phantom((40, 44, 36), noise=3.0, seed=2)
+    mask = np.isin(truth, BRAIN)
+    plain = segment_array(image, mask, n_components=3)
+    with pytest.warns(DataWarning, match="bias field not applied"):
+        fitted = segment_array(image, mask, n_components=3, bias_field=True)
+    assert fitted.estimator.bias_status_.startswith("not applied")
+    np.testing.assert_array_equal(fitted.labels, plain.labels)
+    np.testing.assert_allclose(fitted.estimator.means_, plain.estimator.means_, rtol=1e-9)
+    assert np.all(fitted.bias_field == 1.0)
+    record = fitted.sidecar()["model"]["bias_field"]
+    assert record["status"].startswith("not applied") and record["range"] == [1.0, 1.0]
