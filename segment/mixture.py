@@ -15,9 +15,9 @@ import dask.array as da
 import numpy as np
 
 from . import _chunked, _em, _kmeans, _spatial, _sweeps, _validation
-from .spatial import bias as _bias
 from ._scheduler import check_scheduler, compute_kwargs, is_distributed
 from .exceptions import ConvergenceWarning, DataWarning, SegmentError
+from .spatial import bias as _bias
 
 __all__ = ["GaussianMixtureEM"]
 
@@ -369,7 +369,6 @@ class GaussianMixtureEM:
         thin class (CSF) drift into a boundary class on noisy whole-head phantoms; weighting the
         field by it was slower and no more accurate. See the README.
         """
-        n_spatial = mask.ndim
         K, D = self.n_components, image.shape[-1]
         floor = _validation.check_variance_floor(self.variance_floor, D)
         init = _validation.check_initial_parameters(
@@ -486,7 +485,8 @@ class GaussianMixtureEM:
             x_grid, mask_grid = ckw["scheduler"].persist([x_grid, mask_grid])
         shape = _bias.coarse_shape(mask.shape, cells)
         sigma = tuple(
-            self.bias_smoothness * _bias.FWHM_TO_SIGMA / (c * size) for c, size in zip(cells, spacing)
+            self.bias_smoothness * _bias.FWHM_TO_SIGMA / (c * size)
+            for c, size in zip(cells, spacing)
         )
         plain = (self.weights_.copy(), self.means_.copy(), self.covariances_.copy())
         plain_fit = {name: getattr(self, name) for name in _FIT_ATTRIBUTES}
@@ -546,9 +546,7 @@ class GaussianMixtureEM:
             stacklevel=4,
         )
         weights, means, covariances = plain
-        return np.zeros_like(state["coarse"]), (
-            weights, means, _em.precision_cholesky(covariances)
-        )
+        return np.zeros_like(state["coarse"]), (weights, means, _em.precision_cholesky(covariances))
 
     def _bias_problem(self, plain_weights, sums, covariances, sigma, n_voxels) -> str | None:
         """Why the fitted field should not be used, or None.

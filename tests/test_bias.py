@@ -97,9 +97,9 @@ def test_class_agreement_separates_a_field_from_anatomy(rng):
     sigma = (1.0, 1.0, 1.0)
 
     def agreement(image):
-        sums = bias.combine_cell_sums(
-            [bias.cell_sums(image[..., None], np.ones(shape, bool), np.zeros(shape + (1,)),
-                            (0, 0, 0), (1, 1, 1), cells, weights, m, covariances)], coarse)  # fmt: skip
+        block = bias.cell_sums(image[..., None], np.ones(shape, bool), np.zeros(shape + (1,)),
+                               (0, 0, 0), (1, 1, 1), cells, weights, m, covariances)  # fmt: skip
+        sums = bias.combine_cell_sums([block], coarse)
         return bias.class_agreement(sums, 1, 2, np.array([625.0, 2500.0]), sigma)
 
     noise = rng.normal(1, 0.02, shape)

@@ -106,9 +106,7 @@ def cell_sums(
     if len(voxels) == 0:
         return start, out
     local = np.ix_(*[i - s for i, s in zip(cell_index, start)])
-    flat_cells = np.ravel_multi_index(
-        np.broadcast_arrays(*local), extent
-    ).ravel()[voxels]
+    flat_cells = np.ravel_multi_index(np.broadcast_arrays(*local), extent).ravel()[voxels]
     y = intensities.reshape(-1, n_channels)[voxels].astype(np.float64)
     x = y * np.exp(-log_bias.reshape(-1, n_channels)[voxels].astype(np.float64))
     resp = _em.responsibilities(x, weights, means, _em.precision_cholesky(covariances))
