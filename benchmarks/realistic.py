@@ -432,6 +432,8 @@ def target_check(rows: list[dict], tol: float = 0.03, uniform_tol: float = 0.01)
 
 
 def report(rows: list[dict], resolution: int, pve: bool) -> str:
+    known = [r for r in rows if r["case"] in ALL_CASES and r["method"] in ALL_METHODS]
+    rows = sorted(known, key=lambda r: (ALL_CASES.index(r["case"]), ALL_METHODS.index(r["method"])))
     pv_rows = [r for r in rows if r["case"].startswith("pv-")]
     parts = [
         f"### Dice (strict, inside the brain mask), seconds, peak memory -- {resolution} mm",
