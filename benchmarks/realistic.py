@@ -371,6 +371,21 @@ def dice_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary_table(rows: list[dict]) -> str:
+    """One line per case, one column per method: GM/WM Dice."""
+    by = {(r["case"], r["method"]): r for r in rows}
+    cases = [c for c in ALL_CASES if any(r["case"] == c for r in rows)]
+    methods = [m for m in ALL_METHODS if any(r["method"] == m for r in rows)]
+    lines = ["| case | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for case in cases:
+        cells = []
+        for m in methods:
+            r = by.get((case, m))
+            cells.append("" if r is None else f"{r['dice'][1]:.2f}/{r['dice'][2]:.2f}")
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def pv_table(rows: list[dict]) -> str:
     head = (
         " | ".join(f"MAE {t}" for t in TISSUES) + " | " + " | ".join(f"vol% {t}" for t in TISSUES)
@@ -436,6 +451,10 @@ def report(rows: list[dict], resolution: int, pve: bool) -> str:
     rows = sorted(known, key=lambda r: (ALL_CASES.index(r["case"]), ALL_METHODS.index(r["method"])))
     pv_rows = [r for r in rows if r["case"].startswith("pv-")]
     parts = [
+        f"### GM/WM Dice (strict, inside the brain mask) -- {resolution} mm",
+        "",
+        summary_table(rows),
+        "",
         f"### Dice (strict, inside the brain mask), seconds, peak memory -- {resolution} mm",
         "",
         dice_table(rows),
