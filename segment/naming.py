@@ -261,9 +261,8 @@ def pve_output_paths(
     Examples
     --------
     >>> p = bids_output_paths("sub-01/anat/sub-01_T1w.nii.gz", "d", desc="brain")
-    >>> [q.name for q in pve_output_paths(p, 3, ["CSF", "GM", "WM"])]  # doctest: +NORMALIZE_WHITESPACE
-    ['sub-01_label-CSF_desc-brain_probseg.nii.gz', 'sub-01_label-GM_desc-brain_probseg.nii.gz',
-     'sub-01_label-WM_desc-brain_probseg.nii.gz']
+    >>> pve_output_paths(p, 3, ["CSF", "GM", "WM"])[1].name
+    'sub-01_label-GM_desc-brain_probseg.nii.gz'
     """
     if paths.probseg_sidecar is None:
         ext = ".tif" if paths.probseg.name.endswith((".tif", ".tiff")) else ".nii.gz"
