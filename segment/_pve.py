@@ -102,6 +102,8 @@ def log_class_likelihoods(X: np.ndarray, model: PveModel) -> tuple[np.ndarray, n
     """
     K = model.n_classes
     f = fraction_grid(model.n_steps)
+    if X.shape[1] == 1:  # one channel: broadcast over classes and fractions at once
+        return _log_class_likelihoods_1d(np.asarray(X, np.float64)[:, 0], model, f)
     pure = np.stack([log_gaussian(X, model.means[k], model.covariances[k]) for k in range(K)], 1)
     mixed = np.empty((len(X), K - 1, len(f)))
     for k in range(K - 1):
@@ -109,6 +111,20 @@ def log_class_likelihoods(X: np.ndarray, model: PveModel) -> tuple[np.ndarray, n
             mean = fj * model.means[k] + (1 - fj) * model.means[k + 1]
             cov = fj * model.covariances[k] + (1 - fj) * model.covariances[k + 1]
             mixed[:, k, j] = log_gaussian(X, mean, cov)
+    mixed -= np.log(len(f))
+    return pure, mixed
+
+
+def _log_class_likelihoods_1d(x: np.ndarray, model: PveModel, f: np.ndarray):
+    """:func:`log_class_likelihoods` for one channel, ``x`` (N,)."""
+    mu, var = model.means[:, 0], model.covariances[:, 0, 0]
+    pure = -0.5 * (LOG_2PI + np.log(var) + (x[:, None] - mu) ** 2 / var)
+    mixed_mu = f * mu[:-1, None] + (1 - f) * mu[1:, None]  # (K-1, M)
+    mixed_var = f * var[:-1, None] + (1 - f) * var[1:, None]
+    mixed = (x[:, None, None] - mixed_mu) ** 2
+    mixed /= mixed_var
+    mixed += LOG_2PI + np.log(mixed_var)
+    mixed *= -0.5
     mixed -= np.log(len(f))
     return pure, mixed
 
@@ -309,3 +325,61 @@ def histogram_samples(
 def fraction_volumes(fraction_sums: np.ndarray, voxel_volume_ml: float) -> np.ndarray:
     """Volume of each class in mL from the column sums of the fractions, (K,)."""
     return np.asarray(fraction_sums, np.float64) * voxel_volume_ml
+
+
+@dataclass
+class FractionTable:
+    """:func:`fractions` of one channel tabulated on an intensity grid, for fast lookup.
+
+    Attributes
+    ----------
+    x : (n,) grid of intensities
+    log_likelihood : (n, 2K - 1) log(pi_c p(x | c)), the mixels summed over f
+    first_share : (n, K - 1) E[f | x, mix(k, k+1)], the share of the lower class
+    """
+
+    x: np.ndarray
+    log_likelihood: np.ndarray
+    first_share: np.ndarray
+
+
+def tabulate(model: PveModel, low: float, high: float, n: int = 4096) -> FractionTable:
+    """Tabulate the class likelihoods and mixing shares of a one-channel model on [low, high]."""
+    x = np.linspace(low, high, n)
+    pure, mixed = log_class_likelihoods(x[:, None], model)
+    with np.errstate(divide="ignore"):
+        log_weights = np.log(model.weights)
+    top = mixed.max(2, keepdims=True)
+    terms = np.exp(mixed - top)
+    mixed_sum = terms.sum(2)
+    share = (terms @ fraction_grid(model.n_steps)) / mixed_sum
+    log_mixed = top[..., 0] + np.log(mixed_sum)
+    K = model.n_classes
+    log_likelihood = np.concatenate([pure + log_weights[:K], log_mixed + log_weights[K:]], 1)
+    return FractionTable(x, log_likelihood, share)
+
+
+def fractions_from_table(
+    x: np.ndarray, table: FractionTable, log_prior: np.ndarray | None = None
+) -> np.ndarray:
+    """:func:`fractions` of one channel ``x`` (N,) by linear interpolation in ``table``.
+
+    Equal to :func:`fractions` up to the interpolation error (below 1e-4 with 4096 points over
+    the data's range); ``x`` is clipped to the table's range.
+    """
+    x = np.clip(np.asarray(x, np.float64), table.x[0], table.x[-1])
+    n_classes = table.log_likelihood.shape[1]
+    K = (n_classes + 1) // 2
+    log_post = np.stack(
+        [np.interp(x, table.x, table.log_likelihood[:, c]) for c in range(n_classes)], 1
+    )
+    if log_prior is not None:
+        log_post += log_prior
+    log_post -= log_post.max(1, keepdims=True)
+    post = np.exp(log_post)
+    post /= post.sum(1, keepdims=True)
+    share = np.stack([np.interp(x, table.x, table.first_share[:, k]) for k in range(K - 1)], 1)
+    out = post[:, :K].copy()
+    out[:, :-1] += post[:, K:] * share
+    out[:, 1:] += post[:, K:] * (1 - share)
+    return out.astype(np.float32)

@@ -99,10 +99,16 @@ def estimate_fractions(
     X = corrected_features(channels, mask, estimator.bias_field_)
     model, trace = fit_model(X, estimator)
     out = np.empty((len(X), model.n_classes), np.float32)
+    table = None
+    if X.shape[1] == 1 and len(X):  # one channel: a lookup table over the data's range
+        table = _pve.tabulate(model, float(X.min()), float(X.max()))
     for start in range(0, len(X), CHUNK):
         part = slice(start, start + CHUNK)
         prior = None if posterior is None else _pve.mrf_log_prior(posterior[part])
-        out[part] = _pve.fractions(X[part].astype(np.float64), model, prior)
+        if table is not None:
+            out[part] = _pve.fractions_from_table(X[part, 0], table, prior)
+        else:
+            out[part] = _pve.fractions(X[part].astype(np.float64), model, prior)
     return out, model, trace
 
 

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from pve_phantom import pve_phantom
 
 from segment import _pve, segment_array, segment_file
 from segment.batch import read_summary
@@ -17,8 +18,6 @@ from segment.evaluate import evaluate_fraction_files, evaluate_fractions
 from segment.exceptions import InputError, SegmentError
 from segment.naming import bids_output_paths, plain_output_paths, pve_output_paths
 from segment.partial_volume import estimate_fractions
-
-from pve_phantom import pve_phantom
 
 MEANS = np.array([[0.3], [0.65], [1.0]])
 
@@ -364,3 +363,14 @@ def test_bad_reference_fractions(phantom_files, tmp_path, data, affine_scale, me
     result = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "o" / "scan_pve.nii.gz"),
                                       "--reference-fractions", str(bad)])  # fmt: skip
     assert result.exit_code == 1 and str(bad) in result.output
+
+
+def test_lookup_table_matches_the_direct_fractions(rng):
+    model = _model()
+    X = rng.uniform(0.1, 1.2, (4000, 1))
+    prior = _pve.mrf_log_prior(rng.dirichlet(np.ones(3), 4000))
+    table = _pve.tabulate(model, 0.1, 1.2)
+    for log_prior in (None, prior):
+        direct = _pve.fractions(X, model, log_prior)
+        looked_up = _pve.fractions_from_table(X[:, 0], table, log_prior)
+        np.testing.assert_allclose(looked_up, direct, atol=2e-4)
