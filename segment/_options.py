@@ -20,6 +20,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "mrf_beta": 0.0,
     "bias_field": False,
     "bias_smoothness": 60.0,
+    "pve": False,
 }
 
 #: Options that say where the work runs, not what is fitted (not part of a pipeline).

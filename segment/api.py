@@ -30,6 +30,9 @@ def make_estimator(options: dict[str, Any], callback: Callable | None = None) ->
             f"unknown option(s) {sorted(unknown)}; expected some of {sorted(DEFAULT_OPTIONS)}"
         )
     merged = {**DEFAULT_OPTIONS, **options}
+    from .partial_volume import check_pve
+
+    check_pve(merged["pve"], merged["n_components"])
     estimator = GaussianMixtureEM(
         merged["n_components"],
         max_iter=merged["max_iter"],
@@ -100,6 +103,11 @@ class SegmentationResult:
     channels: list[np.ndarray] | None = None
     written: list[Path] = field(default_factory=list)
     """Files written by :meth:`save`."""
+    flat_fractions: np.ndarray | None = None
+    """With ``pve=True``: (n_voxels, K) float32 partial-volume fractions of the fitted voxels,
+    in :func:`segment.masking.flatten` order (see :mod:`segment.partial_volume`)."""
+    pve_record: dict[str, Any] | None = None
+    """With ``pve=True``: the refitted mixed-voxel model, for the sidecar."""
     # ``self._labels`` is set through the ``labels`` property defined after the class (an
     # instance attribute, not a field: the generated __init__ would reset a field after it).
 
@@ -158,6 +166,23 @@ class SegmentationResult:
         return _Volumes(self.flat_responsibilities, self.mask)
 
     @property
+    def fractions(self) -> np.ndarray | None:
+        """Partial-volume fractions, spatial shape + (K,) float32, zeros outside the mask.
+
+        None unless the result was made with ``pve=True``.
+        """
+        if self.flat_fractions is None:
+            return None
+        return masking.unflatten(self.flat_fractions, self.mask)
+
+    def fraction_volumes(self) -> np.ndarray | None:
+        """Volume of each class in mL from the fractions, (K,) float64, or None."""
+        if self.flat_fractions is None:
+            return None
+        sums = _column_sums_f64(self.flat_fractions)
+        return sums * self.voxel_volume_ml
+
+    @property
     def soft_counts(self) -> np.ndarray:
         """Sum of each label's probabilities over the voxels, (K,) float64."""
         self._get_labels()  # a streamed MRF posterior counts them with its labels
@@ -175,7 +200,9 @@ class SegmentationResult:
 
     def volumes(self) -> list[dict[str, Any]]:
         """Voxel count and volume in mL of each label, hard and soft (sum of probabilities)."""
-        return sidecar.label_volumes(self.labels, self.soft_counts, self.voxel_volume_ml)
+        return sidecar.label_volumes(
+            self.labels, self.soft_counts, self.voxel_volume_ml, self.fraction_volumes()
+        )
 
     def sidecar(self, outputs: dict[str, str] | None = None, command_line=None) -> dict:
         """The JSON sidecar record (see :mod:`segment.sidecar`)."""
@@ -195,6 +222,8 @@ class SegmentationResult:
             timings=self.timings,
             outputs=outputs or {},
             command_line=command_line,
+            fraction_volumes=self.fraction_volumes(),
+            partial_volume=self.pve_record,
         )
 
     def save(
@@ -210,8 +239,13 @@ class SegmentationResult:
         extra: dict[str, Any] | None = None,
         corrected: bool = False,
         compresslevel: int | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> naming.OutputPaths:
         """Write the label map, probabilities, QC picture and JSON sidecar into ``out_dir``.
+
+        With partial-volume fractions (``pve=True``), also ``<stem>_pve`` (4-D, one volume per
+        label), or in BIDS mode one ``..._label-<class>_probseg`` per class, named from
+        ``class_names`` (see :func:`segment.naming.pve_output_paths`).
 
         With a bias field fitted, also ``<stem>_biasfield`` (the multiplicative field) and,
         with ``corrected=True``, ``<stem>_corrected`` (the input divided by the field).
@@ -238,14 +272,24 @@ class SegmentationResult:
             paths = naming.plain_output_paths(fake_input, out_dir, kind=reference.kind)
         wanted = [paths.dseg, paths.sidecar] + [paths.probseg] * probseg + [paths.qc] * qc
         wanted += list(bias_output_paths(paths, self._has_bias_field, corrected).values())
-        check_outputs_free(wanted, overwrite)
+        pve_paths = self._pve_paths(paths, class_names)
+        check_outputs_free(wanted + pve_paths, overwrite)
         created = _missing_dirs(paths.sidecar.parent)
         ensure_out_dir(paths.sidecar.parent)
         level = _check_compresslevel(compresslevel)
         staged = io.StagedWrites()
         try:
             self._write_outputs(
-                reference, paths, probseg, qc, command_line, extra, staged, corrected, level
+                reference,
+                paths,
+                probseg,
+                qc,
+                command_line,
+                extra,
+                staged,
+                corrected,
+                level,
+                pve_paths,
             )
             staged.commit()
         except BaseException as error:  # incl. KeyboardInterrupt: no half-written set of outputs
@@ -261,11 +305,36 @@ class SegmentationResult:
             raise
         return paths
 
+    def _pve_paths(self, paths: naming.OutputPaths, class_names) -> list[Path]:
+        if self.flat_fractions is None:
+            return []
+        n_classes = self.flat_fractions.shape[1]
+        return naming.pve_output_paths(paths, n_classes, list(class_names or []) or None)
+
     def _write_outputs(
-        self, reference, paths, probseg, qc, command_line, extra, staged, corrected, level
+        self,
+        reference,
+        paths,
+        probseg,
+        qc,
+        command_line,
+        extra,
+        staged,
+        corrected,
+        level,
+        pve_paths=(),
     ) -> None:
         """The writes of :meth:`save`, each to its temporary path from ``staged``."""
         from . import io
+
+        fractions = _Volumes(self.flat_fractions, self.mask) if pve_paths else None
+        if len(pve_paths) == 1:  # one 4-D file, a volume per label
+            io.write_probabilities(
+                fractions, reference, staged.path(pve_paths[0]), compresslevel=level
+            )
+        elif pve_paths:  # BIDS: a 3-D file per class
+            for k, path in enumerate(pve_paths):
+                io.write_map(fractions[k], reference, staged.path(path), compresslevel=level)
 
         bias_paths = bias_output_paths(paths, self._has_bias_field, corrected)
         for name, path in bias_paths.items():
@@ -311,6 +380,8 @@ class SegmentationResult:
             self.timings["qc_s"] = time.perf_counter() - start
         written = {"dseg": paths.dseg, "probseg": paths.probseg if probseg else None,
                    "qc": paths.qc if qc else None, **bias_paths}  # fmt: skip
+        written.update({f"pve_{k + 1}" if len(pve_paths) > 1 else "pve": path
+                        for k, path in enumerate(pve_paths)})  # fmt: skip
         outputs = {name: p.name for name, p in written.items() if p is not None}
         record = self.sidecar(outputs, command_line)
         record.update(extra or {})
@@ -632,11 +703,12 @@ def segment_array(
         timings = {"fit_s": time.perf_counter() - start}
         if responsibilities is None:
             # streamed: the labels are computed on first use, or while save() writes the maps
-            return SegmentationResult(
+            result = SegmentationResult(
                 labels=None, flat_responsibilities=None, channels=[], estimator=estimator,
                 mask=valid, n_nonfinite=n_nonfinite, options={**DEFAULT_OPTIONS, **options},
                 timings=timings, mask_spec="array" if mask is not None else "none",
             )  # fmt: skip
+            return _with_fractions(result, channels, options.get("pve", False))
         labels = (np.argmax(responsibilities, axis=1) + 1).astype(np.uint8)
     else:
         X = masking.flatten(channels[0] if len(channels) == 1 else np.stack(channels, -1), valid)
@@ -650,7 +722,7 @@ def segment_array(
         else:  # too big to keep: labels now, probability maps recomputed slab by slab
             labels, responsibilities = estimator._labels(X), None
         timings["predict_s"] = time.perf_counter() - start
-    return SegmentationResult(
+    result = SegmentationResult(
         labels=masking.unflatten(labels, valid),
         flat_responsibilities=responsibilities,
         channels=channels if responsibilities is None else None,
@@ -661,6 +733,35 @@ def segment_array(
         timings=timings,
         mask_spec="array" if mask is not None else "none",
     )
+    return _with_fractions(result, channels, options.get("pve", False))
+
+
+def _with_fractions(result: SegmentationResult, channels, pve: bool) -> SegmentationResult:
+    """``result`` with its partial-volume fractions when ``pve`` (see :mod:`partial_volume`)."""
+    if not pve:
+        return result
+    from . import partial_volume
+
+    start = time.perf_counter()
+    posterior = None
+    if result.estimator.mrf_beta > 0:  # the MRF posterior of the pure classes as the prior
+        posterior = result.flat_responsibilities
+        if posterior is None:
+            posterior = masking.flatten(result.responsibility_volumes().stacked(), result.mask)
+    result.flat_fractions, model, trace = partial_volume.estimate_fractions(
+        result.estimator, channels, result.mask, posterior
+    )
+    result.pve_record = partial_volume.model_record(model, trace)
+    result.timings["pve_s"] = time.perf_counter() - start
+    return result
+
+
+def _column_sums_f64(values: np.ndarray, rows: int = 1 << 20) -> np.ndarray:
+    """Column sums of an (N, K) array in float64, a block of rows at a time."""
+    total = np.zeros(values.shape[1])
+    for start in range(0, len(values), rows):
+        total += values[start : start + rows].sum(0, dtype=np.float64)
+    return total
 
 
 def spatial_memory_estimate(
@@ -746,6 +847,7 @@ def segment_file(
     corrected: bool = False,
     memory_limit: int | str | None = None,
     compresslevel: int | None = None,
+    class_names: Sequence[str] | None = None,
     **options: Any,
 ) -> SegmentationResult:
     """Segment a scan file (or several co-registered channel files) and optionally save it.
@@ -780,6 +882,8 @@ def segment_file(
         See :func:`segment_array`.
     compresslevel : int, optional
         gzip level 0-9 of the ``.nii.gz`` outputs (default 1, see :meth:`SegmentationResult.save`).
+    class_names : list of str, optional
+        Names of labels 1..K; in BIDS mode they name the fraction files (``label-GM``...).
     **options
         Model options, see :func:`segment_array`.
 
@@ -805,6 +909,9 @@ def segment_file(
         wanted += bias_output_paths(
             output_paths, bool(options.get("bias_field")), corrected
         ).values()
+        if options.get("pve"):
+            n_classes = options.get("n_components", DEFAULT_OPTIONS["n_components"])
+            wanted += naming.pve_output_paths(output_paths, n_classes, class_names)
         check_outputs_free(wanted, overwrite)
         check_out_dir_creatable(output_paths.sidecar.parent)
     if isinstance(mask, (str, Path)) and ("{" in str(mask) or "}" in str(mask)):
@@ -845,7 +952,7 @@ def segment_file(
         result.save(
             out_dir, overwrite=overwrite, probseg=probseg, qc=qc, paths=output_paths,
             command_line=command_line, extra=extra, corrected=corrected,
-            compresslevel=compresslevel,
+            compresslevel=compresslevel, class_names=class_names,
         )  # fmt: skip
     return result
 

@@ -65,6 +65,9 @@ __all__ = [
 SUMMARY_COLUMNS = ("input", "status", "error", "K", "iterations", "converged", "log_likelihood",
                    "seconds", "dseg", "warnings")  # fmt: skip
 SUMMARY_NAME = "batch_summary.tsv"
+#: Options added after sidecars already recorded ``final_options``: a sidecar without them
+#: was made with their default.
+_ADDED_OPTIONS = ("pve",)
 _NIFTI = (".nii", ".nii.gz")
 #: How long to wait for a ``tcp://`` scheduler to answer.
 CONNECT_TIMEOUT = "10s"
@@ -535,7 +538,16 @@ def _expected(task: ScanTask) -> list[Path]:
     wanted += [paths.probseg] * task.settings["probseg"] + [paths.qc] * task.settings["qc"]
     if task.label_map is not None and task.settings["probseg"]:
         wanted.append(paths.probseg_sidecar)
+    if task.settings.get("pve"):
+        wanted += naming.pve_output_paths(paths, task.settings["n_components"], _names(task))
     return wanted
+
+
+def _names(task: ScanTask) -> list[str] | None:
+    """Class names of labels 1..K (BIDS mode), which name the fraction files."""
+    if task.label_map is None:
+        return None
+    return [task.label_map[str(k)] for k in range(len(task.label_map))]
 
 
 def _existing_state(task: ScanTask) -> tuple[str, Any]:
@@ -551,6 +563,10 @@ def _existing_state(task: ScanTask) -> tuple[str, Any]:
         return "incomplete", ""
     old = json.loads(json.dumps(record.get("final_options")))
     new = json.loads(json.dumps(task.extra["final_options"]))
+    if isinstance(old, dict):  # options added since (e.g. pve) were at their default then
+        from .pipelines import DEFAULT_SETTINGS
+
+        old = {**{k: DEFAULT_SETTINGS[k] for k in _ADDED_OPTIONS}, **old}
     if old != new:
         if not isinstance(old, dict):
             return "different", "options that were not recorded"
@@ -663,7 +679,7 @@ def run_task(task: ScanTask) -> dict[str, Any]:
                 mask=None if mask.lower() == "none" else mask,
                 overwrite=task.overwrite, probseg=settings["probseg"], qc=settings["qc"],
                 command_line=task.extra.get("command_line"), extra=_hash_mask(task.extra),
-                **task.em_options,
+                class_names=_names(task), **task.em_options,
             )  # fmt: skip
     except Exception as error:  # noqa: BLE001 - one failing scan must not stop the batch
         message = str(error) if isinstance(error, SegmentError | OSError) \
@@ -676,8 +692,19 @@ def run_task(task: ScanTask) -> dict[str, Any]:
         task.rel, "ok", K=estimator.n_components, iterations=estimator.n_iter_,
         converged=bool(estimator.converged_), log_likelihood=float(estimator.log_likelihood_),
         seconds=time.perf_counter() - start, warnings="; ".join(notes),
-        dseg=str(task.paths.dseg),
+        dseg=str(task.paths.dseg), **_volume_columns(result),
     )  # fmt: skip
+
+
+def _volume_columns(result) -> dict[str, Any]:
+    """``volume_estimate`` and ``volume_ml_<k>`` of each label for the summary."""
+    fractions = result.fraction_volumes()
+    if fractions is None:
+        volumes, estimate = result.soft_counts * result.voxel_volume_ml, "posteriors"
+    else:
+        volumes, estimate = fractions, "fractions"
+    return {"volume_estimate": estimate,
+            **{f"volume_ml_{k}": float(v) for k, v in enumerate(volumes, start=1)}}  # fmt: skip
 
 
 def _hash_mask(extra: dict[str, Any]) -> dict[str, Any]:
@@ -736,8 +763,13 @@ def _format(value: Any) -> str:
 
 def write_summary(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
     """Write ``batch_summary.tsv`` atomically (tab-separated, one row per scan)."""
-    lines = ["\t".join(SUMMARY_COLUMNS)]
-    lines += ["\t".join(_format(row[c]) for c in SUMMARY_COLUMNS) for row in rows]
+    rows = list(rows)
+    columns = list(SUMMARY_COLUMNS) + ["volume_estimate"]
+    n_volumes = max((int(k.rsplit("_", 1)[1]) for row in rows for k in row
+                     if k.startswith("volume_ml_")), default=0)  # fmt: skip
+    columns += [f"volume_ml_{k}" for k in range(1, n_volumes + 1)]
+    lines = ["\t".join(columns)]
+    lines += ["\t".join(_format(row.get(c, "")) for c in columns) for row in rows]
     with atomic_write(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return path
@@ -842,7 +874,7 @@ def run_batch(
     mask_spec = MaskSpec.parse(settings["mask"], bids=bids)
     model = {k: settings[k] for k in ("n_components", "max_iter", "tol", "variance_floor",
                                       "seed", "chunk_size", "mrf_beta", "bias_field",
-                                      "bias_smoothness")}  # fmt: skip
+                                      "bias_smoothness", "pve")}  # fmt: skip
     em_options = {**model, "scheduler": "threads" if workers and workers > 1 else "synchronous",
                   "workers": workers}  # fmt: skip
     make_estimator(em_options)  # option errors before any scan is touched

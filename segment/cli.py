@@ -176,6 +176,11 @@ def model_options(func=None, *, batch: bool = False):
         click.option("--bias-smoothness", type=click.FloatRange(min=0, min_open=True),
                      default=60.0, show_default=True, metavar="MM",
                      help="Bias field smoothness as a length in mm (smaller: faster variations)."),
+        click.option("--pve/--no-pve", "pve", default=False,
+                     help="Also write partial-volume fractions, <stem>_pve (one volume per "
+                          "class, in [0,1], summing to 1 in the mask), from a mixed-voxel model "
+                          "of classes adjacent in intensity; volumes in the sidecar then come "
+                          "from them. Needs -k 2 or more [default: off]."),
         click.option("--write-corrected", is_flag=True,
                      help="With --bias-field, also write <stem>_corrected (scan / bias field)."),
         click.option("--no-probseg/--probseg", "no_probseg", default=False,
@@ -200,7 +205,8 @@ def model_options(func=None, *, batch: bool = False):
 _SETTING_PARAMS = {"n_components": "n_components", "max_iter": "max_iter", "tol": "tol",
                    "variance_floor": "variance_floor", "seed": "seed", "chunk_size": "chunk_size",
                    "mask": "mask", "probseg": "no_probseg", "qc": "no_qc",
-                   "bias_field": "bias_field", "bias_smoothness": "bias_smoothness"}  # fmt: skip
+                   "bias_field": "bias_field", "bias_smoothness": "bias_smoothness",
+                   "pve": "pve"}  # fmt: skip
 #: MRF strength that --mrf turns on; chosen on the phantoms (see README, "Spatial prior").
 DEFAULT_MRF_BETA = 0.2
 
@@ -229,6 +235,12 @@ def _apply_pipeline(kwargs: dict):
     for key, param in _SETTING_PARAMS.items():
         kwargs[param] = not settings[key] if param.startswith("no_") else settings[key]
     kwargs["mrf_beta"] = settings["mrf_beta"]
+    if settings["pve"] and settings["n_components"] < 2:
+        where = "--pve" if sources["pve"] == "command line" else f"pipeline {pipeline.name}: pve"
+        raise click.UsageError(
+            f"{where} needs at least 2 classes to mix, got -k {settings['n_components']}; "
+            "raise -k or leave out --pve"
+        )
     return pipeline, {
         "pipeline": pipeline.record() if pipeline else None,
         "final_options": settings,
@@ -238,7 +250,8 @@ def _apply_pipeline(kwargs: dict):
 
 def _model_kwargs(kwargs: dict) -> dict:
     names = ("n_components", "max_iter", "tol", "seed", "variance_floor", "chunk_size",
-             "scheduler", "workers", "mrf_beta", "bias_field", "bias_smoothness")  # fmt: skip
+             "scheduler", "workers", "mrf_beta", "bias_field", "bias_smoothness",
+             "pve")  # fmt: skip
     return {name: kwargs[name] for name in names}
 
 
@@ -259,7 +272,8 @@ def run(inputs: tuple[Path, ...], out_dir: Path, **kwargs) -> None:
 
     Writes OUT_DIR/<stem>_dseg.nii.gz (labels 1..K by ascending mean, 0 outside the mask),
     <stem>_probseg.nii.gz (K probability volumes), <stem>_qc.png and <stem>_segment.json.
-    2-D images give <stem>_dseg.png and a K-page <stem>_probseg.tif.
+    2-D images give <stem>_dseg.png and a K-page <stem>_probseg.tif. With --pve, also
+    <stem>_pve.nii.gz (<stem>_pve.tif in 2-D): the partial-volume fraction of each class.
 
     \b
     Examples:
@@ -299,26 +313,47 @@ def run(inputs: tuple[Path, ...], out_dir: Path, **kwargs) -> None:
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("predicted", type=click.Path(path_type=Path))
-@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("reference", type=click.Path(path_type=Path), required=False)
+@click.option("--reference-fractions", type=click.Path(path_type=Path), default=None,
+              metavar="FILE",
+              help="A reference fraction map (4-D, one volume per class in label order): "
+                   "PREDICTED is then a fraction map (<stem>_pve, or a _probseg read as "
+                   "fractions); prints fraction MAE and volume error per class.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--ignore-zero", is_flag=True,
               help="Leave out voxels labelled 0 in either map (e.g. outside a mask).")  # fmt: skip
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @_handle_errors
-def evaluate(predicted: Path, reference: Path, as_json: bool, ignore_zero: bool, debug: bool):
+def evaluate(predicted: Path, reference: Path | None, reference_fractions: Path | None,
+             as_json: bool, ignore_zero: bool, debug: bool):  # fmt: skip
     """Compare a label map PREDICTED with a ground truth REFERENCE.
 
     Labels are matched to reference classes by the optimal one-to-one assignment (Hungarian);
-    prints Dice, Jaccard, volumes in mL and the confusion matrix.
+    prints Dice, Jaccard, volumes in mL and the confusion matrix. With --reference-fractions,
+    compares partial-volume fraction maps instead.
 
     \b
-    Example:
+    Examples:
       segment evaluate out/head_t1_dseg.nii.gz sample_scans/head_t1_labels.nii.gz
+      segment evaluate out/scan_pve.nii.gz --reference-fractions truth_fractions.nii.gz
     """
     import json
 
-    from .evaluate import evaluate_files, format_table
+    from .evaluate import (
+        evaluate_files,
+        evaluate_fraction_files,
+        format_fraction_table,
+        format_table,
+    )
 
+    if (reference is None) == (reference_fractions is None):
+        raise click.UsageError(
+            "give either a REFERENCE label map or --reference-fractions FILE (not both)"
+        )
+    if reference_fractions is not None:
+        result = evaluate_fraction_files(predicted, reference_fractions)
+        click.echo(json.dumps(result, indent=2) if as_json else format_fraction_table(result))
+        return
     result = evaluate_files(predicted, reference, ignore_zero=ignore_zero)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 

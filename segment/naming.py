@@ -28,6 +28,7 @@ __all__ = [
     "bids_output_paths",
     "derivative_description",
     "dseg_tsv",
+    "pve_output_paths",
 ]
 
 #: Scan kinds, as in :attr:`segment.io.Scan.kind`.
@@ -243,3 +244,41 @@ def dseg_tsv(names: list[str]) -> str:
     lines += [f"{r['index']}\t{r['name']}\t{r['abbreviation']}\t{r['mapping']}"
               for r in label_table(names)]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def pve_output_paths(
+    paths: OutputPaths, n_components: int, names: list[str] | None = None
+) -> list[Path]:
+    """Where the partial-volume fractions go.
+
+    Plain mode: one 4-D file next to the label map, ``<stem>_pve.nii.gz`` (``_pve.tif`` for
+    2-D images), one volume per label in label order, as FSL FAST's ``_pve_<k>`` maps stacked.
+    BIDS mode (``paths.probseg_sidecar`` set): one 3-D file per class,
+    ``<source entities>_label-<abbreviation>[_desc-<preset>]_probseg.nii.gz``, as fMRIPrep
+    publishes FAST's fractions (``label-GM``, ``label-WM``, ``label-CSF`` when the class names
+    are BIDS common labels, else the sanitised name, e.g. ``label-CLASS1``).
+
+    Examples
+    --------
+    >>> p = bids_output_paths("sub-01/anat/sub-01_T1w.nii.gz", "d", desc="brain")
+    >>> pve_output_paths(p, 3, ["CSF", "GM", "WM"])[1].name
+    'sub-01_label-GM_desc-brain_probseg.nii.gz'
+    """
+    if paths.probseg_sidecar is None:
+        ext = ".tif" if paths.probseg.name.endswith((".tif", ".tiff")) else ".nii.gz"
+        stem = paths.dseg.name.split("_dseg")[0]
+        return [paths.dseg.with_name(f"{stem}_pve{ext}")]
+    names = list(names or [])
+    if len(names) != n_components:
+        names = [f"class{k}" for k in range(1, n_components + 1)]
+    abbreviations = [row["abbreviation"] or f"CLASS{row['index']}" for row in label_table(names)]
+    if len(set(abbreviations)) < len(abbreviations):  # keep the names apart
+        abbreviations = [f"{a}{k}" for k, a in enumerate(abbreviations, start=1)]
+    parts = paths.probseg.name[: -len("_probseg.nii.gz")].split("_")
+    at = next((i for i, p in enumerate(parts) if p.startswith("desc-")), len(parts))
+    return [
+        paths.probseg.with_name(
+            "_".join(parts[:at] + [f"label-{a}"] + parts[at:]) + "_probseg.nii.gz"
+        )
+        for a in abbreviations
+    ]

@@ -123,6 +123,7 @@ MODEL_KEYS: dict[str, Check] = {
     "mrf_beta": _number(0),
     "bias_field": _BOOL,
     "bias_smoothness": _number(0, open_=True),
+    "pve": _BOOL,
 }
 
 #: ``[outputs]`` keys: which optional outputs to write.

@@ -28,19 +28,25 @@ def file_sha256(path: str | Path, block_size: int = 1 << 20) -> str:
 
 
 def label_volumes(
-    labels: np.ndarray, soft_counts: np.ndarray, voxel_volume_ml: float
+    labels: np.ndarray,
+    soft_counts: np.ndarray,
+    voxel_volume_ml: float,
+    fraction_volumes: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
-    """Voxel count and volume (mL) of each label, hard and soft.
+    """Voxel count and volume (mL) of each label, hard, soft and from the fractions.
 
     Parameters
     ----------
     labels : array of uint8 labels (0 = outside the mask, 1..K)
     soft_counts : (K,) array, sum of each component's responsibilities over the voxels
     voxel_volume_ml : float, volume of one voxel in mL
+    fraction_volumes : (K,) array, optional
+        Volumes in mL from the partial-volume fractions (``pve=True``).
 
     Returns
     -------
-    list of dict, one per label 1..K: ``label``, ``n_voxels``, ``volume_ml``, ``soft_volume_ml``
+    list of dict, one per label 1..K: ``label``, ``n_voxels``, ``volume_ml`` (hard labels),
+    ``soft_volume_ml`` (sum of posteriors) and, with fractions, ``fraction_volume_ml``
     """
     flat = np.asarray(labels).reshape(-1)
     counts = np.zeros(max(len(soft_counts) + 1, int(flat.max(initial=0)) + 1), dtype=np.int64)
@@ -54,9 +60,33 @@ def label_volumes(
             "n_voxels": int(counts[k + 1]),
             "volume_ml": float(counts[k + 1] * voxel_volume_ml),
             "soft_volume_ml": float(soft_counts[k] * voxel_volume_ml),
+            **({} if fraction_volumes is None
+               else {"fraction_volume_ml": float(fraction_volumes[k])}),
         }
         for k in range(len(soft_counts))
-    ]
+    ]  # fmt: skip
+
+
+def tissue_volumes(labels: list[dict[str, Any]], fractions: bool) -> dict[str, Any]:
+    """The sidecar's ``volumes`` record: one volume per label and which estimate it is.
+
+    From the partial-volume fractions when they were computed (``pve=True``), else from the
+    posteriors (the sum of each label's probabilities); ``labels`` from :func:`label_volumes`.
+    """
+    key, estimate = (
+        ("fraction_volume_ml", "fractions") if fractions else ("soft_volume_ml", "posteriors")
+    )
+    return {
+        "estimate": estimate,
+        "unit": "mL",
+        "volume_ml": [row[key] for row in labels],
+        "description": (
+            "sum over voxels of each label's partial-volume fraction x voxel volume"
+            if fractions
+            else "sum over voxels of each label's posterior probability x voxel volume; "
+            "not partial-volume fractions (see --pve)"
+        ),
+    }
 
 
 def model_record(estimator) -> dict[str, Any]:
@@ -118,8 +148,11 @@ def build_sidecar(
     timings: dict[str, float],
     outputs: dict[str, str],
     command_line: list[str] | None = None,
+    fraction_volumes: np.ndarray | None = None,
+    partial_volume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the sidecar dictionary (JSON-serialisable)."""
+    volumes = label_volumes(labels, soft_counts, voxel_volume_ml, fraction_volumes)
     return {
         "software": {
             "name": "segment",
@@ -134,7 +167,9 @@ def build_sidecar(
         "options": options,
         "mask": mask,
         "model": model_record(estimator),
-        "labels": label_volumes(labels, soft_counts, voxel_volume_ml),
+        "labels": volumes,
+        "volumes": tissue_volumes(volumes, fraction_volumes is not None),
+        "partial_volume": partial_volume,
         "voxel_volume_ml": float(voxel_volume_ml),
         "timings_s": {key: round(float(value), 4) for key, value in timings.items()},
         "outputs": outputs,
