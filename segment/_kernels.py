@@ -53,8 +53,8 @@ def _load() -> tuple[ModuleType | None, str]:
         return None, f"{DISABLE_VARIABLE} is set"
     try:
         from . import _estep
-    except ImportError as error:
-        return None, f"the C extension segment._estep is not built ({error})"
+    except ImportError:
+        return None, "segment._estep was not built when the package was installed"
     return _estep, ""
 
 
