@@ -360,9 +360,10 @@ struct sweep {
     const uint8_t *previous; /* (n0, n1, n2, n_slots), C order */
     const float *corrected;  /* (i1 - i0, j1 - j0, n2, D), C order */
     const uint8_t *mask;     /* (n0, n1, n2), C order, 0 or 1 */
-    const int64_t *offsets;  /* (M, 3) */
-    const double *offset_weights, *means, *precisions_chol, *log_norm, *log_weights;
-    Py_ssize_t n0, n1, n2, n_slots, n_offsets, K, D;
+    const int64_t *groups;   /* (G, 2): the neighbour rows (da, db) ... */
+    const float *taps;       /* (G, 3): ... and the weights of their voxels m - 1, m, m + 1 */
+    const double *means, *precisions_chol, *log_norm, *log_weights;
+    Py_ssize_t n0, n1, n2, n_slots, n_groups, K, D;
     double prior_scale;
     Py_ssize_t i0, i1, j0, j1;
     int mode, skip_settled;
@@ -370,38 +371,68 @@ struct sweep {
     double *counts;
 };
 
-/* sums[m * n_slots + s] = sum_o w_o previous[(i, j, m) + o, s]; neighbours outside count 0.
- * In float32 (8 vector lanes; the sums of at most 26 weights times 255 are exact to 1e-7). */
-MULTIVERSION static void neighbour_sums_row(const struct sweep *p, Py_ssize_t i, Py_ssize_t j,
-                                            float *sums)
+/* The neighbours as rows of three taps: offsets (da, db, dc) with dc in {-1, 0, 1} and the same
+ * (da, db) one after the other make one group (a new one starts where (da, db) changes or dc
+ * does not increase). Writes groups (G, 2) and taps (G, 3) (0 for a missing tap) and returns
+ * G, or -1 if some dc is not -1, 0 or 1. segment._kernels._offset_groups is the same. */
+static Py_ssize_t offset_groups(const int64_t *offsets, const double *weights, Py_ssize_t n,
+                                int64_t *groups, float *taps)
 {
-    const Py_ssize_t n_slots = p->n_slots, n2 = p->n2;
-    for (Py_ssize_t t = 0; t < n2 * n_slots; t++) sums[t] = 0.0f;
-    for (Py_ssize_t o = 0; o < p->n_offsets; o++) {
-        const Py_ssize_t a = i + p->offsets[3 * o], b = j + p->offsets[3 * o + 1];
-        const Py_ssize_t shift = p->offsets[3 * o + 2];
+    Py_ssize_t g = -1;
+    for (Py_ssize_t o = 0; o < n; o++) {
+        const int64_t da = offsets[3 * o], db = offsets[3 * o + 1], dc = offsets[3 * o + 2];
+        if (dc < -1 || dc > 1) return -1;
+        if (g < 0 || groups[2 * g] != da || groups[2 * g + 1] != db ||
+            dc <= offsets[3 * (o - 1) + 2]) {
+            g++;
+            groups[2 * g] = da;
+            groups[2 * g + 1] = db;
+            taps[3 * g] = taps[3 * g + 1] = taps[3 * g + 2] = 0.0f;
+        }
+        taps[3 * g + dc + 1] = (float)weights[o];
+    }
+    return g + 1;
+}
+
+/* sums[m * n_slots + s] = sum_o w_o previous[(i, j, m) + o, s]; neighbours outside count 0.
+ * In float32 (8 vector lanes; the sums of at most 26 weights times 255 are exact to 1e-7), one
+ * pass per neighbour row: (w_l v[m - 1] + w_c v[m]) + w_r v[m + 1], a missing voxel 0. */
+MULTIVERSION static void neighbour_sums_row(const struct sweep *p, Py_ssize_t i, Py_ssize_t j,
+                                            float *restrict sums, float *restrict v)
+{
+    const Py_ssize_t S = p->n_slots, L = p->n2 * S;
+    for (Py_ssize_t t = 0; t < L; t++) sums[t] = 0.0f;
+    for (Py_ssize_t g = 0; g < p->n_groups; g++) {
+        const Py_ssize_t a = i + p->groups[2 * g], b = j + p->groups[2 * g + 1];
         if (a < 0 || a >= p->n0 || b < 0 || b >= p->n1) continue;
-        const Py_ssize_t lo = shift < 0 ? -shift : 0, hi = shift > 0 ? n2 - shift : n2;
-        if (hi <= lo) continue;
-        const float w = (float)p->offset_weights[o];
-        const uint8_t *values = p->previous + ((a * p->n1 + b) * n2 + lo + shift) * n_slots;
-        float *target = sums + lo * n_slots;
-        for (Py_ssize_t t = 0; t < (hi - lo) * n_slots; t++) target[t] += w * (float)values[t];
+        const float wl = p->taps[3 * g], wc = p->taps[3 * g + 1], wr = p->taps[3 * g + 2];
+        const uint8_t *row = p->previous + (a * p->n1 + b) * L;
+        for (Py_ssize_t t = 0; t < L; t++) v[t] = (float)row[t]; /* converted once, used 3x */
+        const Py_ssize_t edge = S < L ? S : L, tail = L - S > S ? L - S : S;
+        for (Py_ssize_t t = 0; t < edge; t++) { /* m = 0 (and m = n2 - 1 when n2 = 1) */
+            const float right = t + S < L ? v[t + S] : 0.0f;
+            sums[t] += (wl * 0.0f + wc * v[t]) + wr * right;
+        }
+        for (Py_ssize_t t = S; t < L - S; t++)
+            sums[t] += (wl * v[t - S] + wc * v[t]) + wr * v[t + S];
+        for (Py_ssize_t t = tail; t < L; t++) /* m = n2 - 1 */
+            sums[t] += (wl * v[t - S] + wc * v[t]) + wr * 0.0f;
     }
 }
 
 /* exp(t) in float32 for SWEEP_NEGLIGIBLE <= t <= 0, and 0 at SWEEP_NEGLIGIBLE: 2^n e^g with
- * n = floor(t / ln 2 + 1/2), g = t - n ln 2 (Cody-Waite, ln 2 in two parts) and e^g by its
- * Taylor polynomial of degree 7 (error under 1e-8), 2^n written into the exponent bits.
- * Relative error: a few float32 steps (tested under 5e-7). In float32, a loop of these runs
- * in 8 vector lanes; segment._kernels._numpy_exp_sweep does the same operations in numpy, to
- * the bit. */
+ * n = round(t / ln 2) (adding 1.5 * 2^23 rounds a float32 to an integer), g = t - n ln 2
+ * (Cody-Waite, ln 2 in two parts) and e^g by its Taylor polynomial of degree 7 (error under
+ * 1e-8), 2^n written into the exponent bits. Relative error: a few float32 steps (tested
+ * under 5e-7). In float32, a loop of these runs in 8 vector lanes;
+ * segment._kernels._exp_sweep does the same operations in numpy, to the bit. */
 #define LOG2E_F ((float)1.4426950408889634)
 #define LN2_HI_F 0.693359375f /* few bits: n * HI is exact */
 #define LN2_LO_F ((float)-2.12194440e-4)
+#define ROUND_F 12582912.0f /* 1.5 * 2^23 */
 INLINE float exp_sweep(float t)
 {
-    const float n = floorf(t * LOG2E_F + 0.5f);
+    const float n = (t * LOG2E_F + ROUND_F) - ROUND_F;
     const float g = (t - n * LN2_HI_F) - n * LN2_LO_F;
     const float poly =
         1.0f + g * (1.0f + g * (0.5f + g * ((float)(1.0 / 6) + g * ((float)(1.0 / 24) +
@@ -452,15 +483,20 @@ MULTIVERSION static void row_posterior(const struct sweep *p, const double *x,
         }
         for (Py_ssize_t m = 0; m < n2; m++) peak[m] = peak[m] > row[m] ? peak[m] : row[m];
     }
-    for (Py_ssize_t m = 0; m < n2; m++) totals[m] = 0.0;
+    /* three simple loops, each of which vectorises */
     for (Py_ssize_t k = 0; k < K; k++) {
         const double *row = log_post + k * n2;
         float *w = weights + k * n2;
         for (Py_ssize_t m = 0; m < n2; m++) {
             const double t = row[m] - peak[m];
-            w[m] = exp_sweep((float)(t > SWEEP_NEGLIGIBLE ? t : SWEEP_NEGLIGIBLE));
-            totals[m] += (double)w[m];
+            w[m] = (float)(t > SWEEP_NEGLIGIBLE ? t : SWEEP_NEGLIGIBLE);
         }
+    }
+    for (Py_ssize_t t = 0; t < K * n2; t++) weights[t] = exp_sweep(weights[t]);
+    for (Py_ssize_t m = 0; m < n2; m++) totals[m] = 0.0;
+    for (Py_ssize_t k = 0; k < K; k++) {
+        const float *w = weights + k * n2;
+        for (Py_ssize_t m = 0; m < n2; m++) totals[m] += (double)w[m];
     }
 }
 
@@ -497,6 +533,11 @@ static void row_outputs(const struct sweep *p, Py_ssize_t i, Py_ssize_t j, const
     if (p->mode == STATE) {
         int32_t *change = levels + K * n2;
         row_levels(K, n2, n_slots, previous, weights, totals, levels, change);
+        /* the row's first voxel and the steps (the stores through uint8_t may alias anything,
+         * so nothing is reloaded from p in the loop) */
+        uint8_t *const voxel0 = (uint8_t *)p->state.buf + i * p->state.strides[0] +
+                                j * p->state.strides[1];
+        const Py_ssize_t step_m = p->state.strides[2], step_k = p->state.strides[3];
         for (Py_ssize_t m = 0; m < n2; m++) {
             if (!inside[m]) continue;
             if (p->skip_settled && sums[m * n_slots + K] == 0) { /* settled: keeps its state */
@@ -505,10 +546,10 @@ static void row_outputs(const struct sweep *p, Py_ssize_t i, Py_ssize_t j, const
                 AT(p->state, uint8_t, i, j, m, K) = 0;
                 continue;
             }
-            for (Py_ssize_t k = 0; k < K; k++)
-                AT(p->state, uint8_t, i, j, m, k) = (uint8_t)levels[k * n2 + m];
+            uint8_t *out = voxel0 + m * step_m;
+            for (Py_ssize_t k = 0; k < K; k++) out[k * step_k] = (uint8_t)levels[k * n2 + m];
             const int32_t half = (change[m] + 1) / 2;
-            AT(p->state, uint8_t, i, j, m, K) = (uint8_t)(half < 255 ? half : 255);
+            out[K * step_k] = (uint8_t)(half < 255 ? half : 255);
         }
         return;
     }
@@ -549,7 +590,7 @@ static void row_outputs(const struct sweep *p, Py_ssize_t i, Py_ssize_t j, const
 static void mean_field_rows_run(const struct sweep *p, double *work)
 {
     const Py_ssize_t n2 = p->n2, D = p->D, K = p->K;
-    float *sums = (float *)work; /* n_slots n2 floats */
+    float *sums = (float *)work, *v = sums + p->n_slots * n2; /* 2 n_slots n2 floats */
     double *x = work + p->n_slots * n2, *log_post = x + D * n2, *peak = log_post + K * n2;
     double *totals = peak + n2;
     float *weights = (float *)(totals + n2);   /* K n2 floats */
@@ -560,7 +601,7 @@ static void mean_field_rows_run(const struct sweep *p, double *work)
             int any = 0;
             for (Py_ssize_t m = 0; m < n2; m++) any |= inside[m];
             if (!any) continue;
-            if (p->prior_scale > 0) neighbour_sums_row(p, i, j, sums);
+            if (p->prior_scale > 0) neighbour_sums_row(p, i, j, sums, v);
             const float *values =
                 p->corrected + ((i - p->i0) * (p->j1 - p->j0) + (j - p->j0)) * n2 * D;
             for (Py_ssize_t d = 0; d < D; d++) /* outside the mask: any finite value, not used */
@@ -866,7 +907,7 @@ static PyObject *mean_field_rows(PyObject *self, PyObject *args)
     p.n1 = mask->shape[1];
     p.n2 = mask->shape[2];
     p.n_slots = previous->shape[3];
-    p.n_offsets = views[3].shape[0];
+    const Py_ssize_t n_offsets = views[3].shape[0];
     p.K = views[5].shape[0];
     p.D = views[5].shape[1];
     p.skip_settled = p.skip_settled && p.mode == STATE && p.prior_scale > 0;
@@ -877,7 +918,7 @@ static PyObject *mean_field_rows(PyObject *self, PyObject *args)
         return size_error(views, n, "need 0 <= i0 <= i1 <= n0 and 0 <= j0 <= j1 <= n1");
     if (!has_shape(&views[1], ni, p.j1 - p.j0, p.n2, D))
         return size_error(views, n, "corrected needs the shape (i1 - i0, j1 - j0, n2, D)");
-    if (views[3].shape[1] != 3 || views[4].shape[0] != p.n_offsets)
+    if (views[3].shape[1] != 3 || views[4].shape[0] != n_offsets)
         return size_error(views, n, "offsets need the shape (M, 3) and offset_weights (M,)");
     if (K < 1 || !has_shape(&views[6], K, D, D, 0) || views[7].shape[0] != K ||
         views[8].shape[0] != K || views[12].shape[0] != K)
@@ -909,18 +950,26 @@ static PyObject *mean_field_rows(PyObject *self, PyObject *args)
     p.previous = previous->buf;
     p.corrected = views[1].buf;
     p.mask = mask->buf;
-    p.offsets = views[3].buf;
-    p.offset_weights = views[4].buf;
     p.means = views[5].buf;
     p.precisions_chol = views[6].buf;
     p.log_norm = views[7].buf;
     p.log_weights = views[8].buf;
     p.counts = views[12].buf;
-    double *work = PyMem_RawMalloc((size_t)(p.n_slots + D + 3 * K + 3) * (p.n2 + 1) *
-                                   sizeof(double));
+    double *work = PyMem_RawMalloc(((size_t)(p.n_slots + D + 3 * K + 3) * (p.n2 + 1) +
+                                    (size_t)(5 * n_offsets + 1)) * sizeof(double));
     if (work == NULL) {
         release(views, n);
         return PyErr_NoMemory();
+    }
+    /* the groups after the loop's buffers: (G, 2) int64 and (G, 3) float32, G <= M */
+    int64_t *groups = (int64_t *)(work + (size_t)(p.n_slots + D + 3 * K + 3) * (p.n2 + 1));
+    float *taps = (float *)(groups + 2 * n_offsets);
+    p.n_groups = offset_groups(views[3].buf, views[4].buf, n_offsets, groups, taps);
+    p.groups = groups;
+    p.taps = taps;
+    if (p.n_groups < 0) {
+        PyMem_RawFree(work);
+        return size_error(views, n, "offsets: the last coordinate must be -1, 0 or 1");
     }
     Py_BEGIN_ALLOW_THREADS
     mean_field_rows_run(&p, work);

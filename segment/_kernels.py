@@ -261,27 +261,43 @@ def _numpy_mean_field_rows(previous, corrected, mask, offsets, offset_weights, m
                 labels_out[i - i0, j, m] = labels
 
 
+def _offset_groups(offsets, offset_weights):
+    """The neighbours as rows of three taps, as the C loop groups them.
+
+    Offsets ``(da, db, dc)`` with ``dc`` in {-1, 0, 1} and the same ``(da, db)``, one after
+    the other, make one group (a new one starts where ``(da, db)`` changes or ``dc`` does not
+    increase). Returns ``[(da, db, (w_left, w_centre, w_right) float32)]``, 0 for a missing tap.
+    """
+    groups, last = [], None
+    for (da, db, dc), w in zip(offsets.tolist(), offset_weights):
+        if dc not in (-1, 0, 1):
+            raise ValueError("offsets: the last coordinate must be -1, 0 or 1")
+        if not groups or groups[-1][:2] != (da, db) or dc <= last:
+            groups.append((da, db, np.zeros(3, np.float32)))
+        groups[-1][2][dc + 1] = w
+        last = dc
+    return groups
+
+
 def _plane_neighbour_sums(previous, i, rows, offsets, offset_weights):
     """``sum_o w_o previous[(i, j, m) + o, :]`` for the rows ``j`` of plane ``i``, float32.
 
     (rows, n2, slots); neighbours outside the block count 0. The C loop's float32 operations
-    in its order (offsets outermost), so the sums are the same to the bit.
+    in its order, one neighbour row at a time: ``(w_l v[m - 1] + w_c v[m]) + w_r v[m + 1]``
+    with 0 for a missing voxel, so the sums are the same to the bit.
     """
     n0, n1, n2, n_slots = previous.shape
     j_lo, j_hi = rows.start, rows.stop
     sums = np.zeros((j_hi - j_lo, n2, n_slots), np.float32)
-    for (da, db, dc), w in zip(offsets, offset_weights):
+    for da, db, (left, centre, right) in _offset_groups(offsets, offset_weights):
         a = i + da
-        if not 0 <= a < n0:
-            continue
         b_lo, b_hi = max(j_lo + db, 0), min(j_hi + db, n1)  # neighbour rows inside
-        m_lo, m_hi = max(0, -dc), min(n2, n2 - dc)
-        if b_hi <= b_lo or m_hi <= m_lo:
+        if not 0 <= a < n0 or b_hi <= b_lo:
             continue
-        source = previous[a, b_lo:b_hi, m_lo + dc : m_hi + dc]
-        sums[b_lo - db - j_lo : b_hi - db - j_lo, m_lo:m_hi] += np.float32(w) * source.astype(
-            np.float32
-        )
+        values = np.zeros((b_hi - b_lo, n2 + 2, n_slots), np.float32)  # a zero either side
+        values[:, 1:-1] = previous[a, b_lo:b_hi]
+        part = (left * values[:, :-2] + centre * values[:, 1:-1]) + right * values[:, 2:]
+        sums[b_lo - db - j_lo : b_hi - db - j_lo] += part
     return sums
 
 
@@ -318,6 +334,7 @@ def _plane_posterior(x, sums, means, precisions_chol, log_norm, log_weights, pri
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)  # ln 2 = HI + LO, HI with few bits: n * HI is exact
 _LN2_LO = np.float32(-2.12194440e-4)
+_ROUND = np.float32(1.5 * 2**23)  # adding it rounds a float32 under 2^22 to an integer
 _TAYLOR = [np.float32(1.0 / factorial) for factorial in (5040, 720, 120, 24, 6, 2, 1, 1)]
 
 
@@ -325,12 +342,12 @@ def _exp_sweep(shifted: np.ndarray) -> np.ndarray:
     """``exp(shifted)`` in float32 for ``NEGLIGIBLE <= shifted <= 0``, and 0 at :data:`NEGLIGIBLE`.
 
     The sweep's exponential (``exp_sweep`` in ``_estep.c``), the same float32 operations:
-    ``exp(t) = 2^n e^g`` with ``n = floor(t / ln 2 + 1/2)``, ``g = t - n ln 2`` (ln 2 in two
-    parts, so ``n * HI`` is exact) and ``e^g`` by its Taylor polynomial of degree 7 (Horner);
+    ``exp(t) = 2^n e^g`` with ``n = round(t / ln 2)``, ``g = t - n ln 2`` (ln 2 in two parts,
+    so ``n * HI`` is exact) and ``e^g`` by its Taylor polynomial of degree 7 (Horner);
     ``2^n`` is written into the exponent bits. Relative error: a few float32 steps.
     """
     t = np.asarray(shifted, dtype=np.float32)
-    n = np.floor(t * _LOG2E + np.float32(0.5))
+    n = (t * _LOG2E + _ROUND) - _ROUND
     g = (t - n * _LN2_HI) - n * _LN2_LO
     poly = np.full_like(g, _TAYLOR[0])
     for coefficient in _TAYLOR[1:]:
