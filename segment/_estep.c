@@ -500,10 +500,6 @@ MULTIVERSION static void row_posterior(const struct sweep *p, const double *x,
     }
 }
 
-#define AT(array, type, i0_, i1_, i2_, i3_)                                                    \
-    (*(type *)((array).buf + (i0_) * (array).strides[0] + (i1_) * (array).strides[1] +         \
-               (i2_) * (array).strides[2] + (i3_) * (array).strides[3]))
-
 /* The next state of one row's voxels (mode STATE): levels[k * n2 + m] = round(255 q_km) and
  * change[m] = sum_k |levels - previous|, in loops over the row that vectorise. */
 MULTIVERSION static void row_levels(Py_ssize_t K, Py_ssize_t n2, Py_ssize_t n_slots,
@@ -523,9 +519,9 @@ MULTIVERSION static void row_levels(Py_ssize_t K, Py_ssize_t n2, Py_ssize_t n_sl
 }
 
 /* The outputs of one row's voxels, from its weights and totals (see mean_field_rows_doc). */
-static void row_outputs(const struct sweep *p, Py_ssize_t i, Py_ssize_t j, const uint8_t *inside,
-                        const float *sums, const float *weights, const double *totals,
-                        int32_t *levels)
+MULTIVERSION static void row_outputs(const struct sweep *p, Py_ssize_t i, Py_ssize_t j,
+                                     const uint8_t *inside, const float *sums,
+                                     const float *weights, const double *totals, int32_t *levels)
 {
     const Py_ssize_t K = p->K, n2 = p->n2, n_slots = p->n_slots;
     const int keep_maps = p->final.size > 1, keep_labels = p->labels.size > 1;
@@ -540,49 +536,53 @@ static void row_outputs(const struct sweep *p, Py_ssize_t i, Py_ssize_t j, const
         const Py_ssize_t step_m = p->state.strides[2], step_k = p->state.strides[3];
         for (Py_ssize_t m = 0; m < n2; m++) {
             if (!inside[m]) continue;
+            uint8_t *out = voxel0 + m * step_m;
             if (p->skip_settled && sums[m * n_slots + K] == 0) { /* settled: keeps its state */
-                for (Py_ssize_t k = 0; k < K; k++)
-                    AT(p->state, uint8_t, i, j, m, k) = previous[m * n_slots + k];
-                AT(p->state, uint8_t, i, j, m, K) = 0;
+                for (Py_ssize_t k = 0; k < K; k++) out[k * step_k] = previous[m * n_slots + k];
+                out[K * step_k] = 0;
                 continue;
             }
-            uint8_t *out = voxel0 + m * step_m;
             for (Py_ssize_t k = 0; k < K; k++) out[k * step_k] = (uint8_t)levels[k * n2 + m];
             const int32_t half = (change[m] + 1) / 2;
             out[K * step_k] = (uint8_t)(half < 255 ? half : 255);
         }
         return;
     }
+    /* the float32 posterior of the row, in a loop that vectorises */
+    float *probs = (float *)(levels + (K + 1) * n2);
+    for (Py_ssize_t k = 0; k < K; k++)
+        for (Py_ssize_t m = 0; m < n2; m++)
+            probs[k * n2 + m] = (float)((double)weights[k * n2 + m] / totals[m]);
+    for (Py_ssize_t k = 0; k < K; k++)
+        for (Py_ssize_t m = 0; m < n2; m++)
+            if (inside[m]) p->counts[k] += probs[k * n2 + m];
+    /* where voxel m, component k goes: base + m * step_m + k * step_k (as the mode lays out) */
+    const Py_ssize_t *fs = p->final.strides, *ls = p->labels.strides, ii = i - p->i0;
+    char *maps = p->final.buf, *labels = p->labels.buf;
+    Py_ssize_t map_m, map_k, label_m;
+    if (p->mode == FINAL) {
+        maps += i * fs[0] + j * fs[1], map_m = fs[2], map_k = fs[3];
+        labels += i * ls[0] + j * ls[1], label_m = ls[2];
+    } else if (p->mode == FINAL_REVERSED) {
+        maps += j * fs[1] + i * fs[2], map_m = fs[0], map_k = fs[3];
+        labels += j * ls[1] + i * ls[2], label_m = ls[0];
+    } else {
+        maps += ii * fs[1] + j * fs[2], map_m = fs[3], map_k = fs[0];
+        labels += ii * ls[0] + j * ls[1], label_m = ls[2];
+    }
     for (Py_ssize_t m = 0; m < n2; m++) {
         if (!inside[m]) continue;
-        const double total = totals[m];
         Py_ssize_t best = 0;
         float best_value = -1.0f;
         for (Py_ssize_t k = 0; k < K; k++) {
-            const float value = (float)((double)weights[k * n2 + m] / total);
-            p->counts[k] += value;
+            const float value = probs[k * n2 + m];
             if (value > best_value) {
                 best = k;
                 best_value = value;
             }
-            if (keep_maps) {
-                if (p->mode == FINAL)
-                    AT(p->final, float, i, j, m, k) = value;
-                else if (p->mode == FINAL_REVERSED)
-                    AT(p->final, float, m, j, i, k) = value;
-                else
-                    AT(p->final, float, k, i - p->i0, j, m) = value;
-            }
+            if (keep_maps) *(float *)(maps + m * map_m + k * map_k) = value;
         }
-        if (keep_labels) {
-            const uint8_t label = (uint8_t)(best + 1);
-            if (p->mode == FINAL)
-                AT(p->labels, uint8_t, i, j, m, 0) = label;
-            else if (p->mode == FINAL_REVERSED)
-                AT(p->labels, uint8_t, m, j, i, 0) = label;
-            else
-                AT(p->labels, uint8_t, i - p->i0, j, m, 0) = label;
-        }
+        if (keep_labels) *(uint8_t *)(labels + m * label_m) = (uint8_t)(best + 1);
     }
 }
 
@@ -594,7 +594,7 @@ static void mean_field_rows_run(const struct sweep *p, double *work)
     double *x = work + p->n_slots * n2, *log_post = x + D * n2, *peak = log_post + K * n2;
     double *totals = peak + n2;
     float *weights = (float *)(totals + n2);   /* K n2 floats */
-    int32_t *levels = (int32_t *)(weights + K * n2); /* (K + 1) n2 ints */
+    int32_t *levels = (int32_t *)(weights + K * n2); /* (K + 1) n2 ints, then K n2 floats */
     for (Py_ssize_t i = p->i0; i < p->i1; i++) {
         for (Py_ssize_t j = p->j0; j < p->j1; j++) {
             const uint8_t *inside = p->mask + (i * p->n1 + j) * n2;
