@@ -8,7 +8,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .exceptions import ConvergenceWarning, DataWarning, InputError, SegmentError  # noqa: E402
+from .exceptions import (  # noqa: E402
+    ConvergenceWarning,
+    DataWarning,
+    InputError,
+    PerformanceWarning,
+    SegmentError,
+)
 
 __all__ = [
     "GaussianMixtureEM",
@@ -19,6 +25,7 @@ __all__ = [
     "InputError",
     "ConvergenceWarning",
     "DataWarning",
+    "PerformanceWarning",
     "__version__",
 ]
 

@@ -18,7 +18,7 @@ from dask.array.core import normalize_chunks
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from . import _em, _estep
+from . import _em, _kernels
 
 #: Default number of voxels per chunk: big enough that numpy dominates the per-task overhead,
 #: small enough that the (chunk, K) float64 temporaries stay in tens of MB.
@@ -141,7 +141,7 @@ def _histogram_block(X, low, high, n_bins):
     values = np.asarray(X)[:, 0]
     if values.dtype not in (np.float32, np.float64):
         values = values.astype(np.float64)
-    _estep.histogram_1d(np.ascontiguousarray(values), low, high, counts)
+    _kernels.histogram_1d(np.ascontiguousarray(values), low, high, counts)
     return counts
 
 

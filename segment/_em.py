@@ -30,7 +30,7 @@ from typing import TypedDict
 import numpy as np
 from scipy import linalg
 
-from . import _estep
+from . import _kernels
 
 LOG_2PI = np.log(2.0 * np.pi)
 #: Added to each N_k before dividing, like scikit-learn, so an empty component gives no 0/0.
@@ -265,7 +265,8 @@ def chunk_statistics(
     corrected in :func:`m_step`; this avoids the ``E[x^2] - E[x]^2`` cancellation that raw MRI
     intensities in the thousands would cause. Compiled kernels do the work without holding
     the GIL (:func:`_compiled_statistics_1d`, :func:`_compiled_statistics_nd`), so Dask
-    threads run chunks side by side.
+    threads run chunks side by side; without them (see :mod:`segment._kernels`) their numpy
+    twins :func:`_chunk_statistics_1d` and :func:`_numpy_statistics` do.
 
     Parameters
     ----------
@@ -279,6 +280,9 @@ def chunk_statistics(
     Statistics
         Small dict of (K,), (K, D), (K, D, D) arrays and two floats; no N x K array survives.
     """
+    if _kernels.compiled is None:  # not built, or turned off: the numpy twins
+        twin = _chunk_statistics_1d if means.shape[1] == 1 else _numpy_statistics
+        return twin(X, weights, means, precisions_chol, sample_weight)
     if means.shape[1] == 1:
         return _compiled_statistics_1d(X, weights, means, precisions_chol, sample_weight)
     return _compiled_statistics_nd(X, weights, means, precisions_chol, sample_weight)
@@ -332,7 +336,7 @@ def _compiled_statistics_1d(
     sigma_root2 = np.sqrt(2.0) / precision_root  # sqrt(2) sigma_k
     offset = np.log(weights) + np.log(precision_root) - 0.5 * LOG_2PI  # a_k
     sums = np.zeros((3, means.shape[0]))
-    log_likelihood = _estep.statistics_1d(
+    log_likelihood = _kernels.compiled.statistics_1d(
         x, w, np.ascontiguousarray(means[:, 0], dtype=np.float64), 1.0 / sigma_root2,
         offset.astype(np.float64), sums,
     )  # fmt: skip
@@ -376,7 +380,7 @@ def _compiled_statistics_nd(
     nk = np.zeros(n_components)
     sum_centered = np.zeros((n_components, n_features))
     scatter = np.zeros((n_components, n_features, n_features))
-    log_likelihood = _estep.statistics_nd(
+    log_likelihood = _kernels.compiled.statistics_nd(
         X, w, np.ascontiguousarray(means, dtype=np.float64), precisions_chol,
         offset.astype(np.float64), nk, sum_centered, scatter,
     )  # fmt: skip
@@ -618,7 +622,7 @@ def chunk_moments(X: np.ndarray, sample_weight: np.ndarray | None = None) -> Mom
     if n_features == 1 and sample_weight is None and X.dtype in (np.float32, np.float64):
         # one compiled pass pair, no float64 copy, no GIL: the moments pass before a float fit
         x = np.ascontiguousarray(X[:, 0])
-        minimum, maximum, mean, m2 = _estep.moments_1d(x)
+        minimum, maximum, mean, m2 = _kernels.moments_1d(x)
         if len(x) and np.isfinite(minimum) and np.isfinite(maximum):
             return Moments(
                 n=float(len(x)), mean=np.array([mean]), m2=np.array([m2]),

@@ -12,11 +12,13 @@
  * E-step shifted by each voxel's largest term (log-sum-exp), so a voxel far from every
  * component stays finite.
  *
- * Why C and not numba (which compiles the MRF sweeps): loading numba and its first cached
- * kernel in a process costs about 0.5 s of Python work under the GIL, as long as several EM
- * iterations of a 9 M-voxel scan, and it does not parallelise. This module loads in under a
- * millisecond. On x86-64 Linux (glibc), gcc builds the loops for AVX-512, AVX2 and baseline x86-64 and
- * picks one when the module loads (``target_clones``), as numba compiles for the host CPU.
+ * The MRF's mean-field sweep (``mean_field_rows``, below) is here too: one compiled stack.
+ * (It was numba: loading numba and its first cached kernel in a process cost about 0.5 s of
+ * Python work under the GIL, and numba with llvmlite is some 210 MB installed.) This module
+ * loads in under a millisecond, and is optional: without it (no C compiler at install time)
+ * ``segment._kernels`` runs the numpy twins. On x86-64 Linux (glibc), gcc >= 11 builds the
+ * loops for AVX-512, AVX2 and baseline x86-64 and picks one when the module loads
+ * (``target_clones``).
  *
  * Notation as in ``segment._em``: N voxels, K components, D channels. The arguments are
  * C-contiguous buffers (numpy arrays), checked by ``buffers`` below.
@@ -42,8 +44,10 @@
  * bits: bits(x + ROUND) - bits(ROUND) = round(x). */
 #define ROUND 6755399441055744.0
 
-/* target_clones needs the dynamic loader's ifunc support, which glibc has (musl has not) */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
+/* target_clones needs the dynamic loader's ifunc support, which glibc has (musl has not), and
+ * the arch=x86-64-v3/v4 levels need GCC 11; other compilers build one generic version */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
+    defined(__GLIBC__)
 #define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MULTIVERSION
@@ -332,6 +336,283 @@ DEFINE_MOMENTS_1D(moments_1d_double, double)
 DEFINE_HISTOGRAM_1D(histogram_1d_float, float)
 DEFINE_HISTOGRAM_1D(histogram_1d_double, double)
 
+/* ------------------------------------------------------------------ the MRF's mean-field sweep
+ *
+ * One mean-field sweep over rows of a 3-D block (``mean_field_rows`` below; its numpy twin is
+ * ``segment._kernels._numpy_mean_field_rows``). The loop works an image row (the last axis) at
+ * a time: the row's neighbour sums, then each step of the E-step with the MRF log prior as a
+ * loop over the row's voxels, component by component (so the compiler vectorises it), then the
+ * outputs. The log posterior in float64, the neighbour sums and the exponentials in float32
+ * (8 vector lanes); a component more than SWEEP_NEGLIGIBLE nats under a voxel's best gets
+ * weight 0 (under the float32 and 1/255 resolution of the outputs). The numpy twin does the
+ * same operations in the same order, so the two agree to the bit but for the order of some
+ * float64 sums. */
+#define SWEEP_NEGLIGIBLE (-17.0)
+enum sweep_mode { STATE = 0, FINAL = 1, FINAL_BY_COMPONENT = 2, FINAL_REVERSED = 3 };
+
+/* A strided output array: base pointer, shape and strides in bytes (4 axes at most). */
+struct strided {
+    char *buf;
+    Py_ssize_t size, shape[4], strides[4];
+};
+
+struct sweep {
+    const uint8_t *previous; /* (n0, n1, n2, n_slots), C order */
+    const float *corrected;  /* (i1 - i0, j1 - j0, n2, D), C order */
+    const uint8_t *mask;     /* (n0, n1, n2), C order, 0 or 1 */
+    const int64_t *groups;   /* (G, 2): the neighbour rows (da, db) ... */
+    const float *taps;       /* (G, 3): ... and the weights of their voxels m - 1, m, m + 1 */
+    const double *means, *precisions_chol, *log_norm, *log_weights;
+    Py_ssize_t n0, n1, n2, n_slots, n_groups, K, D;
+    double prior_scale;
+    Py_ssize_t i0, i1, j0, j1;
+    int mode, skip_settled;
+    struct strided state, final, labels;
+    double *counts;
+};
+
+/* The neighbours as rows of three taps: offsets (da, db, dc) with dc in {-1, 0, 1} and the same
+ * (da, db) one after the other make one group (a new one starts where (da, db) changes or dc
+ * does not increase). Writes groups (G, 2) and taps (G, 3) (0 for a missing tap) and returns
+ * G, or -1 if some dc is not -1, 0 or 1. segment._kernels._offset_groups is the same. */
+static Py_ssize_t offset_groups(const int64_t *offsets, const double *weights, Py_ssize_t n,
+                                int64_t *groups, float *taps)
+{
+    Py_ssize_t g = -1;
+    for (Py_ssize_t o = 0; o < n; o++) {
+        const int64_t da = offsets[3 * o], db = offsets[3 * o + 1], dc = offsets[3 * o + 2];
+        if (dc < -1 || dc > 1) return -1;
+        if (g < 0 || groups[2 * g] != da || groups[2 * g + 1] != db ||
+            dc <= offsets[3 * (o - 1) + 2]) {
+            g++;
+            groups[2 * g] = da;
+            groups[2 * g + 1] = db;
+            taps[3 * g] = taps[3 * g + 1] = taps[3 * g + 2] = 0.0f;
+        }
+        taps[3 * g + dc + 1] = (float)weights[o];
+    }
+    return g + 1;
+}
+
+/* sums[m * n_slots + s] = sum_o w_o previous[(i, j, m) + o, s]; neighbours outside count 0.
+ * In float32 (8 vector lanes; the sums of at most 26 weights times 255 are exact to 1e-7), one
+ * pass per neighbour row: (w_l v[m - 1] + w_c v[m]) + w_r v[m + 1], a missing voxel 0. */
+MULTIVERSION static void neighbour_sums_row(const struct sweep *p, Py_ssize_t i, Py_ssize_t j,
+                                            float *restrict sums, float *restrict v)
+{
+    const Py_ssize_t S = p->n_slots, L = p->n2 * S;
+    for (Py_ssize_t t = 0; t < L; t++) sums[t] = 0.0f;
+    for (Py_ssize_t g = 0; g < p->n_groups; g++) {
+        const Py_ssize_t a = i + p->groups[2 * g], b = j + p->groups[2 * g + 1];
+        if (a < 0 || a >= p->n0 || b < 0 || b >= p->n1) continue;
+        const float wl = p->taps[3 * g], wc = p->taps[3 * g + 1], wr = p->taps[3 * g + 2];
+        const uint8_t *row = p->previous + (a * p->n1 + b) * L;
+        for (Py_ssize_t t = 0; t < L; t++) v[t] = (float)row[t]; /* converted once, used 3x */
+        const Py_ssize_t edge = S < L ? S : L, tail = L - S > S ? L - S : S;
+        for (Py_ssize_t t = 0; t < edge; t++) { /* m = 0 (and m = n2 - 1 when n2 = 1) */
+            const float right = t + S < L ? v[t + S] : 0.0f;
+            sums[t] += (wl * 0.0f + wc * v[t]) + wr * right;
+        }
+        for (Py_ssize_t t = S; t < L - S; t++)
+            sums[t] += (wl * v[t - S] + wc * v[t]) + wr * v[t + S];
+        for (Py_ssize_t t = tail; t < L; t++) /* m = n2 - 1 */
+            sums[t] += (wl * v[t - S] + wc * v[t]) + wr * 0.0f;
+    }
+}
+
+/* exp(t) in float32 for SWEEP_NEGLIGIBLE <= t <= 0, and 0 at SWEEP_NEGLIGIBLE: 2^n e^g with
+ * n = round(t / ln 2) (adding 1.5 * 2^23 rounds a float32 to an integer), g = t - n ln 2
+ * (Cody-Waite, ln 2 in two parts) and e^g by its Taylor polynomial of degree 7 (error under
+ * 1e-8), 2^n written into the exponent bits. Relative error: a few float32 steps (tested
+ * under 5e-7). In float32, a loop of these runs in 8 vector lanes;
+ * segment._kernels._exp_sweep does the same operations in numpy, to the bit. */
+#define LOG2E_F ((float)1.4426950408889634)
+#define LN2_HI_F 0.693359375f /* few bits: n * HI is exact */
+#define LN2_LO_F ((float)-2.12194440e-4)
+#define ROUND_F 12582912.0f /* 1.5 * 2^23 */
+INLINE float exp_sweep(float t)
+{
+    const float n = (t * LOG2E_F + ROUND_F) - ROUND_F;
+    const float g = (t - n * LN2_HI_F) - n * LN2_LO_F;
+    const float poly =
+        1.0f + g * (1.0f + g * (0.5f + g * ((float)(1.0 / 6) + g * ((float)(1.0 / 24) +
+        g * ((float)(1.0 / 120) + g * ((float)(1.0 / 720) + g * (float)(1.0 / 5040)))))));
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return t > (float)SWEEP_NEGLIGIBLE ? poly * scale : 0.0f;
+}
+
+/* The unnormalised posterior of one row: weights[k * n2 + m] = exp(l_km - max_k l_km) (float32,
+ * 0 under SWEEP_NEGLIGIBLE) and totals[m] = sum_k weights, where l_km = log_norm_k -
+ * |(x_m - mu_k) U_k|^2 / 2 + (prior_scale * sums[m, k] or log pi_k), in float64. x is
+ * (D, n2); log_post holds K n2 doubles. */
+MULTIVERSION static void row_posterior(const struct sweep *p, const double *x,
+                                       const float *sums, double *log_post, float *weights,
+                                       double *peak, double *totals)
+{
+    const Py_ssize_t K = p->K, D = p->D, n2 = p->n2, n_slots = p->n_slots;
+    for (Py_ssize_t m = 0; m < n2; m++) peak[m] = -INFINITY;
+    for (Py_ssize_t k = 0; k < K; k++) {
+        double *row = log_post + k * n2;
+        const double c = p->log_norm[k];
+        const double *mu = p->means + k * D, *u = p->precisions_chol + k * D * D;
+        if (D == 1) {
+            const double mu0 = mu[0], scale = u[0];
+            for (Py_ssize_t m = 0; m < n2; m++) {
+                const double y = (x[m] - mu0) * scale;
+                row[m] = c - 0.5 * (y * y);
+            }
+        } else {
+            for (Py_ssize_t m = 0; m < n2; m++) row[m] = 0.0;
+            for (Py_ssize_t d = 0; d < D; d++) {
+                for (Py_ssize_t m = 0; m < n2; m++) {
+                    double y = 0.0;
+                    for (Py_ssize_t e = 0; e < D; e++) y += (x[e * n2 + m] - mu[e]) * u[e * D + d];
+                    row[m] += y * y;
+                }
+            }
+            for (Py_ssize_t m = 0; m < n2; m++) row[m] = c - 0.5 * row[m];
+        }
+        if (p->prior_scale > 0) {
+            const double scale = p->prior_scale;
+            for (Py_ssize_t m = 0; m < n2; m++) row[m] += scale * (double)sums[m * n_slots + k];
+        } else {
+            const double lw = p->log_weights[k];
+            for (Py_ssize_t m = 0; m < n2; m++) row[m] += lw;
+        }
+        for (Py_ssize_t m = 0; m < n2; m++) peak[m] = peak[m] > row[m] ? peak[m] : row[m];
+    }
+    /* three simple loops, each of which vectorises */
+    for (Py_ssize_t k = 0; k < K; k++) {
+        const double *row = log_post + k * n2;
+        float *w = weights + k * n2;
+        for (Py_ssize_t m = 0; m < n2; m++) {
+            const double t = row[m] - peak[m];
+            w[m] = (float)(t > SWEEP_NEGLIGIBLE ? t : SWEEP_NEGLIGIBLE);
+        }
+    }
+    for (Py_ssize_t t = 0; t < K * n2; t++) weights[t] = exp_sweep(weights[t]);
+    for (Py_ssize_t m = 0; m < n2; m++) totals[m] = 0.0;
+    for (Py_ssize_t k = 0; k < K; k++) {
+        const float *w = weights + k * n2;
+        for (Py_ssize_t m = 0; m < n2; m++) totals[m] += (double)w[m];
+    }
+}
+
+/* The next state of one row's voxels (mode STATE): levels[k * n2 + m] = round(255 q_km) and
+ * change[m] = sum_k |levels - previous|, in loops over the row that vectorise. */
+MULTIVERSION static void row_levels(Py_ssize_t K, Py_ssize_t n2, Py_ssize_t n_slots,
+                                    const uint8_t *previous, const float *weights,
+                                    const double *totals, int32_t *levels, int32_t *change)
+{
+    for (Py_ssize_t m = 0; m < n2; m++) change[m] = 0;
+    for (Py_ssize_t k = 0; k < K; k++) {
+        const float *w = weights + k * n2;
+        int32_t *level = levels + k * n2;
+        for (Py_ssize_t m = 0; m < n2; m++) {
+            level[m] = (int32_t)((double)w[m] / totals[m] * 255.0 + 0.5);
+            const int32_t d = level[m] - (int32_t)previous[m * n_slots + k];
+            change[m] += d < 0 ? -d : d;
+        }
+    }
+}
+
+/* The outputs of one row's voxels, from its weights and totals (see mean_field_rows_doc). */
+MULTIVERSION static void row_outputs(const struct sweep *p, Py_ssize_t i, Py_ssize_t j,
+                                     const uint8_t *inside, const float *sums,
+                                     const float *weights, const double *totals, int32_t *levels)
+{
+    const Py_ssize_t K = p->K, n2 = p->n2, n_slots = p->n_slots;
+    const int keep_maps = p->final.size > 1, keep_labels = p->labels.size > 1;
+    const uint8_t *previous = p->previous + (i * p->n1 + j) * n2 * n_slots;
+    if (p->mode == STATE) {
+        int32_t *change = levels + K * n2;
+        row_levels(K, n2, n_slots, previous, weights, totals, levels, change);
+        /* the row's first voxel and the steps (the stores through uint8_t may alias anything,
+         * so nothing is reloaded from p in the loop) */
+        uint8_t *const voxel0 = (uint8_t *)p->state.buf + i * p->state.strides[0] +
+                                j * p->state.strides[1];
+        const Py_ssize_t step_m = p->state.strides[2], step_k = p->state.strides[3];
+        for (Py_ssize_t m = 0; m < n2; m++) {
+            if (!inside[m]) continue;
+            uint8_t *out = voxel0 + m * step_m;
+            if (p->skip_settled && sums[m * n_slots + K] == 0) { /* settled: keeps its state */
+                for (Py_ssize_t k = 0; k < K; k++) out[k * step_k] = previous[m * n_slots + k];
+                out[K * step_k] = 0;
+                continue;
+            }
+            for (Py_ssize_t k = 0; k < K; k++) out[k * step_k] = (uint8_t)levels[k * n2 + m];
+            const int32_t half = (change[m] + 1) / 2;
+            out[K * step_k] = (uint8_t)(half < 255 ? half : 255);
+        }
+        return;
+    }
+    /* the float32 posterior of the row, in a loop that vectorises */
+    float *probs = (float *)(levels + (K + 1) * n2);
+    for (Py_ssize_t k = 0; k < K; k++)
+        for (Py_ssize_t m = 0; m < n2; m++)
+            probs[k * n2 + m] = (float)((double)weights[k * n2 + m] / totals[m]);
+    for (Py_ssize_t k = 0; k < K; k++)
+        for (Py_ssize_t m = 0; m < n2; m++)
+            if (inside[m]) p->counts[k] += probs[k * n2 + m];
+    /* where voxel m, component k goes: base + m * step_m + k * step_k (as the mode lays out) */
+    const Py_ssize_t *fs = p->final.strides, *ls = p->labels.strides, ii = i - p->i0;
+    char *maps = p->final.buf, *labels = p->labels.buf;
+    Py_ssize_t map_m, map_k, label_m;
+    if (p->mode == FINAL) {
+        maps += i * fs[0] + j * fs[1], map_m = fs[2], map_k = fs[3];
+        labels += i * ls[0] + j * ls[1], label_m = ls[2];
+    } else if (p->mode == FINAL_REVERSED) {
+        maps += j * fs[1] + i * fs[2], map_m = fs[0], map_k = fs[3];
+        labels += j * ls[1] + i * ls[2], label_m = ls[0];
+    } else {
+        maps += ii * fs[1] + j * fs[2], map_m = fs[3], map_k = fs[0];
+        labels += ii * ls[0] + j * ls[1], label_m = ls[2];
+    }
+    for (Py_ssize_t m = 0; m < n2; m++) {
+        if (!inside[m]) continue;
+        Py_ssize_t best = 0;
+        float best_value = -1.0f;
+        for (Py_ssize_t k = 0; k < K; k++) {
+            const float value = probs[k * n2 + m];
+            if (value > best_value) {
+                best = k;
+                best_value = value;
+            }
+            if (keep_maps) *(float *)(maps + m * map_m + k * map_k) = value;
+        }
+        if (keep_labels) *(uint8_t *)(labels + m * label_m) = (uint8_t)(best + 1);
+    }
+}
+
+/* The sweep over the rows [i0:i1, j0:j1]; work holds (n_slots + D + 3 K + 3) n2 doubles. */
+static void mean_field_rows_run(const struct sweep *p, double *work)
+{
+    const Py_ssize_t n2 = p->n2, D = p->D, K = p->K;
+    float *sums = (float *)work, *v = sums + p->n_slots * n2; /* 2 n_slots n2 floats */
+    double *x = work + p->n_slots * n2, *log_post = x + D * n2, *peak = log_post + K * n2;
+    double *totals = peak + n2;
+    float *weights = (float *)(totals + n2);   /* K n2 floats */
+    int32_t *levels = (int32_t *)(weights + K * n2); /* (K + 1) n2 ints, then K n2 floats */
+    for (Py_ssize_t i = p->i0; i < p->i1; i++) {
+        for (Py_ssize_t j = p->j0; j < p->j1; j++) {
+            const uint8_t *inside = p->mask + (i * p->n1 + j) * n2;
+            int any = 0;
+            for (Py_ssize_t m = 0; m < n2; m++) any |= inside[m];
+            if (!any) continue;
+            if (p->prior_scale > 0) neighbour_sums_row(p, i, j, sums, v);
+            const float *values =
+                p->corrected + ((i - p->i0) * (p->j1 - p->j0) + (j - p->j0)) * n2 * D;
+            for (Py_ssize_t d = 0; d < D; d++) /* outside the mask: any finite value, not used */
+                for (Py_ssize_t m = 0; m < n2; m++)
+                    x[d * n2 + m] = inside[m] ? (double)values[m * D + d] : 0.0;
+            row_posterior(p, x, sums, log_post, weights, peak, totals);
+            row_outputs(p, i, j, inside, sums, weights, totals, levels);
+        }
+    }
+}
+
 /* ------------------------------------------------------------------ Python bindings */
 
 enum kind { FLOAT64, FLOAT32_OR_64 };
@@ -534,6 +815,170 @@ static PyObject *histogram_1d(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* A buffer of obj with ndim axes of the given type: 'B' uint8, '?' bool (or uint8), 'f'
+ * float32, 'd' float64, 'q' int64; C-contiguous unless strided is set (an output that may be
+ * a view). Sets a Python error and returns -1 otherwise. */
+static int get_array(PyObject *obj, Py_buffer *view, const char *name, char type, int ndim,
+                     int writable, int strided)
+{
+    int flags = (strided ? PyBUF_STRIDES : PyBUF_C_CONTIGUOUS) | PyBUF_FORMAT |
+                (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, view, flags) < 0) return -1;
+    const char *format = view->format ? view->format : "B";
+    if (format[0] == '@' || format[0] == '=' || format[0] == '<') format++;
+    char got = format[0] != '\0' && format[1] == '\0' ? format[0] : '\0';
+    int ok;
+    switch (type) {
+    case '?': ok = (got == '?' || got == 'B') && view->itemsize == 1; break;
+    case 'q': ok = (got == 'q' || got == 'l') && view->itemsize == 8; break;
+    default: ok = got == type;
+    }
+    if (!ok || view->ndim != ndim) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a %d-D %s array with format '%c', got %d-D '%s'",
+                     name, ndim, strided ? "strided" : "contiguous", type, view->ndim,
+                     view->format ? view->format : "B");
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static int has_shape(const Py_buffer *view, Py_ssize_t a, Py_ssize_t b, Py_ssize_t c,
+                     Py_ssize_t d)
+{
+    const Py_ssize_t want[4] = {a, b, c, d};
+    for (int axis = 0; axis < view->ndim; axis++)
+        if (view->shape[axis] != want[axis]) return 0;
+    return 1;
+}
+
+static struct strided as_strided(const Py_buffer *view)
+{
+    struct strided s = {view->buf, count(view), {1, 1, 1, 1}, {0, 0, 0, 0}};
+    for (int axis = 0; axis < view->ndim; axis++) {
+        s.shape[axis] = view->shape[axis];
+        s.strides[axis] = view->strides[axis];
+    }
+    return s;
+}
+
+PyDoc_STRVAR(mean_field_rows_doc,
+"mean_field_rows(previous, corrected, mask, offsets, offset_weights, means, precisions_chol,\n"
+"                log_norm, log_weights, prior_scale, i0, i1, j0, j1, mode, skip_settled,\n"
+"                state_out, final_out, labels_out, counts)\n\n"
+"One mean-field sweep of the MRF posterior over the rows [i0:i1, j0:j1] of a 3-D block of\n"
+"n0 x n1 x n2 voxels, without the GIL; see segment._kernels.mean_field_rows for the arguments\n"
+"and segment._kernels._numpy_mean_field_rows for the numpy twin.\n"
+"previous: (n0, n1, n2, S >= K) uint8; corrected: (i1 - i0, j1 - j0, n2, D) float32; mask:\n"
+"(n0, n1, n2) bool; offsets: (M, 3) int64; offset_weights: (M,); means: (K, D);\n"
+"precisions_chol: (K, D, D); log_norm, log_weights: (K,), all float64 and C-contiguous.\n"
+"mode: 0 state (state_out (n0, n1, n2, K + 1) uint8), 1 final (final_out (n0, n1, n2, K)\n"
+"float32, labels_out (n0, n1, n2) uint8), 3 final reversed ((n2, n1, n0, K) and (n2, n1,\n"
+"n0)), 2 final by component ((K, i1 - i0, n1, n2) and (i1 - i0, n1, n2)); outputs of size 1\n"
+"are not written, and may be strided views. counts: (K,) float64, added to.");
+
+#define N_SWEEP_BUFFERS 13
+
+static PyObject *mean_field_rows(PyObject *self, PyObject *args)
+{
+    PyObject *o[N_SWEEP_BUFFERS];
+    Py_buffer views[N_SWEEP_BUFFERS];
+    struct sweep p;
+    int n = 0;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOdnnnninOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
+                          &o[6], &o[7], &o[8], &p.prior_scale, &p.i0, &p.i1, &p.j0, &p.j1,
+                          &p.mode, &p.skip_settled, &o[9], &o[10], &o[11], &o[12]))
+        return NULL;
+    static const char *names[N_SWEEP_BUFFERS] = {
+        "previous", "corrected", "mask", "offsets", "offset_weights", "means", "precisions_chol",
+        "log_norm", "log_weights", "state_out", "final_out", "labels_out", "counts"};
+    static const char types[N_SWEEP_BUFFERS] = {'B', 'f', '?', 'q', 'd', 'd', 'd',
+                                                'd', 'd', 'B', 'f', 'B', 'd'};
+    static const int ndims[N_SWEEP_BUFFERS] = {4, 4, 3, 2, 1, 2, 3, 1, 1, 4, 4, 3, 1};
+    for (; n < N_SWEEP_BUFFERS; n++) {
+        if (get_array(o[n], &views[n], names[n], types[n], ndims[n], n >= 9, n >= 9 && n < 12) <
+            0) {
+            release(views, n);
+            return NULL;
+        }
+    }
+    const Py_buffer *previous = &views[0], *mask = &views[2];
+    p.n0 = mask->shape[0];
+    p.n1 = mask->shape[1];
+    p.n2 = mask->shape[2];
+    p.n_slots = previous->shape[3];
+    const Py_ssize_t n_offsets = views[3].shape[0];
+    p.K = views[5].shape[0];
+    p.D = views[5].shape[1];
+    p.skip_settled = p.skip_settled && p.mode == STATE && p.prior_scale > 0;
+    const Py_ssize_t K = p.K, D = p.D, ni = p.i1 - p.i0;
+    if (!has_shape(previous, p.n0, p.n1, p.n2, p.n_slots) || p.n_slots < K + p.skip_settled)
+        return size_error(views, n, "previous needs the mask's shape and K (+ 1) slots");
+    if (!(0 <= p.i0 && p.i0 <= p.i1 && p.i1 <= p.n0 && 0 <= p.j0 && p.j0 <= p.j1 && p.j1 <= p.n1))
+        return size_error(views, n, "need 0 <= i0 <= i1 <= n0 and 0 <= j0 <= j1 <= n1");
+    if (!has_shape(&views[1], ni, p.j1 - p.j0, p.n2, D))
+        return size_error(views, n, "corrected needs the shape (i1 - i0, j1 - j0, n2, D)");
+    if (views[3].shape[1] != 3 || views[4].shape[0] != n_offsets)
+        return size_error(views, n, "offsets need the shape (M, 3) and offset_weights (M,)");
+    if (K < 1 || !has_shape(&views[6], K, D, D, 0) || views[7].shape[0] != K ||
+        views[8].shape[0] != K || views[12].shape[0] != K)
+        return size_error(views, n, "inconsistent sizes of the parameters and counts");
+    if (p.mode < STATE || p.mode > FINAL_REVERSED)
+        return size_error(views, n, "mode must be 0 (state), 1, 2 or 3 (final)");
+    p.state = as_strided(&views[9]);
+    p.final = as_strided(&views[10]);
+    p.labels = as_strided(&views[11]);
+    if (p.mode == STATE) {
+        if (!has_shape(&views[9], p.n0, p.n1, p.n2, K + 1))
+            return size_error(views, n, "state_out needs the shape (n0, n1, n2, K + 1)");
+        p.final.size = p.labels.size = 0;
+    } else {
+        int maps_ok, labels_ok;
+        if (p.mode == FINAL) {
+            maps_ok = has_shape(&views[10], p.n0, p.n1, p.n2, K);
+            labels_ok = has_shape(&views[11], p.n0, p.n1, p.n2, 0);
+        } else if (p.mode == FINAL_REVERSED) {
+            maps_ok = has_shape(&views[10], p.n2, p.n1, p.n0, K);
+            labels_ok = has_shape(&views[11], p.n2, p.n1, p.n0, 0);
+        } else {
+            maps_ok = has_shape(&views[10], K, ni, p.n1, p.n2);
+            labels_ok = has_shape(&views[11], ni, p.n1, p.n2, 0);
+        }
+        if ((p.final.size > 1 && !maps_ok) || (p.labels.size > 1 && !labels_ok))
+            return size_error(views, n, "final_out or labels_out has the wrong shape for mode");
+    }
+    p.previous = previous->buf;
+    p.corrected = views[1].buf;
+    p.mask = mask->buf;
+    p.means = views[5].buf;
+    p.precisions_chol = views[6].buf;
+    p.log_norm = views[7].buf;
+    p.log_weights = views[8].buf;
+    p.counts = views[12].buf;
+    double *work = PyMem_RawMalloc(((size_t)(p.n_slots + D + 3 * K + 3) * (p.n2 + 1) +
+                                    (size_t)(5 * n_offsets + 1)) * sizeof(double));
+    if (work == NULL) {
+        release(views, n);
+        return PyErr_NoMemory();
+    }
+    /* the groups after the loop's buffers: (G, 2) int64 and (G, 3) float32, G <= M */
+    int64_t *groups = (int64_t *)(work + (size_t)(p.n_slots + D + 3 * K + 3) * (p.n2 + 1));
+    float *taps = (float *)(groups + 2 * n_offsets);
+    p.n_groups = offset_groups(views[3].buf, views[4].buf, n_offsets, groups, taps);
+    p.groups = groups;
+    p.taps = taps;
+    if (p.n_groups < 0) {
+        PyMem_RawFree(work);
+        return size_error(views, n, "offsets: the last coordinate must be -1, 0 or 1");
+    }
+    Py_BEGIN_ALLOW_THREADS
+    mean_field_rows_run(&p, work);
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(work);
+    release(views, n);
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(exp_nonpositive_doc,
 "exp_nonpositive(t, out)\n\n"
 "out[i] = exp(max(t[i], -708)) for t[i] <= 0, by the kernels' own exponential (for tests).\n"
@@ -565,6 +1010,7 @@ static PyMethodDef methods[] = {
     {"moments_1d", moments_1d, METH_VARARGS, moments_1d_doc},
     {"histogram_1d", histogram_1d, METH_VARARGS, histogram_1d_doc},
     {"exp_nonpositive", exp_nonpositive_py, METH_VARARGS, exp_nonpositive_doc},
+    {"mean_field_rows", mean_field_rows, METH_VARARGS, mean_field_rows_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -577,7 +1023,8 @@ PyMODINIT_FUNC PyInit__estep(void)
 {
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && (PyModule_AddIntConstant(m, "BLOCK", BLOCK) < 0 ||
-                      PyModule_AddObject(m, "MIN_EXPONENT", PyFloat_FromDouble(MIN_EXPONENT)) < 0)) {
+                      PyModule_AddObject(m, "MIN_EXPONENT", PyFloat_FromDouble(MIN_EXPONENT)) < 0 ||
+                      PyModule_AddObject(m, "SWEEP_NEGLIGIBLE", PyFloat_FromDouble(SWEEP_NEGLIGIBLE)) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

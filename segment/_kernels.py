@@ -1,136 +1,144 @@
-"""The compiled per-voxel loop of the MRF's mean-field sweep (numba).
+"""The kernel layer: the compiled loops (C, ``segment/_estep.c``) or their numpy twins.
 
-The sweep is the pass over every voxel that the MRF prior repeats. In numpy it costs some 40
-passes over (K, n) temporaries (about 280 ns a voxel for K = 6 on our 2-core machine). The
-compiled loop works an image row at a time: the row's neighbour sums, then each step of the
-E-step as a loop over the row's voxels (component by component, so the compiler vectorises
-it), then the outputs. That costs about 30 ns a voxel for the plain E-step and 45-60 ns for an
-MRF sweep (K = 6, one thread; a voxel at a time it was 60-90 ns), holds no (K, block) array,
-and releases the GIL, so threads run slabs side by side.
+The per-voxel loops that EM repeats are compiled C in one extension module,
+``segment._estep``: the E-step statistics of a chunk (see :func:`segment._em.chunk_statistics`),
+the moments and histogram of one channel, and the MRF's mean-field sweep
+(:func:`mean_field_rows`). They release the GIL, so threads run chunks side by side.
 
-The kernel is the loop form of numpy functions that stay the reference (the tests compare
-them): :func:`segment._spatial.neighbour_sums` and :func:`segment._em.e_step` with a log
-prior. What a voxel gets does not depend on the block it falls in. Compiled code is cached
-next to this file (``cache=True``), so only the first run of an installation compiles (a few
-seconds).
+The extension is optional. When it was not built (no C compiler at install time) or when the
+environment variable ``SEGMENT_NO_COMPILED=1`` is set, every kernel runs on its numpy twin,
+with the same results to floating-point rounding, several times slower. :func:`notify_if_slow`
+then issues one :class:`segment.exceptions.PerformanceWarning` per process.
+
+Each compiled kernel has a numpy twin, which the tests compare it with:
+
+=====================  ==============================================================
+compiled               numpy twin
+=====================  ==============================================================
+``statistics_1d``      :func:`segment._em._chunk_statistics_1d`
+``statistics_nd``      :func:`segment._em._numpy_statistics`
+``moments_1d``         :func:`moments_1d` here (numpy)
+``histogram_1d``       :func:`histogram_1d` here (numpy)
+``mean_field_rows``    :func:`_numpy_mean_field_rows` here (neighbour sums + the E-step)
+=====================  ==============================================================
 """
 
 from __future__ import annotations
 
-import numba
+import os
+import warnings
+from types import ModuleType
+
 import numpy as np
 
+from .exceptions import PerformanceWarning
+
+#: Setting this environment variable to 1 turns the compiled kernels off (the numpy twins run).
+DISABLE_VARIABLE = "SEGMENT_NO_COMPILED"
+
 #: What :func:`mean_field_rows` writes: the next uint8 state (a sweep), the float32 posterior
-#: (*block, K), the same with the block's axes reversed, or the float32 posterior component by
-#: component, (K, *computed planes).
-STATE, FINAL, FINAL_REVERSED, FINAL_BY_COMPONENT = 0, 1, 3, 2
+#: (*block, K), the posterior component by component (K, *computed planes), or the posterior
+#: with the block's axes reversed.
+STATE, FINAL, FINAL_BY_COMPONENT, FINAL_REVERSED = 0, 1, 2, 3
+
+#: Components more than this many nats under a voxel's best get weight 0 in a sweep, not
+#: ``exp(-17) = 4e-8`` of it: under the resolution of the float32 probabilities (whose largest
+#: is at least 1/K) and far under the 1/255 steps of the state. The same in C.
+NEGLIGIBLE = -17.0
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def _neighbour_sums_row(flat_previous, shape, n_slots, i, j, offsets, offset_weights,
-                        sums):  # fmt: skip  # pragma: no cover
-    """``sums[m * n_slots + s] = sum_o w_o previous[(i, j, m) + o, s]`` for the row's voxels m.
+def _load() -> tuple[ModuleType | None, str]:
+    """The compiled module, or None and why not."""
+    if os.environ.get(DISABLE_VARIABLE, "") not in ("", "0"):
+        return None, f"{DISABLE_VARIABLE} is set"
+    try:
+        from . import _estep
+    except ImportError:
+        return None, "segment._estep was not built when the package was installed"
+    return _estep, ""
 
-    Neighbours outermost: for each one, the row's values are one contiguous run, which the
-    compiler vectorises. Neighbours outside the grid count 0.
+
+#: The compiled module ``segment._estep``, or None when the numpy twins run.
+compiled, why_not_compiled = _load()
+_notified = False
+
+
+def notify_if_slow() -> None:
+    """Warn once per process (:class:`PerformanceWarning`) when the numpy twins run."""
+    global _notified
+    if compiled is None and not _notified:
+        _notified = True
+        warnings.warn(
+            f"the compiled kernels are off ({why_not_compiled}): running on numpy, with the "
+            "same results but several times slower; install with a C compiler to build them",
+            PerformanceWarning,
+            stacklevel=2,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Moments and histogram of one channel
+# --------------------------------------------------------------------------------------------
+def moments_1d(x: np.ndarray) -> tuple[float, float, float, float]:
+    """Minimum, maximum, mean and centred sum of squares of ``x`` (N,), in float64.
+
+    A NaN or an infinity gives NaN extremes (the caller then counts them).
     """
-    n0, n1, n2 = shape
-    sums[:] = 0.0
-    for o in range(offset_weights.shape[0]):
-        a = i + offsets[o, 0]
-        b = j + offsets[o, 1]
-        shift = offsets[o, 2]
-        if a < 0 or a >= n0 or b < 0 or b >= n1:
-            continue
-        lo, hi = max(0, -shift), min(n2, n2 - shift)  # voxels whose neighbour is inside
-        if hi <= lo:
-            continue
-        w = np.float32(offset_weights[o])
-        source = ((a * n1 + b) * n2 + lo + shift) * n_slots
-        # slices, so that the loop index is known non-negative and vectorises
-        values = flat_previous[source : source + (hi - lo) * n_slots]
-        target = sums[lo * n_slots : hi * n_slots]
-        for t in range((hi - lo) * n_slots):
-            target[t] += w * np.float32(values[t])
+    if compiled is not None:
+        return compiled.moments_1d(x)
+    n = len(x)
+    total = float(np.sum(x, dtype=np.float64))
+    if not np.isfinite(total):
+        low = high = np.nan
+    else:
+        low, high = (float(x.min()), float(x.max())) if n else (np.inf, -np.inf)
+    mean = total / n if n else 0.0
+    diff = np.subtract(x, mean, dtype=np.float64)
+    return low, high, mean, float(diff @ diff)
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def _row_posterior(x, sums, n_slots, means, precisions_chol, log_norm, log_weights,
-                   prior_scale, log_post, peak, shifted, weights, scale_bits,
-                   totals):  # fmt: skip  # pragma: no cover
-    """The unnormalised posterior of one row of ``width`` voxels, component by component.
+def histogram_1d(x: np.ndarray, low: float, high: float, counts: np.ndarray) -> None:
+    """Add the counts of ``x`` in ``len(counts)`` equal bins over ``[low, high]`` into ``counts``.
 
-    ``x`` is (D, width) float64. Writes ``weights[k * width + m] = exp(log q_mk - max_k log
-    q_mk)`` (0 under :data:`NEGLIGIBLE`) and ``totals[m] = sum_k weights``. Each step is a loop
-    over the row, which the compiler vectorises; per voxel the arithmetic is that of
-    :func:`segment._em.e_step` with the log prior ``prior_scale * sums`` (or ``log_weights``).
+    The last bin is closed; values outside the range or not finite are not counted.
     """
-    n_components, n_features = means.shape
-    width = x.shape[1]
-    peak[:width] = -np.inf
-    for k in range(n_components):
-        row = log_post[k]
-        c = log_norm[k]
-        if n_features == 1:
-            mu, scale = means[k, 0], precisions_chol[k, 0, 0]
-            for m in range(width):
-                y = (x[0, m] - mu) * scale
-                row[m] = c - 0.5 * (y * y)
-        else:
-            row[:width] = 0.0
-            for d in range(n_features):
-                for m in range(width):
-                    y = 0.0
-                    for e in range(n_features):
-                        y += (x[e, m] - means[k, e]) * precisions_chol[k, e, d]
-                    row[m] += y * y
-            for m in range(width):
-                row[m] = c - 0.5 * row[m]
-        if prior_scale > 0:
-            for m in range(width):
-                row[m] += prior_scale * sums[m * n_slots + k]
-        else:
-            lw = log_weights[k]
-            for m in range(width):
-                row[m] += lw
-        for m in range(width):
-            peak[m] = max(peak[m], row[m])
-    for k in range(n_components):
-        row = log_post[k]
-        for m in range(width):
-            shifted[k * width + m] = max(row[m] - peak[m], NEGLIGIBLE)
-    n = n_components * width
-    _exp_row(shifted[:n], weights[:n], scale_bits[:n])
-    totals[:width] = 0.0
-    for k in range(n_components):
-        for m in range(width):
-            totals[m] += weights[k * width + m]
+    if compiled is not None:
+        compiled.histogram_1d(x, low, high, counts)
+        return
+    n_bins = len(counts)
+    scale = n_bins / (high - low) if high > low else 0.0
+    values = np.asarray(x, dtype=np.float64)
+    values = values[(values >= low) & (values <= high)]
+    bins = np.minimum(((values - low) * scale).astype(np.intp), n_bins - 1)
+    counts += np.bincount(bins, minlength=n_bins)
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
+# --------------------------------------------------------------------------------------------
+# The MRF sweep
+# --------------------------------------------------------------------------------------------
 def mean_field_rows(
-    previous,
-    corrected,
-    mask,
-    offsets,
-    offset_weights,
-    means,
-    precisions_chol,
-    log_norm,
-    log_weights,
-    prior_scale,
-    i0,
-    i1,
-    j0,
-    j1,
-    mode,
-    skip_settled,
-    state_out,
-    final_out,
-    labels_out,
-    counts,
-):  # pragma: no cover - compiled; tested against the numpy reference
-    """One mean-field sweep over the rows ``[i0:i1, j0:j1]`` of a 3-D block.
+    previous: np.ndarray,
+    corrected: np.ndarray,
+    mask: np.ndarray,
+    offsets: np.ndarray,
+    offset_weights: np.ndarray,
+    means: np.ndarray,
+    precisions_chol: np.ndarray,
+    log_norm: np.ndarray,
+    log_weights: np.ndarray,
+    prior_scale: float,
+    i0: int,
+    i1: int,
+    j0: int,
+    j1: int,
+    mode: int,
+    skip_settled: bool,
+    state_out: np.ndarray,
+    final_out: np.ndarray,
+    labels_out: np.ndarray,
+    counts: np.ndarray,
+) -> None:
+    """One mean-field sweep over the rows ``[i0:i1, j0:j1]`` of a 3-D block (compiled or numpy).
 
     Parameters
     ----------
@@ -162,109 +170,187 @@ def mean_field_rows(
         Keep the previous state of voxels none of whose neighbours changed in the previous
         sweep (their update would give the same values again, exactly). Only valid when that
         previous sweep was itself an MRF sweep.
-    labels_out : uint8, or size 1
-        With the final modes: ``1 + argmax_k`` of the float32 posterior, indexed as
-        ``final_out`` without its K axis.
+    state_out, final_out, labels_out : uint8, float32, uint8 arrays (may be strided views)
+        With the final modes, ``labels_out`` gets ``1 + argmax_k`` of the float32 posterior,
+        indexed as ``final_out`` without its K axis; an output of size 1 is not written.
     counts : (K,) float64
         With the final modes: the float32 posterior summed over the computed voxels (added).
+
+    Notes
+    -----
+    Per voxel it is :func:`segment._spatial.neighbour_sums` of ``previous`` and
+    :func:`segment._em.e_step` with the log prior ``prior_scale * sums`` (or ``log pi_k``), in
+    float64; components more than :data:`NEGLIGIBLE` nats under the best get weight 0.
+    """
+    previous = np.ascontiguousarray(previous, dtype=np.uint8)
+    corrected = np.ascontiguousarray(corrected, dtype=np.float32)
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    args = (
+        previous, corrected, mask, np.ascontiguousarray(offsets, dtype=np.int64),
+        np.ascontiguousarray(offset_weights, dtype=np.float64),
+        np.ascontiguousarray(means, dtype=np.float64),
+        np.ascontiguousarray(precisions_chol, dtype=np.float64),
+        np.ascontiguousarray(log_norm, dtype=np.float64),
+        np.ascontiguousarray(log_weights, dtype=np.float64), float(prior_scale),
+        int(i0), int(i1), int(j0), int(j1), int(mode), bool(skip_settled),
+        state_out, final_out, labels_out, counts,
+    )  # fmt: skip
+    if compiled is not None:
+        compiled.mean_field_rows(*args)
+    else:
+        _numpy_mean_field_rows(*args)
+
+
+def _numpy_mean_field_rows(previous, corrected, mask, offsets, offset_weights, means,
+                           precisions_chol, log_norm, log_weights, prior_scale, i0, i1, j0, j1,
+                           mode, skip_settled, state_out, final_out, labels_out,
+                           counts):  # fmt: skip
+    """:func:`mean_field_rows` in numpy: the twin of the C kernel, plane by plane.
+
+    The same float64 operations in the same order as the C loop (the neighbour sums, the
+    log posterior, its shift by each voxel's best), with ``np.exp`` for the exponential.
     """
     n0, n1, n2 = mask.shape
     n_components, n_features = means.shape
-    n_slots = previous.shape[3]
-    flat_previous = previous.reshape(-1)
-    width = n2
-    keep_maps, keep_labels = final_out.size > 1, labels_out.size > 1
-    sums = np.zeros(width * n_slots, np.float32)
-    x = np.zeros((n_features, width))
-    log_post = np.empty((n_components, width))
-    peak = np.empty(width)
-    shifted = np.empty(n_components * width, np.float32)
-    weights = np.empty(n_components * width, np.float32)
-    scale_bits = np.empty(n_components * width, np.int32)
-    totals = np.empty(width)
+    skip_settled = skip_settled and mode == STATE and prior_scale > 0
     for i in range(i0, i1):
-        for j in range(j0, j1):
-            inside = mask[i, j]
-            if not inside.any():
-                continue
-            if prior_scale > 0:
-                _neighbour_sums_row(flat_previous, (n0, n1, n2), n_slots, i, j,
-                                    offsets, offset_weights, sums)  # fmt: skip
+        inside = mask[i, j0:j1]  # (rows, n2)
+        if not inside.any():
+            continue
+        rows = slice(j0, j1)
+        sums = None
+        if prior_scale > 0:
+            sums = _plane_neighbour_sums(previous, i, rows, offsets, offset_weights)
+        x = np.where(inside[..., None], corrected[i - i0], 0.0).astype(np.float64)
+        weights = _plane_posterior(x, sums, means, precisions_chol, log_norm, log_weights,
+                                   prior_scale).astype(np.float64)  # fmt: skip
+        total = weights.sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):  # voxels outside: not written
+            q = weights / total
+        previous_plane = previous[i, rows, :, :n_components].astype(int)
+        if mode == STATE:
+            levels = (q * 255.0 + 0.5).astype(int).transpose(1, 2, 0)  # (rows, n2, K)
+            change = np.abs(levels - previous_plane).sum(axis=-1)
+            change = np.minimum((change + 1) // 2, 255)
+            if skip_settled:
+                settled = sums[..., n_components] == 0
+                levels[settled] = previous_plane[settled]
+                change[settled] = 0
+            state_plane = state_out[i, rows]
+            state_plane[..., :n_components][inside] = levels[inside]
+            state_plane[..., n_components][inside] = change[inside]
+            continue
+        values = q.astype(np.float32).transpose(1, 2, 0)[inside]  # (n_inside, K)
+        counts += values.sum(axis=0, dtype=np.float64)
+        labels = (values.argmax(axis=1) + 1).astype(np.uint8)
+        where = np.nonzero(inside)  # (row index within rows, m)
+        j, m = where[0] + j0, where[1]
+        if final_out.size > 1:
+            if mode == FINAL:
+                final_out[i, j, m] = values
+            elif mode == FINAL_REVERSED:
+                final_out[m, j, i] = values
+            else:
+                final_out[:, i - i0, j, m] = values.T
+        if labels_out.size > 1:
+            if mode == FINAL:
+                labels_out[i, j, m] = labels
+            elif mode == FINAL_REVERSED:
+                labels_out[m, j, i] = labels
+            else:
+                labels_out[i - i0, j, m] = labels
+
+
+def _offset_groups(offsets, offset_weights):
+    """The neighbours as rows of three taps, as the C loop groups them.
+
+    Offsets ``(da, db, dc)`` with ``dc`` in {-1, 0, 1} and the same ``(da, db)``, one after
+    the other, make one group (a new one starts where ``(da, db)`` changes or ``dc`` does not
+    increase). Returns ``[(da, db, (w_left, w_centre, w_right) float32)]``, 0 for a missing tap.
+    """
+    groups, last = [], None
+    for (da, db, dc), w in zip(offsets.tolist(), offset_weights):
+        if dc not in (-1, 0, 1):
+            raise ValueError("offsets: the last coordinate must be -1, 0 or 1")
+        if not groups or groups[-1][:2] != (da, db) or dc <= last:
+            groups.append((da, db, np.zeros(3, np.float32)))
+        groups[-1][2][dc + 1] = w
+        last = dc
+    return groups
+
+
+def _plane_neighbour_sums(previous, i, rows, offsets, offset_weights):
+    """``sum_o w_o previous[(i, j, m) + o, :]`` for the rows ``j`` of plane ``i``, float32.
+
+    (rows, n2, slots); neighbours outside the block count 0. The C loop's float32 operations
+    in its order, one neighbour row at a time: ``(w_l v[m - 1] + w_c v[m]) + w_r v[m + 1]``
+    with 0 for a missing voxel, so the sums are the same to the bit.
+    """
+    n0, n1, n2, n_slots = previous.shape
+    j_lo, j_hi = rows.start, rows.stop
+    sums = np.zeros((j_hi - j_lo, n2, n_slots), np.float32)
+    for da, db, (left, centre, right) in _offset_groups(offsets, offset_weights):
+        a = i + da
+        b_lo, b_hi = max(j_lo + db, 0), min(j_hi + db, n1)  # neighbour rows inside
+        if not 0 <= a < n0 or b_hi <= b_lo:
+            continue
+        values = np.zeros((b_hi - b_lo, n2 + 2, n_slots), np.float32)  # a zero either side
+        values[:, 1:-1] = previous[a, b_lo:b_hi]
+        part = (left * values[:, :-2] + centre * values[:, 1:-1]) + right * values[:, 2:]
+        sums[b_lo - db - j_lo : b_hi - db - j_lo] += part
+    return sums
+
+
+def _plane_posterior(x, sums, means, precisions_chol, log_norm, log_weights, prior_scale):
+    """Unnormalised posterior (K, rows, n2) float32: ``exp(l_k - max_k l_k)`` (0 under
+    :data:`NEGLIGIBLE`) by :func:`_exp_sweep`.
+
+    ``x`` (rows, n2, D) float64; ``l_k = log_norm_k - |(x - mu_k) U_k|^2 / 2`` plus the log
+    prior ``prior_scale * sums[..., k]`` (or ``log pi_k`` when ``prior_scale == 0``).
+    """
+    n_components, n_features = means.shape
+    log_post = np.empty((n_components,) + x.shape[:-1])
+    for k in range(n_components):
+        if n_features == 1:
+            y = (x[..., 0] - means[k, 0]) * precisions_chol[k, 0, 0]
+            row = log_norm[k] - 0.5 * (y * y)
+        else:
+            row = np.zeros(x.shape[:-1])
             for d in range(n_features):
-                for m in range(width):  # outside the mask: any finite value, not used
-                    x[d, m] = corrected[i - i0, j - j0, m, d] if inside[m] else 0.0
-            _row_posterior(x, sums, n_slots, means, precisions_chol, log_norm, log_weights,
-                           prior_scale, log_post, peak, shifted, weights, scale_bits,
-                           totals)  # fmt: skip
-            for m in range(width):
-                if not inside[m]:
-                    continue
-                total = totals[m]
-                if mode == STATE:
-                    if skip_settled and sums[m * n_slots + n_components] == 0:
-                        for k in range(n_components):  # settled: keeps its state
-                            state_out[i, j, m, k] = previous[i, j, m, k]
-                        state_out[i, j, m, n_components] = 0
-                        continue
-                    change = 0
-                    for k in range(n_components):
-                        level = int(weights[k * width + m] / total * 255.0 + 0.5)
-                        state_out[i, j, m, k] = level
-                        change += abs(level - int(previous[i, j, m, k]))
-                    state_out[i, j, m, n_components] = min((change + 1) // 2, 255)
-                    continue
-                best, best_value = 0, np.float32(-1.0)
-                for k in range(n_components):
-                    value = np.float32(weights[k * width + m] / total)
-                    counts[k] += value
-                    if value > best_value:
-                        best, best_value = k, value
-                    if keep_maps:
-                        if mode == FINAL:
-                            final_out[i, j, m, k] = value
-                        elif mode == FINAL_REVERSED:
-                            final_out[m, j, i, k] = value
-                        else:
-                            final_out[k, i - i0, j, m] = value
-                if keep_labels:
-                    if mode == FINAL:
-                        labels_out[i, j, m] = best + 1
-                    elif mode == FINAL_REVERSED:
-                        labels_out[m, j, i] = best + 1
-                    else:
-                        labels_out[i - i0, j, m] = best + 1
-
-
-#: Components more than this many nats under a voxel's best are given weight 0, not
-#: ``exp(-17) = 4e-8`` of it: under the resolution of the float32 probabilities (whose largest
-#: is at least 1/K) and far under the 1/255 steps of the state, and it spares many of the
-#: ``exp`` calls (the costliest step).
-NEGLIGIBLE = -17.0
+                y = np.zeros(x.shape[:-1])
+                for e in range(n_features):
+                    y += (x[..., e] - means[k, e]) * precisions_chol[k, e, d]
+                row += y * y
+            row = log_norm[k] - 0.5 * row
+        if prior_scale > 0:
+            row += prior_scale * sums[..., k].astype(np.float64)
+        else:
+            row += log_weights[k]
+        log_post[k] = row
+    shifted = np.maximum(log_post - log_post.max(axis=0), NEGLIGIBLE).astype(np.float32)
+    return _exp_sweep(shifted)
 
 
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)  # ln 2 = HI + LO, HI with few bits: n * HI is exact
 _LN2_LO = np.float32(-2.12194440e-4)
+_ROUND = np.float32(1.5 * 2**23)  # adding it rounds a float32 under 2^22 to an integer
+_TAYLOR = [np.float32(1.0 / factorial) for factorial in (5040, 720, 120, 24, 6, 2, 1, 1)]
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def _exp_row(shifted, out, scale_bits):  # pragma: no cover
-    """``out = exp(shifted)`` for ``NEGLIGIBLE <= shifted <= 0``, and 0 at ``NEGLIGIBLE``.
+def _exp_sweep(shifted: np.ndarray) -> np.ndarray:
+    """``exp(shifted)`` in float32 for ``NEGLIGIBLE <= shifted <= 0``, and 0 at :data:`NEGLIGIBLE`.
 
-    ``exp(t) = 2^n e^g`` with ``n = round(t / ln 2)``, ``g = t - n ln 2`` (Cody-Waite: ln 2 in
-    two parts, so ``|g| <= ln(2) / 2`` is exact to float32) and e^g by its Taylor series to
-    degree 7 (error under 1e-8); 2^n is written into the exponent bits. Relative error: a few
-    float32 steps (tested under 5e-7). Unlike a call to libm's ``exp`` (about 10 ns each here),
-    these loops vectorise.
+    The sweep's exponential (``exp_sweep`` in ``_estep.c``), the same float32 operations:
+    ``exp(t) = 2^n e^g`` with ``n = round(t / ln 2)``, ``g = t - n ln 2`` (ln 2 in two parts,
+    so ``n * HI`` is exact) and ``e^g`` by its Taylor polynomial of degree 7 (Horner);
+    ``2^n`` is written into the exponent bits. Relative error: a few float32 steps.
     """
-    for t in range(shifted.shape[0]):
-        n = np.floor(shifted[t] * _LOG2E + np.float32(0.5))
-        g = (shifted[t] - n * _LN2_HI) - n * _LN2_LO
-        p = np.float32(1.0) + g * (np.float32(1.0) + g * (np.float32(1 / 2) + g * (
-            np.float32(1 / 6) + g * (np.float32(1 / 24) + g * (np.float32(1 / 120) + g * (
-                np.float32(1 / 720) + g * np.float32(1 / 5040)))))))  # fmt: skip
-        out[t] = p
-        scale_bits[t] = (np.int32(n) + 127) << 23
-    scale = scale_bits.view(np.float32)
-    for t in range(shifted.shape[0]):
-        out[t] = out[t] * scale[t] if shifted[t] > NEGLIGIBLE else np.float32(0.0)
+    t = np.asarray(shifted, dtype=np.float32)
+    n = (t * _LOG2E + _ROUND) - _ROUND
+    g = (t - n * _LN2_HI) - n * _LN2_LO
+    poly = np.full_like(g, _TAYLOR[0])
+    for coefficient in _TAYLOR[1:]:
+        poly = coefficient + g * poly
+    scale = ((n.astype(np.int32) + 127) << 23).view(np.float32)
+    return np.where(t > np.float32(NEGLIGIBLE), poly * scale, np.float32(0.0))

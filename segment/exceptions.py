@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["SegmentError", "InputError", "ConvergenceWarning", "DataWarning"]
+__all__ = [
+    "SegmentError", "InputError", "ConvergenceWarning", "DataWarning", "PerformanceWarning",
+]  # fmt: skip
 
 
 class SegmentError(ValueError):
@@ -38,3 +40,8 @@ class ConvergenceWarning(UserWarning):
 
 class DataWarning(UserWarning):
     """Something about the data was changed or left out (non-finite voxels, RGB, re-seeding)."""
+
+
+class PerformanceWarning(UserWarning):
+    """The compiled kernels are off (not built, or ``SEGMENT_NO_COMPILED=1``): the same results
+    on numpy, several times slower."""

@@ -14,7 +14,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from . import _chunked, _em, _kmeans, _spatial, _sweeps, _validation
+from . import _chunked, _em, _kernels, _kmeans, _spatial, _sweeps, _validation
 from ._scheduler import check_scheduler, compute_kwargs, is_distributed
 from .exceptions import ConvergenceWarning, DataWarning, SegmentError
 from .spatial import bias as _bias
@@ -577,6 +577,7 @@ class GaussianMixtureEM:
         return None
 
     def _check_parameters(self) -> None:
+        _kernels.notify_if_slow()  # once per process, when the compiled kernels are off
         _validation.check_n_components(self.n_components)
         _validation.check_positive("max_iter", self.max_iter, integer=True)
         _validation.check_positive("tol", self.tol, allow_zero=True)

@@ -635,11 +635,17 @@ def test_float_fit_is_initialised_from_a_histogram_of_all_voxels(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_compiled_histogram_matches_numpy(dtype):
-    from segment import _estep
+@pytest.mark.parametrize("compiled", [True, False])
+def test_compiled_histogram_matches_numpy(dtype, compiled, monkeypatch):
+    """The histogram kernel, compiled and its numpy twin, against np.histogram."""
+    from segment import _kernels
 
+    if compiled and _kernels.compiled is None:
+        pytest.skip(f"compiled kernels off: {_kernels.why_not_compiled}")
+    if not compiled:
+        monkeypatch.setattr(_kernels, "compiled", None)
     x = np.random.default_rng(2).uniform(-5, 250, 100_000).astype(dtype)
     x[:4] = [-5, 250, 100, 300]  # both edges, and a value outside
     counts = np.zeros(512)
-    _estep.histogram_1d(x, -5.0, 250.0, counts)
+    _kernels.histogram_1d(x, -5.0, 250.0, counts)
     np.testing.assert_array_equal(counts, np.histogram(x, bins=512, range=(-5, 250))[0])

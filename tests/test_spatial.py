@@ -174,11 +174,12 @@ def test_in_place_sweeps_skip_settled_voxels_and_ignore_the_slabs(head):
 
 
 def test_vectorised_exp_of_the_sweep_kernel():
+    """The sweep's float32 exponential (numpy twin of ``exp_sweep`` in ``_estep.c``)."""
     from segment import _kernels
 
     shifted = np.linspace(_kernels.NEGLIGIBLE, 0.0, 100_001).astype(np.float32)
-    out, bits = np.empty_like(shifted), np.empty(shifted.shape, np.int32)
-    _kernels._exp_row(shifted, out, bits)
+    out = _kernels._exp_sweep(shifted)
+    assert out.dtype == np.float32
     expected = np.exp(shifted[1:].astype(np.float64))
     assert np.abs(out[1:] / expected - 1).max() < 5e-7
     assert out[0] == 0.0 and out[-1] == 1.0  # negligible components are 0; the best is 1

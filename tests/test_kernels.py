@@ -1,0 +1,221 @@
+"""Tests of the kernel layer (:mod:`segment._kernels`): the compiled C loops against their numpy
+twins, the fallback when the C extension is missing, and that every module imports."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pkgutil
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import segment
+from segment import PerformanceWarning, _em, _kernels, _spatial, segment_array
+
+SAMPLE_HEAD = Path(__file__).resolve().parents[1] / "sample_scans" / "head_t1.nii.gz"
+
+needs_compiled = pytest.mark.skipif(
+    _kernels.compiled is None, reason=f"compiled kernels off: {_kernels.why_not_compiled}"
+)
+
+
+def test_every_module_imports():
+    """Every module of the installed package imports (its imports are declared dependencies)."""
+    names = [info.name for info in pkgutil.walk_packages(segment.__path__, "segment.")]
+    assert {"segment._kernels", "segment.cli", "segment.qc", "segment.io"} <= set(names)
+    for name in names:
+        if name != "segment.__main__":  # that one runs the command line when imported
+            importlib.import_module(name)
+
+
+def test_fallback_warns_once(monkeypatch):
+    monkeypatch.setattr(_kernels, "compiled", None)
+    monkeypatch.setattr(_kernels, "why_not_compiled", "a test")
+    monkeypatch.setattr(_kernels, "_notified", False)
+    with pytest.warns(PerformanceWarning, match="compiled kernels are off .a test.: running on"):
+        _kernels.notify_if_slow()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _kernels.notify_if_slow()  # the second time: silent
+
+
+def test_disable_variable_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setenv(_kernels.DISABLE_VARIABLE, "1")
+    assert _kernels._load() == (None, "SEGMENT_NO_COMPILED is set")
+    monkeypatch.setenv(_kernels.DISABLE_VARIABLE, "0")
+    module, why = _kernels._load()  # "0" does not turn them off: loaded if built
+    assert (module is None) == (importlib.util.find_spec("segment._estep") is None)
+
+
+@needs_compiled
+def test_compiled_constants_match_the_python_side():
+    assert _kernels.compiled.SWEEP_NEGLIGIBLE == _kernels.NEGLIGIBLE
+
+
+def sweep_inputs(rng, shape, n_features, n_components=3):
+    mask = rng.random(shape) > 0.25
+    previous = rng.integers(0, 256, shape + (n_components + 1,)).astype(np.uint8)
+    previous[: shape[0] // 2, ..., -1] = 0  # voxels whose neighbours did not move
+    previous[~mask] = 0
+    intensities = rng.normal(100.0, 30.0, shape + (n_features,)).astype(np.float32)
+    log_bias = rng.normal(0.0, 0.1, shape + (n_features,)).astype(np.float32)
+    weights = rng.dirichlet(np.ones(n_components))
+    means = rng.normal(100.0, 30.0, (n_components, n_features))
+    covariances = np.stack([np.eye(n_features) * v for v in (200.0, 400.0, 900.0)])
+    if n_features > 1:
+        covariances[:, 0, 1] = covariances[:, 1, 0] = 50.0
+    params = (weights, means, _em.precision_cholesky(covariances))
+    return previous, intensities, mask, log_bias, params
+
+
+@needs_compiled
+@pytest.mark.parametrize(
+    "shape, n_features, beta, halo",
+    [((7, 9, 8), 1, 0.3, (1, 1)), ((6, 5, 7), 2, 0.2, (0, 1)), ((9, 11), 1, 0.5, (1, 0)),
+     ((5, 6, 4), 3, 0.0, (0, 0))],
+)  # fmt: skip
+def test_compiled_sweep_equals_its_numpy_twin(rng, monkeypatch, shape, n_features, beta, halo):
+    """All modes of the C sweep against the numpy twin: the same numbers to the bit."""
+    previous, intensities, mask, log_bias, params = sweep_inputs(rng, shape, n_features)
+    kernel = _spatial.neighbour_kernel((1.0, 1.3, 2.0)[: len(shape)])
+    n_computed = shape[0] - halo[0] - halo[1]
+
+    def run():
+        args = (previous, intensities, mask, log_bias, *params, beta, kernel)
+        state = _spatial.mean_field_sweep(*args, halo=halo)
+        settled = _spatial.mean_field_sweep(*args, halo=halo, skip_settled=True)
+        final = _spatial.mean_field_sweep(*args, final=True, halo=halo)
+        # into strided views of larger arrays, as PosteriorGrid writes them
+        big = np.zeros(shape[::-1] + (3,), np.float32)
+        reversed_maps = big[..., ::-1][..., ::-1]
+        labels = np.zeros(shape[::-1] + (2,), np.uint8)[..., 0]
+        sums = _spatial.mean_field_final(
+            previous, intensities, mask, log_bias, params, beta, kernel, halo=halo,
+            probabilities=reversed_maps, labels=labels,
+        )  # fmt: skip
+        by_component = np.zeros((3, n_computed) + shape[1:], np.float32)
+        component_labels = np.zeros((n_computed,) + shape[1:], np.uint8)
+        rows = (1, shape[1] - 1)
+        computed = (slice(halo[0], shape[0] - halo[1]), slice(*rows))
+        component_sums = _spatial.mean_field_final_by_component(
+            previous, intensities[computed], mask, log_bias[computed], params, beta, kernel,
+            halo=halo, rows=rows, probabilities=by_component, labels=component_labels,
+        )  # fmt: skip
+        return (state, settled, final, big, labels, sums, by_component, component_labels,
+                component_sums)  # fmt: skip
+
+    compiled = run()
+    monkeypatch.setattr(_kernels, "compiled", None)
+    twin = run()
+    for name, a, b in zip("state settled final maps labels sums by_component".split(), compiled,
+                          twin):  # fmt: skip
+        if name.endswith("sums"):
+            np.testing.assert_allclose(a, b, rtol=1e-12, err_msg=name)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    state, settled, final, maps, labels = compiled[:5]
+    inside = mask.copy()
+    inside[: halo[0]] = False
+    inside[shape[0] - halo[1] :] = False
+    assert final[inside].sum(axis=-1) == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_array_equal(np.moveaxis(maps, -1, 0).T.reshape(final.shape), final)
+    np.testing.assert_array_equal(labels.T.reshape(mask.shape), np.where(
+        inside, final.argmax(axis=-1) + 1, 0))  # fmt: skip
+    if beta > 0:  # skip_settled kept the state of voxels whose neighbours did not move
+        assert (settled != state).any()
+
+
+@needs_compiled
+def test_compiled_sweep_refuses_wrong_buffers(rng):
+    previous, intensities, mask, log_bias, params = sweep_inputs(rng, (4, 5, 6), 1)
+    weights, means, precisions_chol = params
+    offsets, offset_weights = np.zeros((1, 3), np.int64), np.ones(1)
+    state = np.zeros((4, 5, 6, 4), np.uint8)
+    none_f, none_u = np.zeros((1, 1, 1, 1), np.float32), np.zeros((1, 1, 1), np.uint8)
+
+    def call(**changes):
+        args = dict(
+            previous=previous, corrected=intensities, mask=mask, offsets=offsets,
+            offset_weights=offset_weights, means=means, precisions_chol=precisions_chol,
+            log_norm=np.zeros(3), log_weights=np.log(weights), prior_scale=0.1, i0=0, i1=4,
+            j0=0, j1=5, mode=0, skip_settled=0, state_out=state, final_out=none_f,
+            labels_out=none_u, counts=np.zeros(3),
+        )  # fmt: skip
+        args.update(changes)
+        _kernels.compiled.mean_field_rows(*args.values())
+
+    call()  # the right buffers
+    assert state.any()
+    with pytest.raises(TypeError, match="previous"):
+        call(previous=previous.astype(np.int16))
+    with pytest.raises(TypeError, match="corrected"):
+        call(corrected=intensities.astype(np.float64))
+    with pytest.raises(ValueError, match="corrected needs"):
+        call(i1=3)
+    with pytest.raises(ValueError, match="0 <= i0"):
+        call(i1=5, corrected=np.zeros((5, 5, 6, 1), np.float32))
+    with pytest.raises(ValueError, match="state_out"):
+        call(state_out=np.zeros((4, 5, 6, 3), np.uint8))
+    with pytest.raises(ValueError, match="final_out"):
+        call(mode=1, final_out=np.zeros((4, 5, 6, 2), np.float32))
+    with pytest.raises(ValueError, match="mode"):
+        call(mode=7)
+    with pytest.raises(TypeError, match="state_out"):
+        call(state_out=np.zeros((4, 5, 6, 4), np.uint8)[::-1].copy().view(np.int8))
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_moments_twin(rng, dtype, monkeypatch):
+    x = rng.normal(1000.0, 50.0, 10_001).astype(dtype)
+    compiled = _kernels.moments_1d(x)
+    monkeypatch.setattr(_kernels, "compiled", None)
+    np.testing.assert_allclose(_kernels.moments_1d(x), compiled, rtol=1e-12)
+    x[5] = np.nan
+    assert np.isnan(_kernels.moments_1d(x)[:2]).all()
+
+
+# ------------------------------------------------------------------ the fallback end to end
+@pytest.fixture(scope="module")
+def sample_head():
+    return np.asarray(nib.load(SAMPLE_HEAD).dataobj, dtype=np.float32)
+
+
+def segment_both_ways(image, options):
+    """The segmentation with the compiled kernels and with the numpy twins only."""
+    compiled = segment_array(image, n_components=3, **options)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_kernels, "compiled", None)
+        patch.setattr(_kernels, "_notified", True)  # the notice has its own test
+        twin = segment_array(image, n_components=3, **options)
+    return compiled, twin
+
+
+CASES = {"plain": {}, "mrf": {"mrf_beta": 0.2}, "bias-field": {"bias_field": True}}
+
+
+def assert_same_segmentation(compiled, twin):
+    np.testing.assert_array_equal(compiled.labels, twin.labels)
+    np.testing.assert_allclose(compiled.responsibilities, twin.responsibilities, atol=1e-5)
+    np.testing.assert_allclose(compiled.estimator.means_, twin.estimator.means_, rtol=1e-9)
+    assert compiled.estimator.n_iter_ == twin.estimator.n_iter_
+
+
+@needs_compiled
+@pytest.mark.parametrize("case", CASES)
+def test_fallback_segments_a_head_like_the_compiled_kernels(sample_head, case):
+    """The sample head at half resolution: the same labels with or without the C kernels."""
+    compiled, twin = segment_both_ways(sample_head[::2, ::2, ::2], CASES[case])
+    assert_same_segmentation(compiled, twin)
+
+
+@pytest.mark.slow
+@needs_compiled
+@pytest.mark.parametrize("case", CASES)
+def test_fallback_segments_the_sample_head_like_the_compiled_kernels(sample_head, case):
+    compiled, twin = segment_both_ways(sample_head, CASES[case])
+    assert_same_segmentation(compiled, twin)
