@@ -814,7 +814,7 @@ def segment_file(
         mask = MaskSpec.parse(mask).for_scan(first, first.parent)
     _check_mask_spec(mask)
     start = time.perf_counter()
-    scans = [io.load_scan(p) for p in paths]
+    scans = [io.load_scan(p, memory_limit=_memory_budget(memory_limit)) for p in paths]
     for scan in scans[1:]:
         io.check_same_grid(scans[0], scan, "channel")
     mask_array = masking.load_mask(mask, scans[0])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import math
 import os
 import shutil
 import struct
@@ -32,6 +33,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
+from segment import _reading
 from segment.exceptions import DataWarning, InputError
 
 __all__ = [
@@ -62,6 +64,9 @@ SUPPORTED_EXTENSIONS: tuple[str, ...] = (
     ".bmp",
 )
 _NIFTI_EXTENSIONS = (".nii", ".nii.gz")
+#: Bytes the data of a compressed input may take in memory unless told otherwise (the default
+#: ``memory_limit`` of :func:`segment.api.segment_file`).
+DEFAULT_READ_LIMIT = 3e9
 #: gzip level of .nii.gz outputs. Level 1 writes probability maps about 3x faster than
 #: level 6 for files about 10 % larger; nibabel's own default is also 1.
 DEFAULT_COMPRESSLEVEL = 1
@@ -197,6 +202,7 @@ def _check_readable_file(path: Path) -> str:
         raise InputError(path, "file not found")
     if path.is_dir():
         raise InputError(path, "is a directory, expected a file")
+    _reading.check_regular_file(path)  # a FIFO, /dev/zero... would hang or mislead
     ext = _matched_extension(path)
     if not ext:
         raise InputError(
@@ -209,13 +215,17 @@ def _check_readable_file(path: Path) -> str:
     return ext
 
 
-def load_scan(path: str | Path) -> Scan:
+def load_scan(path: str | Path, *, memory_limit: float = DEFAULT_READ_LIMIT) -> Scan:
     """Load a NIfTI volume or a 2-D picture.
 
     Parameters
     ----------
     path : str or Path
         A ``.nii``, ``.nii.gz``, ``.png``, ``.tif``/``.tiff``, ``.jpg``/``.jpeg`` or ``.bmp`` file.
+    memory_limit : float
+        Bytes the data of a compressed NIfTI may take in memory (default 3 GB); a header that
+        claims more is refused before anything is allocated. An uncompressed ``.nii`` is
+        memory-mapped and only checked against its file size.
 
     Returns
     -------
@@ -225,8 +235,10 @@ def load_scan(path: str | Path) -> Scan:
     Raises
     ------
     InputError
-        The file is missing, a directory, unreadable, of an unsupported type, truncated or
-        corrupt, a 4-D series with several volumes, 1-D, or a multi-page TIFF stack.
+        The file is missing, not a regular file, unreadable, of an unsupported type, truncated
+        or corrupt (a gzip stream whose CRC or length check fails included), claims more data
+        than it can hold or than ``memory_limit``, holds an unsupported data type or values
+        beyond 1e20, is a 4-D series with several volumes, 1-D, or a multi-page TIFF stack.
 
     Warns
     -----
@@ -244,35 +256,58 @@ def load_scan(path: str | Path) -> Scan:
     ext = _check_readable_file(path)
     try:
         if ext in _NIFTI_EXTENSIONS:
-            return _load_nifti(path, compressed=ext == ".nii.gz")
+            return _load_nifti(path, compressed=ext == ".nii.gz", memory_limit=memory_limit)
         return _load_picture(path, tiff=ext in _TIFF_EXTENSIONS)
     except PermissionError as exc:
         raise InputError(path, "cannot read: permission denied") from exc
 
 
-def _load_nifti(path: Path, *, compressed: bool) -> Scan:
-    """Read a NIfTI-1/-2 file into a :class:`Scan` (see :func:`load_scan`)."""
-    try:
-        img = nib.load(path, mmap=True)
-    except PermissionError:
-        raise
-    except _READ_ERRORS as exc:
-        raise InputError(path, f"cannot read NIfTI header: {_short_reason(exc)}") from exc
+def _load_nifti(path: Path, *, compressed: bool, memory_limit: float) -> Scan:
+    """Read a NIfTI-1/-2 file into a :class:`Scan` (see :func:`load_scan`).
+
+    Nothing the header claims is allocated before :mod:`segment._reading` has checked it
+    against the file and ``memory_limit``; compressed data are read by
+    :func:`segment._reading.read_gzip_data`, which verifies the whole gzip stream.
+    """
+    with _nibabel_quiet():
+        try:
+            img = nib.load(path, mmap=True)
+        except PermissionError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds for a bad header
+            raise InputError(path, f"cannot read NIfTI header: {_short_reason(exc)}") from exc
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise InputError(path, f"not a NIfTI-1/-2 image (nibabel read a {type(img).__name__})")
     header = img.header
     proxy = img.dataobj
-    if not compressed:
-        _check_nifti_size(path, proxy)
+    layout = _reading.nifti_layout(path, header, proxy)
+    if math.prod(layout.shape[3:]) > 1:  # several volumes: refused before any read
+        _squeeze_volumes(path, _Shape(layout.shape))
+    _check_not_1d(path, layout.shape[:3])
+    _reading.check_layout(
+        path, layout, file_size=path.stat().st_size, compressed=compressed,
+        memory_limit=memory_limit,
+    )  # fmt: skip
+    if compressed:
+        raw = _reading.read_gzip_data(path, layout)
+    else:
+        try:
+            with _nibabel_quiet():
+                raw = proxy.get_unscaled()
+        except PermissionError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes nibabel raise
+            raise InputError(path, f"cannot read NIfTI data: {_short_reason(exc)}") from exc
     try:
-        raw = proxy.get_unscaled()
-    except PermissionError:
-        raise
-    except _READ_ERRORS as exc:
-        raise InputError(path, f"cannot read NIfTI data: {_short_reason(exc)}") from exc
-    data = _apply_scaling(raw, float(proxy.slope), float(proxy.inter))
+        slope, inter = float(proxy.slope), float(proxy.inter)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InputError(path, f"cannot read NIfTI scaling: {_short_reason(exc)}") from exc
+    with np.errstate(over="ignore", invalid="ignore"):
+        data = _apply_scaling(raw, slope, inter)
     data = _squeeze_volumes(path, data)
     _check_not_1d(path, data.shape)
+    _reading.check_intensity_range(path, data)
+    header = _checked_units(path, header)
     zooms = tuple(float(z) for z in header.get_zooms()[: data.ndim])
     return Scan(
         path=path,
@@ -284,18 +319,50 @@ def _load_nifti(path: Path, *, compressed: bool) -> Scan:
     )
 
 
-def _check_nifti_size(path: Path, proxy) -> None:
-    """Refuse an uncompressed NIfTI whose file is shorter than its header promises."""
-    shape = tuple(int(s) for s in proxy.shape)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(proxy.dtype).itemsize
-    needed = int(proxy.offset) + nbytes
-    size = path.stat().st_size
-    if size < needed:
-        raise InputError(
-            path,
-            f"cannot read NIfTI data: file is truncated ({size} bytes, header needs {needed} "
-            f"for shape {shape} {np.dtype(proxy.dtype)} at offset {int(proxy.offset)})",
+@contextmanager
+def _nibabel_quiet() -> Iterator[None]:
+    """Keep nibabel's header-fixing reports (its ``nibabel.global`` logger) off stderr.
+
+    What they report is either harmless or becomes the one-line :class:`InputError` that
+    follows; with ``SEGMENT_DEBUG`` set (``segment --debug``) they are shown.
+    """
+    import logging
+
+    if os.environ.get("SEGMENT_DEBUG"):
+        yield
+        return
+    logger = logging.getLogger("nibabel.global")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class _Shape:
+    """Just enough of an array (``ndim``, ``shape``) for the shape checks."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape, self.ndim = tuple(shape), len(shape)
+
+
+def _checked_units(path: Path, header):
+    """``header``, or a copy with ``xyzt_units`` reset when its code is not a NIfTI unit."""
+    try:
+        header.get_xyzt_units()
+        return header
+    except Exception:  # noqa: BLE001 - nibabel raises KeyError for an unknown code
+        code = int(header["xyzt_units"])
+        header = header.copy()
+        header["xyzt_units"] = 0
+        warnings.warn(
+            f"{path}: unknown xyzt_units code {code} in the header; units left unknown "
+            "(voxel sizes taken as mm)",
+            DataWarning,
+            stacklevel=4,
         )
+        return header
 
 
 def _apply_scaling(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
