@@ -241,6 +241,7 @@ class SegmentationResult:
         check_outputs_free(wanted, overwrite)
         created = _missing_dirs(paths.sidecar.parent)
         ensure_out_dir(paths.sidecar.parent)
+        io.remove_stale_temporaries(paths.sidecar.parent, recursive=False)  # of killed runs
         level = _check_compresslevel(compresslevel)
         staged = io.StagedWrites()
         try:

@@ -18,6 +18,7 @@ import errno
 import gzip
 import math
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -44,12 +45,15 @@ __all__ = [
     "check_same_grid",
     "is_supported",
     "load_scan",
+    "read_nifti",
     "scan_stem",
     "write_labels",
     "write_nifti",
     "write_nifti_slabs",
     "write_nifti_volumes",
     "write_probabilities",
+    "folder_lock",
+    "remove_stale_temporaries",
 ]
 
 #: File extensions :func:`load_scan` reads (compared case-insensitively).
@@ -263,12 +267,44 @@ def load_scan(path: str | Path, *, memory_limit: float = DEFAULT_READ_LIMIT) -> 
 
 
 def _load_nifti(path: Path, *, compressed: bool, memory_limit: float) -> Scan:
-    """Read a NIfTI-1/-2 file into a :class:`Scan` (see :func:`load_scan`).
+    """Read a NIfTI-1/-2 file into a :class:`Scan` (see :func:`load_scan`)."""
+
+    def check_shape(shape: tuple[int, ...]) -> None:
+        if math.prod(shape[3:]) > 1:  # several volumes: refused before any read
+            _squeeze_volumes(path, _Shape(shape))
+        _check_not_1d(path, shape[:3])
+
+    img, data = read_nifti(path, memory_limit=memory_limit, check_shape=check_shape)
+    data = _squeeze_volumes(path, data)
+    _check_not_1d(path, data.shape)
+    _reading.check_intensity_range(path, data)
+    header = _checked_units(path, img.header)
+    zooms = tuple(float(z) for z in header.get_zooms()[: data.ndim])
+    return Scan(
+        path=path,
+        kind="nifti",
+        data=data,
+        affine=np.asarray(img.affine, dtype=np.float64),
+        header=header,
+        zooms=zooms,
+    )
+
+
+def read_nifti(
+    path: str | Path,
+    *,
+    memory_limit: float = DEFAULT_READ_LIMIT,
+    check_shape: Callable[[tuple[int, ...]], None] | None = None,
+):
+    """Read a NIfTI-1/-2 file defensively: ``(image, data)`` with the scaling applied.
 
     Nothing the header claims is allocated before :mod:`segment._reading` has checked it
     against the file and ``memory_limit``; compressed data are read by
-    :func:`segment._reading.read_gzip_data`, which verifies the whole gzip stream.
+    :func:`segment._reading.read_gzip_data`, which verifies the whole gzip stream; an
+    uncompressed file is memory-mapped. ``check_shape(shape)`` may refuse the header's shape
+    before the data are read. Every problem is an :class:`InputError` naming the file.
     """
+    path = Path(path)
     with _nibabel_quiet():
         try:
             img = nib.load(path, mmap=True)
@@ -278,12 +314,11 @@ def _load_nifti(path: Path, *, compressed: bool, memory_limit: float) -> Scan:
             raise InputError(path, f"cannot read NIfTI header: {_short_reason(exc)}") from exc
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise InputError(path, f"not a NIfTI-1/-2 image (nibabel read a {type(img).__name__})")
-    header = img.header
     proxy = img.dataobj
-    layout = _reading.nifti_layout(path, header, proxy)
-    if math.prod(layout.shape[3:]) > 1:  # several volumes: refused before any read
-        _squeeze_volumes(path, _Shape(layout.shape))
-    _check_not_1d(path, layout.shape[:3])
+    layout = _reading.nifti_layout(path, img.header, proxy)
+    if check_shape is not None:
+        check_shape(layout.shape)
+    compressed = path.name.lower().endswith(".gz")
     _reading.check_layout(
         path, layout, file_size=path.stat().st_size, compressed=compressed,
         memory_limit=memory_limit,
@@ -303,20 +338,7 @@ def _load_nifti(path: Path, *, compressed: bool, memory_limit: float) -> Scan:
     except (TypeError, ValueError, OverflowError) as exc:
         raise InputError(path, f"cannot read NIfTI scaling: {_short_reason(exc)}") from exc
     with np.errstate(over="ignore", invalid="ignore"):
-        data = _apply_scaling(raw, slope, inter)
-    data = _squeeze_volumes(path, data)
-    _check_not_1d(path, data.shape)
-    _reading.check_intensity_range(path, data)
-    header = _checked_units(path, header)
-    zooms = tuple(float(z) for z in header.get_zooms()[: data.ndim])
-    return Scan(
-        path=path,
-        kind="nifti",
-        data=data,
-        affine=np.asarray(img.affine, dtype=np.float64),
-        header=header,
-        zooms=zooms,
-    )
+        return img, _apply_scaling(raw, slope, inter)
 
 
 @contextmanager
@@ -553,6 +575,51 @@ def _temporary_token() -> str:
     return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+#: Names of our temporary files: ``.<name>.tmp-<pid>-<8 hex digits>[<ext>]``.
+TEMPORARY_NAME = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}")
+
+
+def remove_stale_temporaries(root: str | Path, *, recursive: bool = True) -> list[Path]:
+    """Remove the temporary files (``.<name>.tmp-<pid>-<token>``) of dead writers under ``root``.
+
+    A writer is dead when its process no longer runs on this machine or is a zombie (killed,
+    not yet reaped by its parent); files of live writers, such as another batch writing
+    into the same folder, are left alone. Returns the files removed.
+    """
+    removed = []
+    for folder, dirs, files in os.walk(root):
+        if not recursive:
+            dirs.clear()
+        for name in files:
+            match = TEMPORARY_NAME.match(name)
+            if match and not pid_alive(int(match[1])):
+                path = Path(folder) / name
+                try:
+                    path.unlink()
+                    removed.append(path)
+                except OSError:
+                    pass
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine and is not a zombie."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return pid < 2**22  # exists but not ours, or an impossible pid
+    try:  # a zombie has exited: only its exit status is left for its parent to collect
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            state = stat_file.read().rsplit(b")", 1)[1].split()[0]
+        return state not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
+
+
 @contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Write a file atomically.
@@ -587,11 +654,18 @@ class StagedWrites:
 
     :meth:`path` gives the temporary name to write a final file under (hidden, in the same
     folder, with the same extension). :meth:`commit` moves every staged file into place in
-    the order staged, so stage a completeness marker (the sidecar) last: an existing file is
-    first renamed aside, and the set of files this call replaced is put back if a rename
-    fails or is interrupted. :meth:`discard` removes what is still staged. Existing files are
-    therefore never lost to a write that fails: a failed or interrupted set leaves the old
-    files as they were.
+    the order staged; the last one staged is the set's commit record (the sidecar): an old
+    record is retired (renamed aside) before anything else is replaced and the new one moved
+    into place last, like a database's commit record. Whatever the moment a process is
+    killed, the folder holds the complete old set, the complete new set, or files without a
+    record, which every reader takes as incomplete (never old and new files that look
+    complete). An existing file is first renamed aside, and the set of files this call
+    replaced is put back if a rename fails or is interrupted (Ctrl-C). :meth:`discard`
+    removes what is still staged. Files renamed aside by a killed process are hidden
+    temporary files, removed by the next run (:func:`remove_stale_temporaries`).
+
+    The commit of the files of one folder holds an exclusive advisory lock on the folder
+    (``flock``), so that two processes replacing the same set take turns.
 
     Examples
     --------
@@ -613,6 +687,7 @@ class StagedWrites:
 
     def path(self, final: str | Path) -> Path:
         """The temporary path to write ``final`` under."""
+        kill_point(f"stage-{len(self._staged)}")
         final, token = Path(final), _temporary_token()
         temporary = _temporary_path(final, token)
         self._staged.append((temporary, final))
@@ -631,13 +706,26 @@ class StagedWrites:
     def commit(self) -> None:
         """Move the staged files into place, in order; all of them or, on failure, none."""
         moved: list[tuple[Path, Path | None]] = []  # (final, old file renamed aside)
+        folders = sorted({final.parent for _, final in self._staged})
         try:
-            for temporary, final in self._staged:
-                aside = _temporary_path(final) if final.exists() else None
-                moved.append((final, aside))  # before the renames: an interrupt may come between
-                if aside is not None:
-                    os.replace(final, aside)
-                os.replace(temporary, final)
+            with ExitStack() as locks:
+                for folder in folders:
+                    locks.enter_context(folder_lock(folder))
+                if self._staged:  # retire the old commit record first
+                    record = self._staged[-1][1]
+                    aside = _temporary_path(record) if record.exists() else None
+                    moved.append((record, aside))
+                    if aside is not None:
+                        os.replace(record, aside)
+                    kill_point("commit-retired")
+                for index, (temporary, final) in enumerate(self._staged):
+                    if index < len(self._staged) - 1:
+                        aside = _temporary_path(final) if final.exists() else None
+                        moved.append((final, aside))  # before the renames: an interrupt
+                        if aside is not None:  # may come between
+                            os.replace(final, aside)
+                    os.replace(temporary, final)
+                    kill_point(f"commit-{index}")
         except BaseException:
             for final, aside in reversed(moved):  # put the old files back
                 with suppress(OSError):
@@ -661,6 +749,48 @@ class StagedWrites:
                 temporary.unlink()
         self._staged.clear()
         self._tokens.clear()
+
+
+@contextmanager
+def folder_lock(folder: str | Path, *, blocking: bool = True) -> Iterator[bool]:
+    """Hold an exclusive advisory lock (``flock``) on ``folder`` itself (no lock file).
+
+    Yields True when the lock is held; with ``blocking=False``, False when another process
+    holds it. Where the file system has no ``flock`` (some network file systems), yields True
+    without a lock.
+    """
+    import fcntl
+
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            held = True
+        except BlockingIOError:
+            held = False
+        except OSError:  # no flock here
+            held = True
+        yield held
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def kill_point(name: str) -> None:
+    """Test hook: ``SIGKILL`` this process when ``SEGMENT_KILL_AT`` names this point.
+
+    The reliability tests kill a run at a chosen moment of writing its outputs (``stage-<i>``
+    before the i-th output is written, ``commit-retired`` after the old sidecar is retired,
+    ``commit-<i>`` after the i-th rename, ``summary-<n>`` after the n-th batch summary)
+    instead of after a guessed sleep. Unset, this costs one dictionary lookup.
+    """
+    if os.environ.get("SEGMENT_KILL_AT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_nifti(img, path: str | Path, *, compresslevel: int = DEFAULT_COMPRESSLEVEL) -> Path:
