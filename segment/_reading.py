@@ -256,3 +256,32 @@ def _size(nbytes: float) -> str:
             return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.3g} {unit}"
         nbytes /= 1000
     return f"{nbytes:.3g} PB"  # pragma: no cover
+
+
+def check_geometry(
+    path: Path, affine: np.ndarray, zooms: tuple[float, ...], shape: tuple[int, ...]
+) -> tuple[float, ...]:
+    """Refuse a non-finite voxel-to-world transform or voxel size; return the voxel sizes.
+
+    A voxel size of 0 on an axis one voxel long (a 2-D slice stored as X x Y x 1) is read as
+    1 mm, as a viewer would; elsewhere voxel sizes must be finite and > 0.
+    """
+    if not np.all(np.isfinite(affine)):
+        raise InputError(
+            path,
+            "the header's voxel-to-world transform (sform/qform) is not finite: "
+            + " ".join(f"{v:g}" for v in np.asarray(affine).ravel()[:12])
+            + "; fix the header (e.g. fslorient or nibabel set_sform)",
+        )
+    fixed = []
+    for size, n in zip(zooms, shape):
+        if size == 0 and n == 1:
+            size = 1.0
+        if not np.isfinite(size) or size <= 0:
+            raise InputError(
+                path,
+                f"voxel sizes {tuple(float(z) for z in zooms)} (pixdim) must be finite and > 0;"
+                " fix the header",
+            )
+        fixed.append(float(size))
+    return tuple(fixed)

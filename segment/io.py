@@ -279,12 +279,13 @@ def _load_nifti(path: Path, *, compressed: bool, memory_limit: float) -> Scan:
     _check_not_1d(path, data.shape)
     _reading.check_intensity_range(path, data)
     header = _checked_units(path, img.header)
-    zooms = tuple(float(z) for z in header.get_zooms()[: data.ndim])
+    affine = np.asarray(img.affine, dtype=np.float64)
+    zooms = _reading.check_geometry(path, affine, header.get_zooms()[: data.ndim], data.shape)
     return Scan(
         path=path,
         kind="nifti",
         data=data,
-        affine=np.asarray(img.affine, dtype=np.float64),
+        affine=affine,
         header=header,
         zooms=zooms,
     )
