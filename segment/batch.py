@@ -509,7 +509,8 @@ def plan(
             error = f"{paths.sidecar}: outputs {why}; pass --overwrite to redo them{keep}"
             decided[rel] = _row(rel, "failed", error=error)
         else:
-            task.overwrite = overwrite or (resume and state == "incomplete")
+            # "missing" too: if a worker dies while writing, the retry replaces what it left
+            task.overwrite = overwrite or (resume and state in ("incomplete", "missing"))
             tasks.append(task)
     return tasks, decided
 
@@ -927,8 +928,11 @@ def _run_locked(
     for rel in order:
         if rel in decided:
             record(decided[rel])
-    for row in _execute(tasks, scheduler=scheduler, jobs=jobs):
-        record(row)
+    try:
+        for row in _execute(tasks, scheduler=scheduler, jobs=jobs):
+            record(row)
+    finally:
+        clean_stale_temporaries(output_root)  # e.g. of a worker killed in the middle of a scan
     return BatchResult([rows[r] for r in order], summary, output_root)
 
 
@@ -1004,15 +1008,36 @@ def _execute(tasks: list[ScanTask], *, scheduler: str | None, jobs: int | None):
             ): task
             for i, task in enumerate(tasks)
         }
+        total, done = len(futures), 0
         for future in as_completed(futures, loop=client.loop):
             task = futures.pop(future)
             try:
                 row = future.result()
             except Exception as error:  # noqa: BLE001 - e.g. a worker killed (out of memory)
+                if _scheduler_lost(client, error):
+                    raise SegmentError(
+                        f"lost the connection to the dask scheduler {scheduler or ''} after "
+                        f"{done} of {total} scans; the summary lists the finished ones, the "
+                        "others have no sidecar (incomplete, never half-written): rerun the "
+                        "same command to finish the batch"
+                    ) from None
                 row = _row(task.rel, "failed", error=f"{type(error).__name__}: {error} "
                            "(the worker running this scan died; out of memory?)")  # fmt: skip
             future.release()
+            done += 1
             yield row
+
+
+def _scheduler_lost(client, error: BaseException) -> bool:
+    """Whether ``error`` of a future means the client lost its scheduler (not a scan's fault)."""
+    import asyncio
+
+    text = str(error)
+    return (
+        "scheduler-connection-lost" in text
+        or "lost the connection to the scheduler" in text
+        or (isinstance(error, asyncio.CancelledError) and client.status != "running")
+    )
 
 
 class _client:
@@ -1026,6 +1051,12 @@ class _client:
         import logging
 
         from distributed import Client, LocalCluster
+
+        if not os.environ.get("SEGMENT_DEBUG"):  # a lost scheduler is one line, not tracebacks
+            names = [n for n in list(logging.root.manager.loggerDict)
+                     if n.split(".")[0] in ("distributed", "asyncio", "tornado")]  # fmt: skip
+            for name in ["distributed", "distributed.client", *names]:
+                logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
         if self.scheduler and "://" in self.scheduler:
             try:

@@ -787,11 +787,22 @@ def kill_point(name: str) -> None:
     before the i-th output is written, ``commit-retired`` after the old sidecar is retired,
     ``commit-<i>`` after the i-th rename, ``summary-<n>`` after the n-th batch summary)
     instead of after a guessed sleep. Unset, this costs one dictionary lookup.
-    """
-    if os.environ.get("SEGMENT_KILL_AT") == name:
-        import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
+    ``SEGMENT_KILL_ONCE=<file>`` kills only the first process to reach the point (the one
+    that creates ``<file>``), e.g. one worker of a cluster; ``SEGMENT_KILL_PID=<pid>`` kills
+    that process instead of this one (e.g. the dask scheduler).
+    """
+    if os.environ.get("SEGMENT_KILL_AT") != name:
+        return
+    import signal
+
+    once = os.environ.get("SEGMENT_KILL_ONCE")
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    os.kill(int(os.environ.get("SEGMENT_KILL_PID") or os.getpid()), signal.SIGKILL)
 
 
 def write_nifti(img, path: str | Path, *, compresslevel: int = DEFAULT_COMPRESSLEVEL) -> Path:

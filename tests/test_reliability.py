@@ -370,3 +370,89 @@ def test_file_name_with_tab_and_newline_is_one_summary_row(tmp_path):
     assert len(text.splitlines()) == 2  # header + one row
     rows = read_summary(out / "batch_summary.tsv")
     assert [(r["input"], r["status"]) for r in rows] == [(name, "ok")]
+
+
+# ------------------------------------------------------------------------------ cluster faults
+def _clean_outputs(tmp_path: Path, scans: Path) -> Path:
+    clean = tmp_path / "clean"
+    result = _run(["batch", str(scans), "-o", str(clean), *BATCH])
+    assert result.returncode == 0, result.stderr
+    return clean
+
+
+def _same_results(out: Path, clean: Path, n: int) -> None:
+    for i in range(n):
+        for suffix in ("dseg", "probseg"):
+            name = f"s{i}_{suffix}.nii.gz"
+            assert (out / name).read_bytes() == (clean / name).read_bytes(), name
+
+
+def test_worker_killed_in_the_middle_of_a_batch(tmp_path, monkeypatch):
+    """A LocalCluster worker SIGKILLed while writing a scan's outputs: the scan is rerun on
+    another worker and every result equals a clean run's; no temp file is left."""
+    from distributed import LocalCluster
+
+    from segment.batch import run_batch
+
+    scans = tmp_path / "in"
+    _write_scans(scans, 4)
+    clean = _clean_outputs(tmp_path, scans)
+    once = tmp_path / "killed-once"
+    monkeypatch.setenv("SEGMENT_KILL_AT", "commit-1")  # inherited by the worker processes
+    monkeypatch.setenv("SEGMENT_KILL_ONCE", str(once))
+    out = tmp_path / "out"
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster:
+        result = run_batch(scans, out, settings={"n_components": 3, "qc": False},
+                           scheduler=cluster.scheduler_address)  # fmt: skip
+    assert once.exists()  # a worker was killed
+    assert [row["status"] for row in result.rows] == ["ok"] * 4, result.rows
+    _same_results(out, clean, 4)
+    assert _temporaries(out) == []
+
+
+@pytest.mark.slow
+def test_scheduler_lost_in_the_middle_of_a_batch(tmp_path):
+    """The scheduler SIGKILLed while a worker writes: one clear line, exit 1, nothing
+    half-written; a rerun finishes the batch with the results of a clean run."""
+    import socket
+    import time
+
+    scans = tmp_path / "in"
+    _write_scans(scans, 4)
+    clean = _clean_outputs(tmp_path, scans)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--port", str(port),
+         "--no-dashboard"], env=env, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    worker_env = {**env, "SEGMENT_KILL_AT": "commit-1", "SEGMENT_KILL_PID": str(scheduler.pid),
+                  "SEGMENT_KILL_ONCE": str(tmp_path / "once")}  # fmt: skip
+    time.sleep(2)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+         "--no-dashboard"], env=worker_env, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        out = tmp_path / "out"
+        lost = _run(["batch", str(scans), "-o", str(out), *BATCH[:2], "-q", "--no-qc",
+                     "--scheduler", address])  # fmt: skip
+        assert lost.returncode == 1
+        assert lost.stderr.splitlines()[-1].startswith(
+            f"Error: lost the connection to the dask scheduler {address}"
+        )
+        assert len(lost.stderr.splitlines()) == 1, lost.stderr
+        for i in range(4):
+            assert not _set_state(out, f"s{i}").startswith("MIXED")
+    finally:
+        worker.kill()
+        scheduler.kill()
+        worker.wait()
+        scheduler.wait()
+    rerun = _run(["batch", str(scans), "-o", str(out), *BATCH])
+    assert rerun.returncode == 0, rerun.stderr
+    _same_results(out, clean, 4)
+    assert _temporaries(out) == []
