@@ -258,8 +258,11 @@ def _is_nifti(path: Path) -> bool:
 
 def _load_label_file(path: Path) -> tuple[np.ndarray, np.ndarray | None, tuple | None]:
     """Load a label map: ``(data, affine or None, zooms in mm or None)``."""
-    if not path.is_file():
+    if not path.exists():
         raise InputError(path, "no such file; check the path")
+    from ._reading import check_regular_file
+
+    check_regular_file(path)  # a folder, FIFO or device is named as such
     try:
         if _is_nifti(path):
             from .io import read_nifti
