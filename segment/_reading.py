@@ -181,6 +181,7 @@ def read_gzip_data(path: Path, layout: DataLayout) -> np.ndarray:
         The stream ends before the data do, is corrupt, fails its CRC or length check, or has
         trailing garbage.
     """
+    _check_gzip_flags(path)
     buffer = np.empty(layout.nbytes, dtype=np.uint8)
     view = memoryview(buffer)
     try:
@@ -210,6 +211,19 @@ def read_gzip_data(path: Path, layout: DataLayout) -> np.ndarray:
     finally:
         view.release()
     return np.ndarray(layout.shape, dtype=layout.dtype, buffer=buffer, order="F")
+
+
+def _check_gzip_flags(path: Path) -> None:
+    """Refuse a gzip member header with reserved flag bits set (RFC 1952: a decompressor must;
+    ``gzip -t`` does, Python's gzip module does not)."""
+    with open(path, "rb") as stream:
+        head = stream.read(4)
+    if len(head) == 4 and head[:2] == b"\x1f\x8b" and head[3] & 0xE0:
+        raise InputError(
+            path,
+            f"cannot read NIfTI data: corrupt gzip stream (reserved flag bits 0x{head[3]:02x} "
+            "set in the gzip header); the file is damaged (`gzip -t` checks it): copy it again",
+        )
 
 
 def _skip(stream, count: int, path: Path, layout: DataLayout) -> None:

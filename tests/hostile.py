@@ -71,6 +71,8 @@ def gz(data: bytes) -> bytes:
 
 def corrupt_gzip(data: bytes) -> bool:
     """Whether ``gzip -t`` would reject ``data`` (any member fails to decompress or check)."""
+    if len(data) >= 4 and data[3] & 0xE0:  # reserved flag bits (gzip -t: "not supported")
+        return True
     try:
         gzip.decompress(data)
     except (OSError, EOFError, zlib.error):
