@@ -276,6 +276,7 @@ class SegmentationResult:
         check_outputs_free(wanted + pve_paths, overwrite)
         created = _missing_dirs(paths.sidecar.parent)
         ensure_out_dir(paths.sidecar.parent)
+        io.remove_stale_temporaries(paths.sidecar.parent, recursive=False)  # of killed runs
         level = _check_compresslevel(compresslevel)
         staged = io.StagedWrites()
         try:
@@ -921,7 +922,10 @@ def segment_file(
         mask = MaskSpec.parse(mask).for_scan(first, first.parent)
     _check_mask_spec(mask)
     start = time.perf_counter()
-    scans = [io.load_scan(p) for p in paths]
+    # a compressed input is read whole: refused above the memory limit (never below 512 MB,
+    # so that a small limit chosen to make the EM stream does not refuse small scans)
+    read_limit = max(_memory_budget(memory_limit), io.MIN_READ_LIMIT)
+    scans = [io.load_scan(p, memory_limit=read_limit) for p in paths]
     for scan in scans[1:]:
         io.check_same_grid(scans[0], scan, "channel")
     mask_array = masking.load_mask(mask, scans[0])

@@ -43,7 +43,15 @@ from typing import Any
 
 from . import __version__, naming
 from .exceptions import InputError, SegmentError
-from .io import SUPPORTED_EXTENSIONS, atomic_write, is_supported, scan_stem
+from .io import (
+    SUPPORTED_EXTENSIONS,
+    atomic_write,
+    is_supported,
+    kill_point,
+    pid_alive,
+    remove_stale_temporaries,
+    scan_stem,
+)
 
 __all__ = [
     "SUMMARY_COLUMNS",
@@ -71,7 +79,6 @@ _ADDED_OPTIONS = ("pve",)
 _NIFTI = (".nii", ".nii.gz")
 #: How long to wait for a ``tcp://`` scheduler to answer.
 CONNECT_TIMEOUT = "10s"
-_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}")
 #: Placeholders of a per-scan mask template, e.g. ``{stem}_brainmask.nii.gz``.
 MASK_PLACEHOLDERS = ("stem", "rel")
 #: Entities a BIDS brain mask must share with its scan when both have them.
@@ -505,7 +512,8 @@ def plan(
             error = f"{paths.sidecar}: outputs {why}; pass --overwrite to redo them{keep}"
             decided[rel] = _row(rel, "failed", error=error)
         else:
-            task.overwrite = overwrite or (resume and state == "incomplete")
+            # "missing" too: if a worker dies while writing, the retry replaces what it left
+            task.overwrite = overwrite or (resume and state in ("incomplete", "missing"))
             tasks.append(task)
     return tasks, decided
 
@@ -628,33 +636,14 @@ def _mask_change(old: dict | None, new: dict | None) -> str:
 def clean_stale_temporaries(root: str | Path) -> list[Path]:
     """Remove ``.<name>.tmp-<pid>-<token>`` files left under ``root`` by dead processes.
 
-    Only files whose writer process no longer runs on this machine are removed, so a batch
+    See :func:`segment.io.remove_stale_temporaries`: zombies count as dead, and a batch
     writing into the same folder is left alone.
     """
-    removed = []
-    for folder, _, files in os.walk(root):
-        for name in files:
-            match = _TEMPORARY.match(name)
-            if match and not _pid_alive(int(match[1])):
-                path = Path(folder) / name
-                try:
-                    path.unlink()
-                    removed.append(path)
-                except OSError:
-                    pass
-    return removed
+    return remove_stale_temporaries(root)
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, OSError):
-        return pid < 2**22  # exists but not ours, or an impossible pid
-    return True
+    return pid_alive(pid)
 
 
 # --------------------------------------------------------------------------------------------
@@ -758,7 +747,30 @@ def _format(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, float):
         return f"{value:.6f}" if abs(value) < 1e6 else f"{value:.10g}"
-    return str(value)
+    return escape_tsv(str(value))
+
+
+#: Characters escaped in a summary field (the text format of PostgreSQL's COPY).
+_TSV_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_TSV_UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+
+
+def escape_tsv(text: str) -> str:
+    """``text`` with backslash, tab, newline and carriage return written ``\\``, ``\t``...
+
+    So a file name holding a tab or a newline stays in its own field of its own row.
+
+    Examples
+    --------
+    >>> escape_tsv("a\tb\nc")
+    'a\\tb\\nc'
+    """
+    return "".join(_TSV_ESCAPES.get(char, char) for char in text)
+
+
+def unescape_tsv(text: str) -> str:
+    """Inverse of :func:`escape_tsv`."""
+    return re.sub(r"\\(.)", lambda m: _TSV_UNESCAPES.get(m[1], "\\" + m[1]), text)
 
 
 def write_summary(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
@@ -777,9 +789,9 @@ def write_summary(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
 
 def read_summary(path: str | Path) -> list[dict[str, str]]:
     """Rows of a ``batch_summary.tsv`` as dictionaries of strings."""
-    header, *lines = Path(path).read_text().splitlines()
+    header, *lines = Path(path).read_text().split("\n")
     names = header.split("\t")
-    return [dict(zip(names, line.split("\t"))) for line in lines]
+    return [dict(zip(names, map(unescape_tsv, line.split("\t")))) for line in lines if line]
 
 
 # --------------------------------------------------------------------------------------------
@@ -863,7 +875,7 @@ def run_batch(
         check_out_dir_creatable,
         make_estimator,
     )
-    from .pipelines import DEFAULT_SETTINGS, class_names
+    from .pipelines import DEFAULT_SETTINGS
 
     input_dir = Path(input_dir).absolute()
     if not input_dir.is_dir():
@@ -904,6 +916,23 @@ def run_batch(
             input_dir,
             f"no {what} found" + ("" if recursive or bids else "; add --recursive for sub-folders"),
         )
+    output_root.mkdir(parents=True, exist_ok=True)
+    with batch_lock(output_root):  # one batch per output folder
+        return _run_locked(
+            scans, masks, input_dir, output_root, settings=settings, sources=sources,
+            pipeline=pipeline, command_line=command_line, em_options=em_options, bids=bids,
+            resume=resume, overwrite=overwrite, scheduler=scheduler, jobs=jobs,
+            on_result=on_result,
+        )  # fmt: skip
+
+
+def _run_locked(
+    scans, masks, input_dir, output_root, *, settings, sources, pipeline, command_line,
+    em_options, bids, resume, overwrite, scheduler, jobs, on_result,
+) -> BatchResult:  # fmt: skip
+    """The part of :func:`run_batch` that reads and writes the output folder (locked)."""
+    from .pipelines import class_names
+
     extra = {"pipeline": pipeline.record() if pipeline else None, "final_options": settings,
              "option_sources": sources or {},
              "command_line": list(command_line) if command_line else None}  # fmt: skip
@@ -913,7 +942,6 @@ def run_batch(
         bids=bids, desc=pipeline.name if pipeline else None, class_names=names,
         resume=resume, overwrite=overwrite, masks=masks,
     )  # fmt: skip
-    output_root.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(output_root)
     if bids:
         _write_derivative_files(output_root, pipeline, names)
@@ -924,6 +952,7 @@ def run_batch(
     def record(row: dict[str, Any]) -> None:
         rows[row["input"]] = row
         write_summary(summary, (rows[r] for r in order if r in rows))
+        kill_point(f"summary-{len(rows)}")
         if on_result is not None:
             on_result(row, len(rows), len(order))
 
@@ -931,9 +960,57 @@ def run_batch(
     for rel in order:
         if rel in decided:
             record(decided[rel])
-    for row in _execute(tasks, scheduler=scheduler, jobs=jobs):
-        record(row)
+    try:
+        for row in _execute(tasks, scheduler=scheduler, jobs=jobs):
+            record(row)
+    finally:
+        clean_stale_temporaries(output_root)  # e.g. of a worker killed in the middle of a scan
     return BatchResult([rows[r] for r in order], summary, output_root)
+
+
+#: The lock file of an output folder (see :func:`batch_lock`).
+LOCK_NAME = ".segment-batch.lock"
+
+
+@contextlib.contextmanager
+def batch_lock(output_root: Path):
+    """Hold the advisory lock of ``output_root`` for one batch, or refuse at once.
+
+    The lock is an exclusive ``flock`` on ``output_root/.segment-batch.lock``, which records
+    who holds it (pid, host, start time) for the message of a second batch. The kernel
+    releases it when the batch ends, however it ends (``kill -9`` included), so a stale lock
+    never blocks a rerun.
+
+    Raises
+    ------
+    SegmentError
+        Another batch is writing into ``output_root``.
+    """
+    import fcntl
+    import socket
+
+    path = Path(output_root) / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            raise SegmentError(
+                f"{output_root}: another segment batch ({holder}) is writing into this folder; "
+                "wait for it to finish or give another --out-dir"
+            ) from None
+        except OSError:  # no flock on this file system: run unlocked
+            pass
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n".encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)  # still locked: nobody reads a stale holder
+    finally:
+        os.close(fd)
 
 
 def _write_derivative_files(root: Path, pipeline, names: Sequence[str]) -> None:
@@ -963,15 +1040,36 @@ def _execute(tasks: list[ScanTask], *, scheduler: str | None, jobs: int | None):
             ): task
             for i, task in enumerate(tasks)
         }
+        total, done = len(futures), 0
         for future in as_completed(futures, loop=client.loop):
             task = futures.pop(future)
             try:
                 row = future.result()
             except Exception as error:  # noqa: BLE001 - e.g. a worker killed (out of memory)
+                if _scheduler_lost(client, error):
+                    raise SegmentError(
+                        f"lost the connection to the dask scheduler {scheduler or ''} after "
+                        f"{done} of {total} scans; the summary lists the finished ones, the "
+                        "others have no sidecar (incomplete, never half-written): rerun the "
+                        "same command to finish the batch"
+                    ) from None
                 row = _row(task.rel, "failed", error=f"{type(error).__name__}: {error} "
                            "(the worker running this scan died; out of memory?)")  # fmt: skip
             future.release()
+            done += 1
             yield row
+
+
+def _scheduler_lost(client, error: BaseException) -> bool:
+    """Whether ``error`` of a future means the client lost its scheduler (not a scan's fault)."""
+    import asyncio
+
+    text = str(error)
+    return (
+        "scheduler-connection-lost" in text
+        or "lost the connection to the scheduler" in text
+        or (isinstance(error, asyncio.CancelledError) and client.status != "running")
+    )
 
 
 class _client:
@@ -985,6 +1083,12 @@ class _client:
         import logging
 
         from distributed import Client, LocalCluster
+
+        if not os.environ.get("SEGMENT_DEBUG"):  # a lost scheduler is one line, not tracebacks
+            names = [n for n in list(logging.root.manager.loggerDict)
+                     if n.split(".")[0] in ("distributed", "asyncio", "tornado")]  # fmt: skip
+            for name in ["distributed", "distributed.client", *names]:
+                logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
         if self.scheduler and "://" in self.scheduler:
             try:

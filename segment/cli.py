@@ -8,6 +8,8 @@ traceback only with ``--debug``.
 from __future__ import annotations
 
 import functools
+import math
+import os
 import sys
 import time
 import warnings
@@ -42,6 +44,8 @@ def _handle_errors(func):
 
         debug = kwargs.get("debug", False)
         quiet = kwargs.get("quiet", False)
+        if debug:  # nibabel's own header reports too (see segment.io._nibabel_quiet)
+            os.environ["SEGMENT_DEBUG"] = "1"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore" if quiet else "default")
             if not debug:
@@ -80,8 +84,58 @@ def _os_error_message(error: OSError) -> str:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """One ``warning:`` line for segment's own warnings; third-party ones only with --debug."""
+    from .exceptions import ConvergenceWarning, DataWarning
+
+    own = issubclass(category, ConvergenceWarning | DataWarning) or str(filename).startswith(
+        _PACKAGE_DIR
+    )
+    if not own:
+        return
     _ProgressLine.end()
-    click.echo(f"warning: {message}", err=True)
+    click.echo(f"warning: {' '.join(str(message).split())}", err=True)
+
+
+_PACKAGE_DIR = str(Path(__file__).parent)
+
+
+class FiniteFloat(click.FloatRange):
+    """A :class:`click.FloatRange` that also refuses ``nan`` and ``inf`` (exit 2)."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+def _check_memory_limit(ctx, param, value):
+    if value is None:
+        return value
+    from .api import _memory_budget
+    from .exceptions import SegmentError
+
+    try:
+        _memory_budget(value)
+    except SegmentError as error:
+        raise click.BadParameter(str(error)) from None
+    return value
+
+
+def _check_pipeline(ctx, param, value):
+    """``-p``: an unknown name or a malformed file is a usage error (exit 2)."""
+    if not value:
+        return value
+    from .exceptions import SegmentError
+    from .pipelines import load_pipeline
+
+    try:
+        load_pipeline(value)
+    except (SegmentError, OSError) as error:
+        raise click.BadParameter(" ".join(str(error).split())) from None
+    return value
 
 
 class _ProgressLine:
@@ -142,6 +196,7 @@ def model_options(func=None, *, batch: bool = False):
         return functools.partial(model_options, batch=batch)
     options = [
         click.option("-p", "--pipeline", default=None, metavar="NAME|FILE",
+                     callback=_check_pipeline,
                      help="Preset of options (see `segment pipelines`); options given on the "
                           "command line override it."),
         click.option("-k", "--n-components", type=click.IntRange(1, 255), default=6,
@@ -151,29 +206,29 @@ def model_options(func=None, *, batch: bool = False):
                      help=_BATCH_MASK_HELP if batch else _MASK_HELP),
         click.option("--max-iter", type=click.IntRange(min=1), default=300, show_default=True,
                      help="Maximum EM iterations."),
-        click.option("--tol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+        click.option("--tol", type=FiniteFloat(min=0), default=1e-4, show_default=True,
                      help="Stop when the log-likelihood changes less than this per voxel."),
-        click.option("--seed", type=int, default=0, show_default=True,
+        click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
                      help="Seed of the k-means initialisation."),
-        click.option("--variance-floor", type=click.FloatRange(min=0, min_open=True),
+        click.option("--variance-floor", type=FiniteFloat(min=0, min_open=True),
                      default=None, help="Smallest variance (intensity^2) [default: 1e-3 x the "
                                         "data variance]."),
-        click.option("--chunk-size", type=click.IntRange(min=1), default=None,
+        click.option("--chunk-size", type=click.IntRange(1, 2**31 - 1), default=None,
                      help="Voxels per chunk [default: 262144]."),
         click.option("--scheduler", default=None, callback=_check_scheduler,
                      metavar="threads|processes|synchronous|tcp://HOST:PORT",
                      help="Dask scheduler [default: threads]."),
-        click.option("--workers", type=click.IntRange(min=1), default=None,
+        click.option("--workers", type=click.IntRange(1, 4096), default=None,
                      help="Threads/processes for the local schedulers [default: all cores]."),
         click.option("--mrf/--no-mrf", "mrf", default=False,
                      help="Spatial Potts (MRF) prior over the 26 neighbours, strength "
                           f"{DEFAULT_MRF_BETA} unless --mrf-beta is given [default: off]."),
-        click.option("--mrf-beta", type=click.FloatRange(min=0), default=None, metavar="B",
+        click.option("--mrf-beta", type=FiniteFloat(min=0), default=None, metavar="B",
                      help="MRF strength beta (0 = off), in FSL FAST's units; implies --mrf."),
         click.option("--bias-field/--no-bias-field", "bias_field", default=False,
                      help="Estimate a smooth multiplicative bias field inside the EM "
                           "[default: off]."),
-        click.option("--bias-smoothness", type=click.FloatRange(min=0, min_open=True),
+        click.option("--bias-smoothness", type=FiniteFloat(min=0, min_open=True),
                      default=60.0, show_default=True, metavar="MM",
                      help="Bias field smoothness as a length in mm (smaller: faster variations)."),
         click.option("--pve/--no-pve", "pve", default=False,
@@ -248,6 +303,19 @@ def _apply_pipeline(kwargs: dict):
     }
 
 
+def _check_model_options(kwargs: dict, extra: dict) -> None:
+    """Model option values out of range (from the command line or a pipeline): exit 2."""
+    from .api import make_estimator
+    from .exceptions import SegmentError
+
+    try:
+        make_estimator(_model_kwargs(kwargs))
+    except SegmentError as error:
+        from_pipeline = "pipeline" in extra["option_sources"].values()
+        where = " (command line or pipeline)" if from_pipeline else ""
+        raise click.UsageError(f"invalid option value{where}: {error}") from None
+
+
 def _model_kwargs(kwargs: dict) -> dict:
     names = ("n_components", "max_iter", "tol", "seed", "variance_floor", "chunk_size",
              "scheduler", "workers", "mrf_beta", "bias_field", "bias_smoothness",
@@ -261,7 +329,7 @@ def _model_kwargs(kwargs: dict) -> dict:
                 type=click.Path(path_type=Path, readable=False))  # fmt: skip
 @click.option("-o", "--out-dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Output folder (created if needed).")  # fmt: skip
-@click.option("--memory-limit", default=None, metavar="SIZE",
+@click.option("--memory-limit", default=None, metavar="SIZE", callback=_check_memory_limit,
               help="Memory to aim for, e.g. 1.5GB [default: 3GB]: above a third of it the "
                    "probability maps are streamed slab by slab instead of kept; --mrf and "
                    "--bias-field refuse scans whose estimated need exceeds it.")  # fmt: skip
@@ -286,6 +354,15 @@ def run(inputs: tuple[Path, ...], out_dir: Path, **kwargs) -> None:
 
     start = time.perf_counter()
     _, extra = _apply_pipeline(kwargs)
+    _check_model_options(kwargs, extra)
+    if "{" in kwargs["mask"] or "}" in kwargs["mask"]:
+        from .batch import MaskSpec
+        from .exceptions import SegmentError
+
+        try:
+            MaskSpec.parse(kwargs["mask"])
+        except SegmentError as error:
+            raise click.BadParameter(str(error), param_hint="'--mask'") from None
     callback = _progress_printer(kwargs["quiet"])
     try:
         result = segment_file(
@@ -460,7 +537,7 @@ def _clock(seconds: float) -> str:
 @click.option(
     "-j",
     "--jobs",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, 4096),
     default=None,
     help="Scans at once on this machine [default: CPU count].",
 )
@@ -479,7 +556,7 @@ def _clock(seconds: float) -> str:
     multiple=True,
     help="BIDS: only this suffix, e.g. T1w (repeatable) [default: all anat NIfTI].",
 )
-@click.option("--memory-limit", default=None, metavar="SIZE",
+@click.option("--memory-limit", default=None, metavar="SIZE", callback=_check_memory_limit,
               help="Memory to aim for per scan, as for `segment run` [default: 3GB].")  # fmt: skip
 @model_options(batch=True)
 @_handle_errors
@@ -511,6 +588,7 @@ def batch(input_dir: Path, out_dir: Path | None, **kwargs) -> None:
     if not kwargs["bids"] and (kwargs["subjects"] or kwargs["sessions"] or kwargs["suffixes"]):
         raise click.UsageError("--subject, --session and --suffix need --bids.")
     pipeline, extra = _apply_pipeline(kwargs)
+    _check_model_options(kwargs, extra)
     try:
         MaskSpec.parse(kwargs["mask"], bids=kwargs["bids"])
     except SegmentError as error:

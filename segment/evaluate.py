@@ -265,14 +265,17 @@ def _is_nifti(path: Path) -> bool:
 
 def _load_label_file(path: Path) -> tuple[np.ndarray, np.ndarray | None, tuple | None]:
     """Load a label map: ``(data, affine or None, zooms in mm or None)``."""
-    if not path.is_file():
+    if not path.exists():
         raise InputError(path, "no such file; check the path")
+    from ._reading import check_regular_file
+
+    check_regular_file(path)  # a folder, FIFO or device is named as such
     try:
         if _is_nifti(path):
-            import nibabel as nib
+            from .io import read_nifti
 
-            img = nib.load(path)
-            data = np.asanyarray(img.dataobj)
+            img, data = read_nifti(path)  # sizes and gzip CRC checked before anything is kept
+            _check_output_set(path, img.header)
             while data.ndim > 3 and data.shape[-1] == 1:
                 data = data[..., 0]
             if data.ndim != 3:
@@ -294,6 +297,37 @@ def _load_label_file(path: Path) -> tuple[np.ndarray, np.ndarray | None, tuple |
     if data.ndim != 2:
         raise InputError(path, f"expected a single-channel 2-D label image; got shape {data.shape}")
     return data, None, None
+
+
+def _check_output_set(path: Path, header) -> None:
+    """Warn when ``path`` is a label map of ``segment`` whose output set has no sidecar.
+
+    The sidecar is the commit record of a set of outputs (written last, retired first on
+    ``--overwrite``): a ``_dseg`` without it comes from a run that was killed or is still
+    writing, and may belong to another run than the files beside it.
+    """
+    import warnings
+
+    from .exceptions import DataWarning
+
+    if bytes(header["descrip"]).rstrip(b"\0") != b"segment":
+        return
+    name = path.name
+    for ext in (".nii.gz", ".nii"):
+        if name.lower().endswith("_dseg" + ext):
+            stem = name[: -len("_dseg" + ext)]
+            break
+    else:
+        return
+    sidecars = [path.with_name(f"{stem}_segment.json"), path.with_name(f"{stem}_dseg.json")]
+    if not any(p.exists() for p in sidecars):
+        warnings.warn(
+            f"{path}: its output set is incomplete (no {sidecars[0].name} or "
+            f"{sidecars[1].name}: the run that wrote it was killed or is still writing); "
+            "rerun segment run or segment batch",
+            DataWarning,
+            stacklevel=3,
+        )
 
 
 def _check_affines(predicted_path: Path, aff_pred: np.ndarray, aff_ref: np.ndarray) -> None:

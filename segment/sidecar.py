@@ -189,3 +189,21 @@ def _to_builtin(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
+
+
+def missing_outputs(sidecar_path: str | Path) -> list[Path]:
+    """Outputs of a set that are not there: ``[]`` when the set is complete.
+
+    The sidecar is the set's commit record (moved into place last, retired first when the
+    set is replaced), so a missing sidecar means an incomplete set: it is returned alone.
+    Otherwise the files its ``outputs`` name (relative to its folder) that do not exist.
+    """
+    sidecar_path = Path(sidecar_path)
+    try:
+        record = json.loads(sidecar_path.read_text())
+    except (OSError, ValueError):
+        return [sidecar_path]
+    outputs = record.get("outputs") if isinstance(record, dict) else None
+    names = outputs.values() if isinstance(outputs, dict) else []
+    return [sidecar_path.parent / name for name in names
+            if not (sidecar_path.parent / str(name)).exists()]  # fmt: skip

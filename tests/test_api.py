@@ -397,7 +397,7 @@ def test_interrupted_renaming_puts_everything_back(picture, tmp_path, monkeypatc
                 raise KeyboardInterrupt
         real_replace(source, target)
 
-    monkeypatch.setattr(segment.io.os, "replace", replace)
+    monkeypatch.setattr(segment.io.atomic.os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
         segment_array(picture, n_components=K + 1).save(out, prefix="p", overwrite=True)
     monkeypatch.setattr(segment.io.os, "replace", real_replace)

@@ -321,6 +321,7 @@ def test_bids_derivative_layout(bids_dataset):
     files = sorted(p.relative_to(deriv).as_posix() for p in deriv.rglob("*") if p.is_file())
     assert files == sorted(
         [
+            ".segment-batch.lock",  # the folder's batch lock (hidden, empty once released)
             "batch_summary.tsv",
             "dataset_description.json",
             "dseg.tsv",

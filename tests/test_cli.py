@@ -25,7 +25,7 @@ from click.testing import CliRunner
 
 import segment
 from segment.cli import cli
-from segment.exceptions import InputError
+from segment.exceptions import ConvergenceWarning, DataWarning, InputError
 
 K = 3
 OUTPUT_SUFFIXES = ("_dseg.nii.gz", "_probseg.nii.gz", "_qc.png", "_segment.json")
@@ -528,8 +528,9 @@ def test_progress_printer_writes_to_a_terminal_only(capsys, monkeypatch):
     assert "EM iteration    3" in captured.err and "-1.234500e+03" in captured.err
     assert "2.50e-03" in captured.err
     callback(4, -1234.0, 1e-4)
-    _show_warning("careful", UserWarning, "x.py", 1)  # ends the progress line first
-    _show_warning("again", UserWarning, "x.py", 2)
+    _show_warning("careful", DataWarning, "x.py", 1)  # ends the progress line first
+    _show_warning("again", ConvergenceWarning, "x.py", 2)
+    _show_warning("nibabel's own", UserWarning, "/site-packages/nibabel/x.py", 3)  # not shown
     err = capsys.readouterr().err
     assert err.startswith("\r  EM iteration    4") and err.endswith(
         "\nwarning: careful\nwarning: again\n"

@@ -173,7 +173,7 @@ def test_unreadable_file(make_nifti, monkeypatch):
     if os.name == "posix" and os.geteuid() == 0:  # root reads any file: deny as for a user
         real_access = os.access
         monkeypatch.setattr(
-            "segment.io.os.access",
+            "segment.io.read.os.access",
             lambda p, mode, *a, **k: False if str(p) == str(path) else real_access(p, mode),
         )
     try:
@@ -592,7 +592,7 @@ def test_interrupted_nifti_write_leaves_nothing(tmp_path, make_nifti, monkeypatc
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(io_module, "_gzip_member", interrupt)
+    monkeypatch.setattr(io_module.gzip, "_gzip_member", interrupt)
     with pytest.raises(KeyboardInterrupt):
         write_labels(np.zeros(scan.shape, int), scan, tmp_path / "scan_dseg.nii.gz")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
@@ -601,7 +601,7 @@ def test_interrupted_nifti_write_leaves_nothing(tmp_path, make_nifti, monkeypatc
 def test_unreadable_file_simulated(make_nifti, monkeypatch):
     # The real chmod test is skipped as root; exercise the same check with os.access denied.
     path = make_nifti()
-    monkeypatch.setattr("segment.io.os.access", lambda *args, **kwargs: False)
+    monkeypatch.setattr("segment.io.read.os.access", lambda *args, **kwargs: False)
     with pytest.raises(InputError, match="cannot read: permission denied"):
         load_scan(path)
 

@@ -217,6 +217,6 @@ def test_invalid_pipeline_fails_before_any_scan(tmp_path, two_phase_png, command
     out = tmp_path / "never"
     target = str(two_phase_png) if command == "run" else str(two_phase_png.parent)
     result = CliRunner().invoke(cli, [command, target, "-o", str(out), "--pipeline", str(bad)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a malformed pipeline file is a usage error
     assert f"{bad.resolve()}: key 'model.n_components': expected an integer" in result.output
     assert not out.exists()

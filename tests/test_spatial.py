@@ -712,4 +712,4 @@ def test_batch_memory_limit_applies_per_scan(tmp_path):
     assert done.exit_code == 0, done.output
     assert (out / "a_dseg.nii.gz").exists()
     bad = CliRunner().invoke(cli, [*args, "--memory-limit", "lots"])
-    assert bad.exit_code == 1 and "memory_limit must be a positive size" in bad.output
+    assert bad.exit_code == 2 and "memory_limit must be a positive size" in bad.output
