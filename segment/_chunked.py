@@ -268,68 +268,6 @@ def map_reduce_grid(
     return dask.compute(dask.delayed(combine, pure=True)(parts), **(compute_kwargs or {}))[0]
 
 
-def map_grid_overlap(
-    func: Callable,
-    first: da.Array,
-    others: Sequence[da.Array],
-    n_spatial: int,
-    halo: int,
-    kwargs: dict,
-    dtype,
-    n_out: int | None = None,
-    pass_halo: bool = False,
-) -> da.Array:
-    """``func(first_block, *other_blocks, **kwargs)`` with ``halo`` voxels of overlap.
-
-    The output has the spatial chunks of ``first`` and ``n_out`` trailing values per voxel
-    (default: those of ``first``); image edges are not padded. With ``pass_halo``, ``func``
-    also gets ``halo=(before, after)``: the planes of its block along the first axis that
-    belong to the neighbouring blocks (its output there is discarded).
-    """
-    arrays = [first, *others]
-    squeeze = tuple(a.ndim == n_spatial for a in arrays)
-    arrays = [a[..., None] if flag else a for a, flag in zip(arrays, squeeze)]
-    func = _Squeezing(func, squeeze, halo if pass_halo else None)
-    if halo == 0:
-        return da.map_blocks(func, *arrays, dtype=dtype, chunks=_with_last(first.chunks, n_out),
-                             meta=np.empty((0,) * first.ndim, dtype), **kwargs)  # fmt: skip
-    overlapped = [
-        da.overlap.overlap(
-            a, depth={axis: halo if axis < n_spatial else 0 for axis in range(a.ndim)},
-            boundary={axis: "none" for axis in range(a.ndim)},
-        )
-        for a in arrays
-    ]  # fmt: skip
-    result = da.map_blocks(func, *overlapped, dtype=dtype,
-                           chunks=_with_last(overlapped[0].chunks, n_out),
-                           meta=np.empty((0,) * first.ndim, dtype), **kwargs)  # fmt: skip
-    return da.overlap.trim_internal(
-        result, {axis: halo if axis < n_spatial else 0 for axis in range(first.ndim)},
-        boundary={axis: "none" for axis in range(first.ndim)},
-    )  # fmt: skip
-
-
-def _with_last(chunks: tuple, n_out: int | None) -> tuple:
-    return chunks if n_out is None else chunks[:-1] + ((n_out,),)
-
-
-class _Squeezing:
-    """Call ``func`` after dropping the trailing axis added to purely spatial blocks."""
-
-    def __init__(self, func: Callable, squeeze: tuple[bool, ...], halo: int | None = None):
-        self.func, self.squeeze, self.halo = func, squeeze, halo
-
-    def __call__(self, *blocks, block_info=None, **kwargs):
-        blocks = [b[..., 0] if flag else b for b, flag in zip(blocks, self.squeeze)]
-        if self.halo is not None:
-            location, count = block_info[0]["chunk-location"][0], block_info[0]["num-chunks"][0]
-            kwargs["halo"] = (
-                self.halo if location > 0 else 0,
-                self.halo if location < count - 1 else 0,
-            )
-        return self.func(*blocks, **kwargs)
-
-
 def map_grid_new(
     func: Callable, like: da.Array, n_spatial: int, n_out: int, dtype, args: tuple = ()
 ) -> da.Array:

@@ -19,7 +19,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "workers": None,
     "mrf_beta": 0.0,
     "bias_field": False,
-    "bias_smoothness": 60.0,
+    "bias_smoothness": 40.0,
     "pve": False,
 }
 

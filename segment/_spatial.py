@@ -10,14 +10,8 @@
   probability maps; the class parameters and the bias field stay those of the mixture
   (updating them from the MRF posterior, as HMRF-EM does, let a thin class drift into a
   boundary class on noisy whole-head phantoms).
-- **Bias field.** A smooth multiplicative field ``b(x) = exp(sum_m c_m phi_m(x))`` per channel,
-  with ``phi_m`` products of Legendre polynomials of total degree 1..P over the bounding box of
-  the fitted voxels (mapped to [-1, 1]^3). Legendre products without the constant term have zero
-  mean over the box, so the field has geometric mean 1 there and does not shift the tissue means.
-  Each iteration it is refitted by penalised weighted least squares to the log residuals
-  ``log y_i - log sum_k r_ik mu_k`` with weights ``sum_k r_ik mu_k^2 / sigma_k^2`` (the inverse
-  variance of ``log y``), on a regular subsample of the voxels, with a ridge prior pulling the
-  coefficients to zero (:data:`BIAS_PRIOR_WEIGHT`).
+- **Bias field.** The E-step statistics of the bias-corrected intensities
+  (:func:`likelihood_statistics`); the field itself is :mod:`segment.spatial.bias`.
 
 No I/O and no Dask: :mod:`segment._chunked` maps the field's functions over blocks, and
 :mod:`segment._sweeps` the sweep over slabs.
@@ -32,11 +26,7 @@ MR images of the brain. IEEE TMI 18(10), 885-896.
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-
 import numpy as np
-from numpy.polynomial import legendre
 from scipy import ndimage
 
 from . import _em
@@ -111,129 +101,6 @@ def mrf_log_prior(sums: np.ndarray, beta: float) -> np.ndarray:
     log_prior -= log_prior.max(axis=0)
     log_prior -= np.log(np.exp(log_prior).sum(axis=0))
     return log_prior
-
-
-# --------------------------------------------------------------------------------------------
-# Bias field
-# --------------------------------------------------------------------------------------------
-def bias_terms(degree: int, ndim: int) -> list[tuple[int, ...]]:
-    """Exponent tuples of the Legendre products of total degree 1..``degree`` (no constant)."""
-    return [
-        powers
-        for powers in itertools.product(range(degree + 1), repeat=ndim)
-        if 0 < sum(powers) <= degree
-    ]
-
-
-def axis_coordinates(start: int, stop: int, box: tuple[float, float]) -> np.ndarray:
-    """Voxel indices ``start..stop-1`` of one axis mapped from the box ``[lo, hi]`` to [-1, 1]."""
-    lo, hi = box
-    return (np.arange(start, stop) - lo) / max(hi - lo, 1.0) * 2.0 - 1.0
-
-
-def _axis_polynomials(coords: list[np.ndarray], degree: int) -> list[np.ndarray]:
-    """``P_p(coord)`` for p = 0..degree on each axis: list of (degree + 1, n_axis) arrays."""
-    return [legendre.legvander(c, degree).T for c in coords]
-
-
-def log_bias_block(
-    coefficients: np.ndarray, coords: list[np.ndarray], degree: int, reverse: bool = False
-) -> np.ndarray:
-    """Evaluate ``log b`` on a block.
-
-    Parameters
-    ----------
-    coefficients : (M, D) array, one column per channel
-    coords : list of ndim 1-D arrays, the block's normalised coordinates per axis
-    degree : int
-    reverse : bool
-        ``coords`` are given last axis first, and so is the result.
-
-    Returns
-    -------
-    log_bias : (*block_shape, D) float64 array
-    """
-    ndim = len(coords)
-    polys = _axis_polynomials(coords, degree)  # per axis (degree + 1, n_axis)
-    # sum_m c_m prod_a P_{p_ma}(x_a) as a contraction of the coefficient tensor with one
-    # polynomial table per axis: a few BLAS calls instead of M outer products of the block
-    tensor = np.zeros((degree + 1,) * ndim + (coefficients.shape[1],))
-    for m, powers in enumerate(bias_terms(degree, ndim)):
-        tensor[powers[::-1] if reverse else powers] = coefficients[m]
-    for axis in range(ndim):  # contract the leading power index; the voxel axis goes last
-        tensor = np.tensordot(tensor, polys[axis], axes=(0, 0))
-    # axes are now (D, x_0, ..., x_{ndim-1})
-    return np.moveaxis(tensor, 0, -1)
-
-
-#: Classes whose mean is under this many standard deviations do not inform the bias field.
-MIN_SNR = 3.0
-
-
-def bias_statistics(
-    intensities: np.ndarray,
-    responsibilities: np.ndarray,
-    design: np.ndarray,
-    means: np.ndarray,
-    covariances: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Normal-equation sums of the weighted log-residual fit, per channel.
-
-    Parameters
-    ----------
-    intensities : (n, D) raw (uncorrected) intensities of the sampled voxels
-    responsibilities : (n, K) array
-    design : (n, M) basis values ``phi_m(x_i)``
-    means : (K, D) array
-    covariances : (K, D, D) array
-
-    Returns
-    -------
-    gram : (D, M, M) array, ``sum_i w_id phi_i phi_i^T``
-    moment : (D, M) array, ``sum_i w_id R_id phi_i``
-    """
-    variances = np.diagonal(covariances, axis1=1, axis2=2)  # (K, D)
-    predicted = responsibilities @ means  # (n, D)
-    snr2 = means**2 / variances  # (K, D): inverse variance of log y for each class
-    # Classes with SNR < 3 (air, cortical bone) are noise, which the field does not multiply:
-    # they carry no information on it and, left in, let it trade off against the class means.
-    weight = responsibilities @ np.where(snr2 >= MIN_SNR**2, snr2, 0.0)  # (n, D)
-    usable = (intensities > 0) & (predicted > 0)
-    weight = np.where(usable, weight, 0.0)
-    residual = np.log(np.where(usable, intensities, 1.0) / np.where(usable, predicted, 1.0))
-    n_channels, n_terms = intensities.shape[1], design.shape[1]
-    gram, moment = np.zeros((n_channels, n_terms, n_terms)), np.zeros((n_channels, n_terms))
-    # in pieces of rows: on longer products OpenBLAS wakes its own threads, which then fight
-    # Dask's for the cores (measured 10-30x slower inside a Dask thread)
-    for start in range(0, len(design), _em.BLOCK_1D):
-        rows = slice(start, start + _em.BLOCK_1D)
-        for d in range(n_channels):
-            weighted = design[rows] * weight[rows, d, None]
-            gram[d] += np.dot(weighted.T, design[rows])
-            moment[d] += np.dot(residual[rows, d], weighted)
-    return gram, moment
-
-
-def solve_bias(gram: np.ndarray, moment: np.ndarray) -> np.ndarray:
-    """Coefficients (M, D) of the log field from summed normal equations (lightly ridged)."""
-    n_terms = gram.shape[1]
-    coefficients = np.empty((n_terms, gram.shape[0]))
-    for d in range(gram.shape[0]):
-        ridge = 1e-6 * np.trace(gram[d]) / n_terms + 1e-12
-        coefficients[:, d] = np.linalg.solve(gram[d] + ridge * np.eye(n_terms), moment[d])
-    return coefficients
-
-
-def design_matrix(coords: list[np.ndarray], degree: int) -> np.ndarray:
-    """Basis values at the grid points of ``coords`` in C order, (prod(len(c)), M)."""
-    polys = _axis_polynomials(coords, degree)
-    columns = []
-    for powers in bias_terms(degree, len(coords)):
-        term = polys[0][powers[0]]
-        for axis in range(1, len(coords)):
-            term = np.multiply.outer(term, polys[axis][powers[axis]])
-        columns.append(term.ravel())
-    return np.stack(columns, axis=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,103 +335,3 @@ def corrected_intensities(
     x = intensities.reshape(-1, n_channels)[voxels].astype(np.float32)
     x *= np.exp(-log_bias.reshape(-1, n_channels)[voxels], dtype=np.float32)
     return x
-
-
-def sweep_change(current: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Sum over the block's fitted voxels of the last sweep's change, and their count."""
-    change = current[..., -1][mask].sum(dtype=np.float64) / POSTERIOR_LEVELS
-    return np.array([change, float(mask.sum())])
-
-
-#: Weight of the prior ``log b = 0`` per fitted voxel, against a voxel's data weight of its
-#: class's SNR^2 (about 20 to 1000 for tissue). See :func:`bias_block_statistics`.
-BIAS_PRIOR_WEIGHT = 5.0
-
-
-def bias_block_statistics(
-    intensities: np.ndarray,
-    mask: np.ndarray,
-    log_bias: np.ndarray,
-    offset: tuple[int, ...],
-    step: int,
-    boxes: list[tuple[float, float]],
-    degree: int,
-    weights: np.ndarray,
-    means: np.ndarray,
-    covariances: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`bias_statistics` of the block's voxels on the global grid ``index % step == 0``.
-
-    Class memberships are the mixture's responsibilities of the bias-corrected intensities.
-    The sample depends only on global voxel indices, so it is the same for any chunking.
-
-    A Gaussian prior pulls the coefficients to zero: :data:`BIAS_PRIOR_WEIGHT` times the number
-    of sampled voxels is added to the diagonal of the normal equations (a ridge penalty per
-    voxel). Without it, on a whole head at high noise the field and the class parameters trade
-    off without end (the likelihood keeps rising as a radial field grows and classes swap); the
-    prior stops that drift and costs little where the data determine the field.
-    """
-    sample, design = _cached_bias_sample(mask, offset, step, boxes, degree)
-    y = intensities[sample].astype(np.float64)
-    x = y * np.exp(-log_bias[sample].astype(np.float64))
-    memberships = _em.e_step(x, weights, means, _em.precision_cholesky(covariances))[0].T
-    return _penalised_bias_statistics(y, memberships, design, means, covariances)
-
-
-#: Samples and basis values of recent blocks: the field's EM asks for the same ones at every
-#: iteration (building them was a third of its time). Bounded; keyed by the block's content.
-_SAMPLE_CACHE: dict = {}
-_SAMPLE_CACHE_SIZE = 256
-
-
-def _cached_bias_sample(mask, offset, step, boxes, degree):
-    key = (
-        tuple(offset), mask.shape, step, tuple(map(tuple, boxes)), degree,
-        hashlib.blake2b(np.ascontiguousarray(mask).tobytes(), digest_size=16).digest(),
-    )  # fmt: skip
-    found = _SAMPLE_CACHE.get(key)
-    if found is None:
-        found = _bias_sample(mask, offset, step, boxes, degree)
-        if len(_SAMPLE_CACHE) >= _SAMPLE_CACHE_SIZE:
-            _SAMPLE_CACHE.pop(next(iter(_SAMPLE_CACHE)), None)
-        _SAMPLE_CACHE[key] = found
-    return found
-
-
-def _bias_sample(mask, offset, step, boxes, degree):
-    """Boolean index of the block's sampled fitted voxels and their basis values (n, M)."""
-    picks = tuple(slice((-o) % step, None, step) for o in offset)
-    coords = [
-        axis_coordinates(o + p.start, o + size, box)[::step]
-        for o, p, size, box in zip(offset, picks, mask.shape, boxes)
-    ]
-    sample = np.zeros(mask.shape, bool)
-    sample[picks] = mask[picks]
-    design = design_matrix(coords, degree)[mask[picks].ravel()]
-    return sample, design
-
-
-def _penalised_bias_statistics(y, memberships, design, means, covariances):
-    n_terms = design.shape[1]
-    if len(y) == 0:
-        return np.zeros((y.shape[1], n_terms, n_terms)), np.zeros((y.shape[1], n_terms))
-    gram, moment = bias_statistics(y, memberships, design, means, covariances)
-    gram += BIAS_PRIOR_WEIGHT * len(y) * np.eye(n_terms)
-    return gram, moment
-
-
-def log_bias_grid_block(
-    shape: tuple[int, ...],
-    offset: tuple[int, ...],
-    coefficients: np.ndarray,
-    boxes: list[tuple[float, float]],
-    degree: int,
-    reverse: bool = False,
-) -> np.ndarray:
-    """``log b`` on the block of ``shape`` at ``offset``, (*shape, D) float32.
-
-    With ``reverse``, ``shape`` and ``offset`` are given last axis first, as is the result.
-    """
-    boxes = boxes[::-1] if reverse else boxes
-    coords = [axis_coordinates(o, o + n, box) for o, n, box in zip(offset, shape, boxes)]
-    return log_bias_block(coefficients, coords, degree, reverse).astype(np.float32)

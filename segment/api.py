@@ -666,7 +666,7 @@ def segment_array(
         ``n_components`` (6), ``max_iter`` (300), ``tol`` (1e-4), ``variance_floor``
         (1e-3 x data variance), ``seed`` (0), ``chunk_size``, ``scheduler``, ``workers``,
         ``mrf_beta`` (0: off; the MRI presets use 0.2), ``bias_field`` (False) and
-        ``bias_smoothness`` (60 mm). See :class:`segment.GaussianMixtureEM`.
+        ``bias_smoothness`` (40 mm). See :class:`segment.GaussianMixtureEM`.
 
     Returns
     -------

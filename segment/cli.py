@@ -229,7 +229,7 @@ def model_options(func=None, *, batch: bool = False):
                      help="Estimate a smooth multiplicative bias field inside the EM "
                           "[default: off]."),
         click.option("--bias-smoothness", type=FiniteFloat(min=0, min_open=True),
-                     default=60.0, show_default=True, metavar="MM",
+                     default=40.0, show_default=True, metavar="MM",
                      help="Bias field smoothness as a length in mm (smaller: faster variations)."),
         click.option("--pve/--no-pve", "pve", default=False,
                      help="Also write partial-volume fractions, <stem>_pve (one volume per "

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import gc
 import os
 import warnings
 from collections.abc import Callable
@@ -110,7 +108,7 @@ class GaussianMixtureEM:
         :mod:`segment._spatial`.
     bias_field : bool, default False
         Estimate a smooth multiplicative bias field inside the EM (:meth:`fit_image` only).
-    bias_smoothness : float, default 60.0
+    bias_smoothness : float, default 40.0
         Bias field smoothness in mm: the full width at half maximum of the Gaussian that
         smooths the field's residuals (see :mod:`segment.spatial.bias`).
     callback : callable, optional
@@ -179,7 +177,7 @@ class GaussianMixtureEM:
         init_sample_size: int = 200_000,
         mrf_beta: float = 0.0,
         bias_field: bool = False,
-        bias_smoothness: float = 60.0,
+        bias_smoothness: float = 40.0,
         callback: Callable[[int, float, float], None] | None = None,
     ):
         self.n_components = n_components
@@ -520,12 +518,9 @@ class GaussianMixtureEM:
             state["coarse"] = _bias.smooth_log_field(sums(params, covariances), n_features, sigma)
             state["log_bias"] = field()
 
-        try:
-            iteration, trace, params, covariances, change, stats = self._em_iterations(
-                likelihood(params), params, floor, likelihood, refit_field
-            )
-        finally:
-            _spatial._SAMPLE_CACHE.clear()  # this process's; worker processes end with the fit
+        iteration, trace, params, covariances, change, stats = self._em_iterations(
+            likelihood(params), params, floor, likelihood, refit_field
+        )
         scale = float(mask.sum()) / float(sub_mask.sum())
         self._finish(self.n_iter_ + iteration,
                      self.log_likelihood_trace_ + [value * scale for value in trace],
@@ -745,14 +740,15 @@ class GaussianMixtureEM:
         self.soft_counts_ = stats["nk"].copy()
         self._finish(iteration, trace, params, covariances, change, data, params[1].shape[1])
 
-    def _em_iterations(self, stats, params, floor, statistics, after_m_step=None):
+    def _em_iterations(self, stats, params, floor, statistics, after_m_step=None, tol=None):
         """EM iterations from the E-step statistics ``stats`` of ``params``.
 
         Each iteration: M-step, ``after_m_step(params, covariances)`` (the bias field's update),
         E-step ``statistics(params)``, trace and callback; it stops when the log-likelihood per
-        voxel changes by less than ``tol``. Returns ``(iteration, trace, params, covariances,
-        change, stats)`` of the last iteration.
+        voxel changes by less than ``tol`` (default ``self.tol``). Returns ``(iteration, trace,
+        params, covariances, change, stats)`` of the last iteration.
         """
+        tol = self.tol if tol is None else tol
         n_samples, previous = stats["n_samples"], stats["log_likelihood"]
         trace: list[float] = []
         self.converged_ = False
@@ -768,7 +764,7 @@ class GaussianMixtureEM:
             previous = stats["log_likelihood"]
             if self.callback is not None:
                 self.callback(iteration, stats["log_likelihood"], change)
-            if abs(change) < self.tol:
+            if abs(change) < tol:
                 self.converged_ = True
                 break
         return iteration, trace, params, covariances, change, stats
@@ -971,19 +967,6 @@ def _column_sums(values: np.ndarray) -> np.ndarray:
     for start in range(0, len(values), 1 << 20):
         total += values[start : start + (1 << 20)].sum(axis=0, dtype=np.float64)
     return total
-
-
-def _release_memory() -> None:
-    """Collect Dask's reference cycles and hand freed heap pages back to the OS.
-
-    The sweeps free hundreds of MB in worker threads' malloc arenas, which glibc keeps; without
-    the trim, writing the outputs would start from that high-water mark.
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:

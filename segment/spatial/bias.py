@@ -164,7 +164,8 @@ def smooth_log_field(
     for d in range(n_channels):
         residual = _smooth(sums[d], sigma_cells)
         weight = _smooth(sums[n_channels + d], sigma_cells) + prior * smooth_counts
-        field[d] = residual / np.maximum(weight, 1e-12)
+        # far from any fitted voxel both sums vanish: the floor takes the field back to 1 there
+        field[d] = residual / np.maximum(weight, 1e-3 * weight.max() + 1e-12)
         field[d] -= (field[d] * counts).sum() / max(counts.sum(), 1.0)
     return field
 
