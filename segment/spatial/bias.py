@@ -47,7 +47,7 @@ PRIOR_WEIGHT = 1.0
 #: Cells of the coarse grid are about this fraction of the smoothness (FWHM) wide.
 CELLS_PER_FWHM = 6
 #: A field is discarded when the two best-determined classes' own fields correlate less.
-MIN_AGREEMENT = 0.65
+MIN_AGREEMENT = 0.6
 FWHM_TO_SIGMA = 1.0 / np.sqrt(8.0 * np.log(2.0))
 
 
