@@ -47,6 +47,29 @@ _FIT_ATTRIBUTES = (
 )  # fmt: skip
 
 
+class _RecordedWarnings:
+    """Record the fit's warnings in ``estimator.warnings_`` (for the sidecar) and re-issue them."""
+
+    def __init__(self, estimator: GaussianMixtureEM):
+        self.estimator = estimator
+
+    def __enter__(self):
+        self._catcher = warnings.catch_warnings(record=True)
+        self._caught = self._catcher.__enter__()
+        warnings.simplefilter("always")
+
+    def __exit__(self, *exc_info):
+        self._catcher.__exit__(*exc_info)
+        self.estimator.warnings_ = [
+            f"{w.category.__name__}: {w.message}"
+            for w in self._caught
+            if issubclass(w.category, (ConvergenceWarning, DataWarning))
+        ]
+        for w in self._caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return False
+
+
 @dataclass
 class _FitData:
     """The features as the EM loop sees them: in memory (distinct values) or chunked."""
@@ -136,6 +159,8 @@ class GaussianMixtureEM:
         ``"distinct-values"``, ``"per-voxel"`` or ``"grid"`` (spatial model).
     soft_counts_ : (K,) array
         Sum of each component's responsibilities over the fitted voxels (final E-step).
+    warnings_ : list of str
+        The convergence and data warnings the last fit issued (also recorded in the sidecar).
 
     Notes
     -----
@@ -221,7 +246,8 @@ class GaussianMixtureEM:
                 "mrf_beta > 0 and bias_field=True need the image grid: call "
                 "fit_image(image, mask, spacing=...) instead of fit(X)"
             )
-        return self._fit_flat(X, sample_weight)
+        with _RecordedWarnings(self):
+            return self._fit_flat(X, sample_weight)
 
     def _fit_flat(self, X: Any, sample_weight: Any = None) -> GaussianMixtureEM:
         X = _validation.check_features(X)
@@ -276,6 +302,10 @@ class GaussianMixtureEM:
             the MRF ``n_mrf_sweeps_`` and ``mrf_change_`` (the mean change of the posterior per
             voxel in the last sweep).
         """
+        with _RecordedWarnings(self):
+            return self._fit_image(image, mask, spacing, channel_axis)
+
+    def _fit_image(self, image, mask, spacing, channel_axis) -> GaussianMixtureEM:
         self._check_parameters()
         if channel_axis is not None:
             image = da.moveaxis(image, channel_axis, -1) if isinstance(

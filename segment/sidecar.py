@@ -102,6 +102,7 @@ def model_record(estimator) -> dict[str, Any]:
         "fit_path": estimator.fit_path_,
         "n_iter": int(estimator.n_iter_),
         "converged": bool(estimator.converged_),
+        "warnings": list(getattr(estimator, "warnings_", [])),
         "tol": float(estimator.tol),
         "max_iter": int(estimator.max_iter),
         "seed": estimator.random_state,

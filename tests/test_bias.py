@@ -125,5 +125,8 @@ def test_a_uniform_image_keeps_the_plain_result():
     np.testing.assert_array_equal(fitted.labels, plain.labels)
     np.testing.assert_allclose(fitted.estimator.means_, plain.estimator.means_, rtol=1e-9)
     assert np.all(fitted.bias_field == 1.0)
-    record = fitted.sidecar()["model"]["bias_field"]
+    model = fitted.sidecar()["model"]
+    record = model["bias_field"]
     assert record["status"].startswith("not applied") and record["range"] == [1.0, 1.0]
+    assert any("bias field not applied" in w for w in model["warnings"])
+    assert "warnings" in plain.sidecar()["model"] and not plain.sidecar()["model"]["warnings"]
