@@ -41,8 +41,24 @@ def check_features(X: Any) -> Any:
     """
     import dask.array as da
 
+    if hasattr(X, "toarray") and hasattr(X, "nnz"):  # scipy.sparse, without importing scipy
+        raise SegmentError(
+            f"X is a sparse {type(X).__name__}: sparse input is not supported; pass X.toarray()"
+        )
     if not isinstance(X, da.Array):
         X = np.asarray(X)
+        if X.dtype.kind == "O":
+            try:
+                X = X.astype(np.float64)
+            except ValueError:  # a TypeError (a dict, a list) says enough by itself
+                raise SegmentError(
+                    "X must hold numbers, got dtype object with non-numeric entries"
+                ) from None
+    if X.dtype.kind == "c":
+        raise SegmentError(
+            f"X holds complex numbers (dtype {X.dtype}): Complex data not supported; "
+            "pass magnitudes (np.abs(X)) or real and imaginary parts as two channels"
+        )
     if X.dtype.kind not in "biuf":
         raise SegmentError(f"X must hold numbers, got dtype {X.dtype}")
     if X.dtype.kind == "b":
@@ -54,8 +70,16 @@ def check_features(X: Any) -> Any:
             f"X must be (n_voxels,) or (n_voxels, n_channels), got shape {X.shape}; "
             "flatten the image first (segment.masking.flatten)"
         )
-    if X.shape[0] == 0 or X.shape[1] == 0:
-        raise SegmentError(f"X is empty (shape {X.shape}); there are no voxels to fit")
+    if X.shape[1] == 0:
+        raise SegmentError(
+            f"X is empty (shape {X.shape}): X has 0 feature(s) (shape={X.shape}) while a "
+            "minimum of 1 is required; give at least one channel"
+        )
+    if X.shape[0] == 0:
+        raise SegmentError(
+            f"X is empty (shape {X.shape}): X has 0 sample(s) (shape={X.shape}) while a "
+            "minimum of 1 is required; there are no voxels to fit"
+        )
     return X
 
 
@@ -84,8 +108,16 @@ def check_data_summary(moments: dict, n_components: int) -> None:
             "leave them out with a mask (segment_array does this for you)"
         )
     if moments["n"] <= 0:
-        raise SegmentError("X has no voxels with positive weight to fit")
+        raise SegmentError(
+            "X has no voxels with positive weight to fit (sample weights sum to zero); "
+            "give some voxels a weight above zero"
+        )
     if np.all(moments["m2"] <= 0):
+        if moments["n"] == 1:
+            raise SegmentError(
+                "X has 1 sample (n_samples=1); a mixture needs at least n_components "
+                "distinct intensities"
+            )
         raise SegmentError(
             f"the data are constant (every voxel is {moments['mean'].tolist()}); "
             "a mixture needs at least n_components distinct intensities"
