@@ -198,3 +198,47 @@ def _check_shape(name: str, value: Any, shapes: list[tuple]) -> np.ndarray:
     if not np.all(np.isfinite(array)):
         raise SegmentError(f"{name} contains non-finite values: {array.tolist()}")
     return array
+
+
+#: The values of K that ``n_components="auto"`` (``-k auto``) tries.
+AUTO_K_RANGE = (2, 8)
+
+
+def check_k_range(n_components: Any) -> list[int] | None:
+    """The values of K to choose from by BIC, or None for a plain integer ``n_components``.
+
+    ``"auto"`` (or ``"bic"``) means K = 2..8; ``"auto:A-B"`` K = A..B; a list, tuple or
+    ``range`` of integers those values. At least two values, each 1..255.
+    """
+    if isinstance(n_components, numbers.Integral) and not isinstance(n_components, bool):
+        return None
+    if isinstance(n_components, str):
+        text = n_components.strip().lower()
+        low, high = AUTO_K_RANGE
+        if text.startswith(("auto:", "bic:")):
+            first, sep, last = text.partition(":")[2].partition("-")
+            if not (sep and first.strip().isdigit() and last.strip().isdigit()):
+                raise SegmentError(
+                    f"n_components must be an integer, 'auto' or 'auto:A-B' (e.g. auto:2-8), "
+                    f"got {n_components!r}"
+                )
+            low, high = int(first), int(last)
+        elif text not in ("auto", "bic"):
+            raise SegmentError(
+                f"n_components must be an integer, 'auto' or 'auto:A-B' (e.g. auto:2-8), "
+                f"got {n_components!r}"
+            )
+        values = list(range(low, high + 1))
+    elif isinstance(n_components, (list, tuple, range)):
+        values = sorted({check_n_components(k) for k in n_components})
+    else:
+        check_n_components(n_components)  # raises with the usual message
+        return None
+    if len(values) < 2:
+        raise SegmentError(
+            f"the range of K in n_components={n_components!r} holds fewer than two values; "
+            "give at least two, e.g. auto:2-8"
+        )
+    for k in (values[0], values[-1]):
+        check_n_components(k)
+    return values

@@ -177,3 +177,39 @@ def test_predict_checks_channels_and_finiteness(rng):
         gm.predict(np.zeros(4))
     with pytest.raises(SegmentError, match="NaN or inf"):
         gm.predict(np.array([[0.0, np.nan]]))
+
+
+# ------------------------------------------------------------------------------ K by BIC
+def test_segment_array_auto_picks_k_by_bic(rng):
+    from segment import segment_array
+
+    image = np.full((30, 40), 100.0)
+    image[5:25, 10:30] = 500.0
+    image[10:20, 15:25] = 900.0
+    image = (image + rng.normal(0, 15, image.shape)).round().astype(np.int16)
+    result = segment_array(image, n_components=range(1, 6))
+    selection = result.model_selection
+    assert selection["n_components"] == 3 == result.estimator.n_components
+    assert selection["tried"] == [1, 2, 3, 4, 5]
+    # each BIC equals GaussianMixtureEM.bic on the flat voxels for that K
+    for row in selection["curve"]:
+        gm = GaussianMixtureEM(row["n_components"]).fit(image.reshape(-1, 1))
+        assert row["bic"] == pytest.approx(gm.bic(image.reshape(-1, 1)), rel=1e-9)
+    assert result.sidecar()["model_selection"] == selection
+    assert segment_array(image, n_components="auto").model_selection["tried"] == list(range(2, 9))
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ("auto:4-4", "fewer than two values"),
+        ([3], "fewer than two values"),
+        ("auto:0-3", "between 1 and 255"),
+        ("guess", "'auto' or 'auto:A-B'"),
+    ],
+)
+def test_auto_range_bad_values(value, match):
+    from segment import segment_array
+
+    with pytest.raises(SegmentError, match=match):
+        segment_array(np.arange(100.0).reshape(10, 10), n_components=value)
