@@ -12,6 +12,7 @@ from .exceptions import (  # noqa: E402
     ConvergenceWarning,
     DataWarning,
     InputError,
+    NotFittedError,
     PerformanceWarning,
     SegmentError,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "SegmentationResult",
     "SegmentError",
     "InputError",
+    "NotFittedError",
     "ConvergenceWarning",
     "DataWarning",
     "PerformanceWarning",

@@ -41,8 +41,24 @@ def check_features(X: Any) -> Any:
     """
     import dask.array as da
 
+    if hasattr(X, "toarray") and hasattr(X, "nnz"):  # scipy.sparse, without importing scipy
+        raise SegmentError(
+            f"X is a sparse {type(X).__name__}: sparse input is not supported; pass X.toarray()"
+        )
     if not isinstance(X, da.Array):
         X = np.asarray(X)
+        if X.dtype.kind == "O":
+            try:
+                X = X.astype(np.float64)
+            except ValueError:  # a TypeError (a dict, a list) says enough by itself
+                raise SegmentError(
+                    "X must hold numbers, got dtype object with non-numeric entries"
+                ) from None
+    if X.dtype.kind == "c":
+        raise SegmentError(
+            f"X holds complex numbers (dtype {X.dtype}): Complex data not supported; "
+            "pass magnitudes (np.abs(X)) or real and imaginary parts as two channels"
+        )
     if X.dtype.kind not in "biuf":
         raise SegmentError(f"X must hold numbers, got dtype {X.dtype}")
     if X.dtype.kind == "b":
@@ -54,8 +70,16 @@ def check_features(X: Any) -> Any:
             f"X must be (n_voxels,) or (n_voxels, n_channels), got shape {X.shape}; "
             "flatten the image first (segment.masking.flatten)"
         )
-    if X.shape[0] == 0 or X.shape[1] == 0:
-        raise SegmentError(f"X is empty (shape {X.shape}); there are no voxels to fit")
+    if X.shape[1] == 0:
+        raise SegmentError(
+            f"X is empty (shape {X.shape}): X has 0 feature(s) (shape={X.shape}) while a "
+            "minimum of 1 is required; give at least one channel"
+        )
+    if X.shape[0] == 0:
+        raise SegmentError(
+            f"X is empty (shape {X.shape}): X has 0 sample(s) (shape={X.shape}) while a "
+            "minimum of 1 is required; there are no voxels to fit"
+        )
     return X
 
 
@@ -84,8 +108,16 @@ def check_data_summary(moments: dict, n_components: int) -> None:
             "leave them out with a mask (segment_array does this for you)"
         )
     if moments["n"] <= 0:
-        raise SegmentError("X has no voxels with positive weight to fit")
+        raise SegmentError(
+            "X has no voxels with positive weight to fit (sample weights sum to zero); "
+            "give some voxels a weight above zero"
+        )
     if np.all(moments["m2"] <= 0):
+        if moments["n"] == 1:
+            raise SegmentError(
+                "X has 1 sample (n_samples=1); a mixture needs at least n_components "
+                "distinct intensities"
+            )
         raise SegmentError(
             f"the data are constant (every voxel is {moments['mean'].tolist()}); "
             "a mixture needs at least n_components distinct intensities"
@@ -166,3 +198,47 @@ def _check_shape(name: str, value: Any, shapes: list[tuple]) -> np.ndarray:
     if not np.all(np.isfinite(array)):
         raise SegmentError(f"{name} contains non-finite values: {array.tolist()}")
     return array
+
+
+#: The values of K that ``n_components="auto"`` (``-k auto``) tries.
+AUTO_K_RANGE = (2, 8)
+
+
+def check_k_range(n_components: Any) -> list[int] | None:
+    """The values of K to choose from by BIC, or None for a plain integer ``n_components``.
+
+    ``"auto"`` (or ``"bic"``) means K = 2..8; ``"auto:A-B"`` K = A..B; a list, tuple or
+    ``range`` of integers those values. At least two values, each 1..255.
+    """
+    if isinstance(n_components, numbers.Integral) and not isinstance(n_components, bool):
+        return None
+    if isinstance(n_components, str):
+        text = n_components.strip().lower()
+        low, high = AUTO_K_RANGE
+        if text.startswith(("auto:", "bic:")):
+            first, sep, last = text.partition(":")[2].partition("-")
+            if not (sep and first.strip().isdigit() and last.strip().isdigit()):
+                raise SegmentError(
+                    f"n_components must be an integer, 'auto' or 'auto:A-B' (e.g. auto:2-8), "
+                    f"got {n_components!r}"
+                )
+            low, high = int(first), int(last)
+        elif text not in ("auto", "bic"):
+            raise SegmentError(
+                f"n_components must be an integer, 'auto' or 'auto:A-B' (e.g. auto:2-8), "
+                f"got {n_components!r}"
+            )
+        values = list(range(low, high + 1))
+    elif isinstance(n_components, (list, tuple, range)):
+        values = sorted({check_n_components(k) for k in n_components})
+    else:
+        check_n_components(n_components)  # raises with the usual message
+        return None
+    if len(values) < 2:
+        raise SegmentError(
+            f"the range of K in n_components={n_components!r} holds fewer than two values; "
+            "give at least two, e.g. auto:2-8"
+        )
+    for k in (values[0], values[-1]):
+        check_n_components(k)
+    return values

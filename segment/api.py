@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from . import masking, naming, sidecar
+from . import _validation, masking, naming, sidecar
 from ._options import DEFAULT_OPTIONS
-from .exceptions import DataWarning, InputError, SegmentError
+from .exceptions import ConvergenceWarning, DataWarning, InputError, SegmentError
 from .mixture import GaussianMixtureEM
 
 __all__ = ["segment_array", "segment_file", "SegmentationResult", "DEFAULT_OPTIONS"]
@@ -30,6 +30,13 @@ def make_estimator(options: dict[str, Any], callback: Callable | None = None) ->
             f"unknown option(s) {sorted(unknown)}; expected some of {sorted(DEFAULT_OPTIONS)}"
         )
     merged = {**DEFAULT_OPTIONS, **options}
+    k_values = _validation.check_k_range(merged["n_components"])
+    if k_values is not None:  # n_components="auto": each K is checked like the smallest
+        if merged["pve"]:
+            raise SegmentError(
+                "pve cannot be combined with n_components='auto' yet; give an integer K"
+            )
+        merged["n_components"] = k_values[0]
     from .partial_volume import check_pve
 
     check_pve(merged["pve"], merged["n_components"])
@@ -108,6 +115,9 @@ class SegmentationResult:
     in :func:`segment.masking.flatten` order (see :mod:`segment.partial_volume`)."""
     pve_record: dict[str, Any] | None = None
     """With ``pve=True``: the refitted mixed-voxel model, for the sidecar."""
+    model_selection: dict[str, Any] | None = None
+    """With ``n_components="auto"``: the K tried, their BIC and the K chosen (see
+    :func:`select_n_components`)."""
     # ``self._labels`` is set through the ``labels`` property defined after the class (an
     # instance attribute, not a field: the generated __init__ would reset a field after it).
 
@@ -224,6 +234,7 @@ class SegmentationResult:
             command_line=command_line,
             fraction_volumes=self.fraction_volumes(),
             partial_volume=self.pve_record,
+            model_selection=self.model_selection,
         )
 
     def save(
@@ -681,6 +692,11 @@ def segment_array(
     >>> np.unique(result.labels[:, :15]), np.unique(result.labels[:, 15:])
     (array([1], dtype=uint8), array([2], dtype=uint8))
     """
+    if _validation.check_k_range(options.get("n_components", 6)) is not None:
+        return _segment_array_auto(
+            array, mask, channel_axis=channel_axis, spacing=spacing, callback=callback,
+            memory_limit=memory_limit, **options,
+        )  # fmt: skip
     estimator = make_estimator(options, callback)
     _memory_budget(memory_limit)
     channels = _as_channels(array, channel_axis)
@@ -735,6 +751,85 @@ def segment_array(
         mask_spec="array" if mask is not None else "none",
     )
     return _with_fractions(result, channels, options.get("pve", False))
+
+
+def select_n_components(X: Any, k_values: Sequence[int], **options: Any) -> dict[str, Any]:
+    """Choose K by BIC: fit the plain mixture for each K in ``k_values`` and take the lowest.
+
+    Each fit is :meth:`GaussianMixtureEM.fit` on the flat features (the distinct-values path
+    for integer scans), without MRF or bias field; ``BIC = -2 log L + p log N`` with ``p``
+    the free parameters of scikit-learn's ``GaussianMixture`` (:meth:`GaussianMixtureEM.bic`).
+
+    Parameters
+    ----------
+    X : (N, D) array
+        The fitted voxels' features.
+    k_values : sequence of int
+        At least two values of K.
+    **options
+        Model options of :func:`segment_array` (``n_components`` is replaced by each K).
+
+    Returns
+    -------
+    dict
+        ``criterion`` ("BIC"), ``n_components`` (the K chosen), ``tried`` (the K fitted) and
+        ``curve``: one record per K with ``bic``, ``log_likelihood``, ``n_parameters`` and
+        ``converged``. K above the number of distinct intensities are left out.
+    """
+    from ._estimator import n_parameters
+
+    plain = {**options, "mrf_beta": 0.0, "bias_field": False, "pve": False}
+    curve = []
+    for k in k_values:
+        estimator = make_estimator({**plain, "n_components": int(k)})
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                estimator.fit(X)
+        except SegmentError as error:
+            if "distinct" in str(error) and curve:
+                break  # fewer distinct intensities than K: larger K cannot be fitted either
+            raise
+        p = n_parameters(k, estimator.n_features_in_)
+        n = float(estimator.n_samples_)
+        curve.append({
+            "n_components": int(k),
+            "bic": float(-2.0 * estimator.log_likelihood_ + p * np.log(n)),
+            "log_likelihood": float(estimator.log_likelihood_),
+            "n_parameters": int(p),
+            "converged": bool(estimator.converged_),
+        })  # fmt: skip
+    best = min(curve, key=lambda row: row["bic"])
+    return {
+        "criterion": "BIC",
+        "n_components": best["n_components"],
+        "tried": [row["n_components"] for row in curve],
+        "n_voxels": float(estimator.n_samples_),
+        "curve": curve,
+    }
+
+
+def _segment_array_auto(array, mask, *, channel_axis, spacing, callback, memory_limit, **options):
+    """:func:`segment_array` with K chosen by :func:`select_n_components` first."""
+    requested = options["n_components"]
+    k_values = _validation.check_k_range(requested)
+    make_estimator(options)  # the other options' errors before any fit
+    channels = _as_channels(array, channel_axis)
+    valid, _ = masking.valid_voxels(channels, mask)
+    if not valid.any():
+        raise SegmentError("no voxel to fit: every voxel in the mask is NaN or inf")
+    start = time.perf_counter()
+    X = masking.flatten(channels[0] if len(channels) == 1 else np.stack(channels, -1), valid)
+    selection = select_n_components(X, k_values, **options)
+    del X
+    selection_s = time.perf_counter() - start
+    result = segment_array(
+        array, mask, channel_axis=channel_axis, spacing=spacing, callback=callback,
+        memory_limit=memory_limit, **{**options, "n_components": selection["n_components"]},
+    )  # fmt: skip
+    result.model_selection = {"requested": str(requested), **selection}
+    result.timings["select_k_s"] = selection_s
+    return result
 
 
 def _with_fractions(result: SegmentationResult, channels, pve: bool) -> SegmentationResult:

@@ -111,6 +111,35 @@ class FiniteFloat(click.FloatRange):
         return number
 
 
+class NComponents(click.ParamType):
+    """``-k``: an integer 1..255, or (``segment run``) ``auto`` / ``auto:A-B``, K chosen by BIC."""
+
+    name = "K|auto|auto:A-B"
+
+    def __init__(self, allow_auto: bool):
+        self.allow_auto = allow_auto
+        if not allow_auto:
+            self.name = "integer range"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool):
+            text = str(value)
+        else:
+            text = str(value).strip()
+        if text.lstrip("+-").isdigit():
+            return click.IntRange(1, 255).convert(text, param, ctx)
+        if not self.allow_auto:
+            self.fail(f"{value!r} is not a valid integer range (1 to 255).", param, ctx)
+        from ._validation import check_k_range
+        from .exceptions import SegmentError
+
+        try:
+            check_k_range(text)
+        except SegmentError as error:
+            self.fail(str(error), param, ctx)
+        return text.lower()
+
+
 def _check_memory_limit(ctx, param, value):
     if value is None:
         return value
@@ -199,8 +228,11 @@ def model_options(func=None, *, batch: bool = False):
                      callback=_check_pipeline,
                      help="Preset of options (see `segment pipelines`); options given on the "
                           "command line override it."),
-        click.option("-k", "--n-components", type=click.IntRange(1, 255), default=6,
-                     show_default=True, help="Number of tissue classes K."),
+        click.option("-k", "--n-components", type=NComponents(allow_auto=not batch), default=6,
+                     show_default=True,
+                     help="Number of tissue classes K." if batch else
+                          "Number of tissue classes K, or 'auto' (K = 2..8) / 'auto:A-B': fit "
+                          "each K and keep the lowest BIC (the curve goes in the sidecar)."),
         click.option("--mask", "mask", default="none", show_default=True,
                      metavar="PATH|TEMPLATE|auto|none|bids" if batch else "PATH|auto|none",
                      help=_BATCH_MASK_HELP if batch else _MASK_HELP),
@@ -290,7 +322,11 @@ def _apply_pipeline(kwargs: dict):
     for key, param in _SETTING_PARAMS.items():
         kwargs[param] = not settings[key] if param.startswith("no_") else settings[key]
     kwargs["mrf_beta"] = settings["mrf_beta"]
-    if settings["pve"] and settings["n_components"] < 2:
+    if (
+        settings["pve"]
+        and isinstance(settings["n_components"], int)
+        and (settings["n_components"] < 2)
+    ):
         where = "--pve" if sources["pve"] == "command line" else f"pipeline {pipeline.name}: pve"
         raise click.UsageError(
             f"{where} needs at least 2 classes to mix, got -k {settings['n_components']}; "
@@ -376,8 +412,14 @@ def run(inputs: tuple[Path, ...], out_dir: Path, **kwargs) -> None:
         _ProgressLine.end()  # also before an error message
     estimator = result.estimator
     if not kwargs["quiet"]:
+        chosen = (
+            f" (BIC over {result.model_selection['tried'][0]}.."
+            f"{result.model_selection['tried'][-1]})"
+            if result.model_selection
+            else ""
+        )
         click.echo(
-            f"{inputs[0]}: K={estimator.n_components}, {estimator.n_iter_} "
+            f"{inputs[0]}: K={estimator.n_components}{chosen}, {estimator.n_iter_} "
             f"iteration{'s' if estimator.n_iter_ != 1 else ''}, "
             f"{'converged' if estimator.converged_ else 'NOT converged'}, log-likelihood/voxel "
             f"{estimator.log_likelihood_ / estimator.n_samples_:.4f}, "

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
-    "SegmentError", "InputError", "ConvergenceWarning", "DataWarning", "PerformanceWarning",
+    "SegmentError", "InputError", "NotFittedError", "ConvergenceWarning", "DataWarning",
+    "PerformanceWarning",
 ]  # fmt: skip
 
 
@@ -32,6 +33,14 @@ class InputError(SegmentError):
         self.path = Path(path)
         self.message = message
         super().__init__(f"{path}: {message}")
+
+
+class NotFittedError(SegmentError, AttributeError):
+    """An estimator was used before ``fit``.
+
+    A ``ValueError`` and an ``AttributeError``, like scikit-learn's ``NotFittedError``, so the
+    checks that catch either (``check_is_fitted``, ``hasattr``) see it.
+    """
 
 
 class ConvergenceWarning(UserWarning):

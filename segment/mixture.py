@@ -12,7 +12,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from . import _chunked, _em, _kernels, _kmeans, _spatial, _sweeps, _validation
+from . import _chunked, _em, _estimator, _kernels, _kmeans, _spatial, _sweeps, _validation
 from ._scheduler import check_scheduler, compute_kwargs, is_distributed
 from .exceptions import ConvergenceWarning, DataWarning, SegmentError
 from .spatial import bias as _bias
@@ -81,7 +81,7 @@ class _FitData:
     in_memory: np.ndarray | None = None  # the (N, D) features when given as numpy
 
 
-class GaussianMixtureEM:
+class GaussianMixtureEM(_estimator.EstimatorMixin):
     """Gaussian mixture fitted by Expectation-Maximization, chunked and parallel with Dask.
 
     The model is ``p(x) = sum_k pi_k N(x | mu_k, Sigma_k)`` with full covariances. Each EM
@@ -829,16 +829,6 @@ class GaussianMixtureEM:
         return order
 
     # ------------------------------------------------------------------ prediction
-    def _check_fitted_features(self, X: Any) -> Any:
-        if not hasattr(self, "means_"):
-            raise SegmentError("this GaussianMixtureEM is not fitted yet; call fit(X) first")
-        X = _validation.check_features(X)
-        if X.shape[1] != self.n_features_in_:
-            raise SegmentError(
-                f"X has {X.shape[1]} channels but the mixture was fitted on {self.n_features_in_}"
-            )
-        return X
-
     @property
     def _params(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.weights_, self.means_, self.precisions_cholesky_

@@ -151,10 +151,14 @@ def build_sidecar(
     command_line: list[str] | None = None,
     fraction_volumes: np.ndarray | None = None,
     partial_volume: dict[str, Any] | None = None,
+    model_selection: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble the sidecar dictionary (JSON-serialisable)."""
+    """Assemble the sidecar dictionary (JSON-serialisable).
+
+    ``model_selection`` (``n_components="auto"``): how K was chosen, with the BIC curve.
+    """
     volumes = label_volumes(labels, soft_counts, voxel_volume_ml, fraction_volumes)
-    return {
+    record = {
         "software": {
             "name": "segment",
             "version": __version__,
@@ -175,6 +179,9 @@ def build_sidecar(
         "timings_s": {key: round(float(value), 4) for key, value in timings.items()},
         "outputs": outputs,
     }
+    if model_selection is not None:
+        record["model_selection"] = model_selection
+    return record
 
 
 def dumps(record: dict[str, Any]) -> str:

@@ -879,3 +879,50 @@ def test_console_script_shows_progress_on_a_terminal(scan, out_dir):
     # tol=0 gives a ConvergenceWarning; it starts its own line after the progress line.
     assert any(line.startswith("warning: EM did not converge") for line in lines), lines
     assert lines[-1].startswith(f"{scan}: K=3, 4 iterations, NOT converged")
+
+
+# ------------------------------------------------------------------------------ -k auto
+def three_level_scan(make_nifti, rng, name="scan.nii.gz"):
+    """int16 volume with three well-separated intensity classes (BIC should pick K = 3)."""
+    data = np.full((12, 13, 14), 100.0)
+    data[3:9, 3:10, 3:11] = 600.0
+    data[5:7, 5:8, 5:9] = 1200.0
+    return make_nifti((data + rng.normal(0, 20, data.shape)).round().astype(np.int16), name)
+
+
+def test_run_k_auto_picks_k_by_bic_and_records_the_curve(make_nifti, rng, tmp_path):
+    scan = three_level_scan(make_nifti, rng)
+    out_dir = tmp_path / "out"
+    result = invoke("run", scan, "-o", out_dir, "-k", "auto:2-5")
+    assert_ok(result)
+    assert f"{scan}: K=3 (BIC over 2..5)" in result.stderr
+    record = json.loads((out_dir / "scan_segment.json").read_text())
+    selection = record["model_selection"]
+    assert selection["requested"] == "auto:2-5" and selection["criterion"] == "BIC"
+    assert selection["tried"] == [2, 3, 4, 5] and selection["n_components"] == 3
+    bics = [row["bic"] for row in selection["curve"]]
+    assert min(bics) == bics[1] and record["model"]["n_components"] == 3
+    assert [row["n_parameters"] for row in selection["curve"]] == [5, 8, 11, 14]
+    labels = np.asarray(nib.load(out_dir / "scan_dseg.nii.gz").dataobj)
+    assert set(np.unique(labels)) == {1, 2, 3}
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("auto:3-3", "fewer than two values"),
+        ("auto:6-2", "fewer than two values"),
+        ("auto:2", "'auto:A-B'"),
+        ("many", "'auto:A-B'"),
+    ],
+)
+def test_run_k_auto_bad_range_is_a_usage_error(make_nifti, tmp_path, value, fragment):
+    out_dir = tmp_path / "out"
+    result = invoke("run", make_nifti(), "-o", out_dir, "-k", value)
+    assert_failed(result, "-k", fragment, code=2, out_dir=out_dir)
+
+
+def test_k_auto_with_pve_or_in_batch_is_a_usage_error(make_nifti, tmp_path):
+    scan = make_nifti()
+    assert_failed(invoke("run", scan, "-o", tmp_path / "a", "-k", "auto", "--pve"), "pve", code=2)
+    assert_failed(invoke("batch", scan.parent, "-o", tmp_path / "b", "-k", "auto"), "-k", code=2)
