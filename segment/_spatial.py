@@ -10,8 +10,8 @@
   probability maps; the class parameters and the bias field stay those of the mixture
   (updating them from the MRF posterior, as HMRF-EM does, let a thin class drift into a
   boundary class on noisy whole-head phantoms).
-- **Bias field.** The E-step statistics of the bias-corrected intensities
-  (:func:`likelihood_statistics`); the field itself is :mod:`segment.spatial.bias`.
+- **Bias field.** The sweeps divide the intensities by the field (``log_bias``); the field
+  itself is estimated in :mod:`segment.spatial.bias`.
 
 No I/O and no Dask: :mod:`segment._chunked` maps the field's functions over blocks, and
 :mod:`segment._sweeps` the sweep over slabs.
@@ -106,28 +106,6 @@ def mrf_log_prior(sums: np.ndarray, beta: float) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Block functions of the grid EM
 # --------------------------------------------------------------------------------------------
-def likelihood_statistics(
-    intensities: np.ndarray,
-    mask: np.ndarray,
-    log_bias: np.ndarray,
-    weights: np.ndarray,
-    means: np.ndarray,
-    precisions_chol: np.ndarray,
-) -> _em.Statistics:
-    """E-step statistics of the bias-corrected intensities ``y_i / b_i`` of one block.
-
-    The class parameters are estimated from these, the mixture's own responsibilities (global
-    weights, no spatial prior). ``log_likelihood`` is that of the observed intensities,
-    ``sum_i log p(y_i / b_i) - log b_i`` (the Jacobian of the field included).
-    """
-    voxels = np.flatnonzero(mask) if not mask.all() else slice(None)
-    x = corrected_intensities(intensities, log_bias, voxels)
-    stats = _em.chunk_statistics(x, weights, means, precisions_chol)
-    log_b = log_bias.reshape(-1, log_bias.shape[-1])[voxels]
-    stats["log_likelihood"] = stats["log_likelihood"] - log_b.sum(dtype=np.float64)
-    return stats
-
-
 #: Between sweeps the posterior is kept as uint8 multiples of 1/255 (K bytes a voxel, a quarter
 #: of float32) and its neighbour sums are taken in integers. The rounding moves a neighbour sum
 #: by at most ``26 / 510`` and the log prior by ``beta`` times that (0.01 at beta = 0.2); the

@@ -494,10 +494,11 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
 
         Every ``s``-th voxel along each axis, with ``s`` the largest step that keeps at least
         :data:`BIAS_EM_VOXELS` of the mask (as SPM fits its model on voxels a sampling distance
-        apart). Each iteration: the field from the residuals' cell sums
-        (:func:`segment.spatial.bias.cell_sums`, one pass), an M-step and an E-step of the
-        corrected intensities. The field is then kept only when the classes agree on it and no
-        class lost most of its voxels to it; otherwise the plain mixture stands and a
+        apart). Each iteration is one pass over the sub-grid
+        (:func:`segment.spatial.bias.em_block`: the E-step of the corrected intensities and the
+        per-class cell sums of their log intensities), then the M-step and, from the same sums
+        and the new means, the field. The field is then kept only when the classes agree on
+        it and no class lost most of its voxels to it; otherwise the plain mixture stands and a
         :class:`DataWarning` says why (``bias_status_``). Returns the field's coarse values
         and the parameters.
         """
@@ -520,36 +521,20 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
         plain_fit = {name: getattr(self, name) for name in _FIT_ATTRIBUTES}
         state = {"coarse": np.zeros((n_features, *shape))}
 
-        def persist(array):
-            return ckw["scheduler"].persist(array) if is_distributed(ckw) else array.persist(**ckw)
-
-        def field():
-            return persist(_chunked.map_grid_new(
-                _bias.log_bias_block, mask_grid, n_spatial, n_features, np.float32,
-                (state["coarse"], cells, subs),
-            ))  # fmt: skip
-
-        state["log_bias"] = field()
-
-        def likelihood(params):  # the E-step statistics under the current field
-            return _chunked.map_reduce_grid(
-                _spatial.likelihood_statistics, _em.combine_statistics,
-                [x_grid, mask_grid, state["log_bias"]], n_spatial, params, ckw,
+        def statistics(params):  # the E-step under the current field, and its cell sums
+            stats, state["sums"] = _chunked.map_reduce_grid(
+                _bias.em_block, functools.partial(_bias.combine_em_blocks, shape=shape),
+                [x_grid, mask_grid], n_spatial, (state["coarse"], cells, subs, *params), ckw,
+                with_offset=True,
             )  # fmt: skip
+            return stats
 
-        def sums(params, covariances):
-            return _chunked.map_reduce_grid(
-                _bias.cell_sums, functools.partial(_bias.combine_cell_sums, shape=shape),
-                [x_grid, mask_grid, state["log_bias"]], n_spatial,
-                (subs, cells, params[0], params[1], covariances), ckw, with_offset=True,
-            )  # fmt: skip
-
-        def refit_field(params, covariances):
-            state["coarse"] = _bias.smooth_log_field(sums(params, covariances), n_features, sigma)
-            state["log_bias"] = field()
+        def refit_field(params, covariances):  # from the last E-step's sums, the new means
+            residuals = _bias.residual_sums(state["sums"], params[1], covariances)
+            state["coarse"] = _bias.smooth_log_field(residuals, n_features, sigma)
 
         iteration, trace, params, covariances, change, stats = self._em_iterations(
-            likelihood(params), params, floor, likelihood, refit_field
+            statistics(params), params, floor, statistics, refit_field
         )
         scale = float(mask.sum()) / float(sub_mask.sum())
         self._finish(self.n_iter_ + iteration,
@@ -557,7 +542,7 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
                      params, covariances, change, data, n_features)  # fmt: skip
         self.bias_sampling_ = subs
         problem = self._bias_problem(
-            plain[0], sums(params, covariances), covariances, sigma, float(sub_mask.sum())
+            plain[0], state["sums"], covariances, sigma, float(sub_mask.sum())
         )
         if problem is None:
             self.bias_status_ = "applied"
@@ -581,8 +566,9 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
         on the field (:func:`segment.spatial.bias.class_agreement`) mean it explains anatomy,
         not a non-uniformity.
         """
-        n_features, K = self.means_.shape[1], self.n_components
-        counts = np.array([sums[2 * n_features + 2 + 2 * k].sum() for k in range(K)])
+        K = self.n_components
+        per_class = _bias.class_sums(sums, self.means_)
+        counts = np.array([per_class[2 * k + 1].sum() for k in range(K)])
         for k in range(K):
             if self.weights_[k] < 0.25 * plain_weights[k] or counts[k] < 1e-3 * n_voxels:
                 return (
@@ -591,7 +577,8 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
                     "without the field; raise bias_smoothness (--bias-smoothness)"
                 )
         snr2 = self.means_[:, 0] ** 2 / covariances[:, 0, 0]
-        agreement, pair = _bias.class_agreement(sums, n_features, K, snr2, sigma)
+        voxels = sums[2 * K * self.means_.shape[1]]
+        agreement, pair = _bias.class_agreement(per_class, voxels, snr2, sigma)
         self.bias_agreement_ = agreement
         if pair is not None and agreement < _bias.MIN_AGREEMENT:
             return (

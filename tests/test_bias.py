@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segment import segment_array
+from segment import _em, segment_array
 from segment.exceptions import DataWarning
 from segment.samples import make_head_phantom
 from segment.spatial import bias
@@ -44,25 +44,37 @@ def test_interpolation_is_exact_for_a_linear_field(scale):
     np.testing.assert_allclose(reverse[..., 0], values.T, atol=1e-6)
 
 
-def test_cell_sums_do_not_depend_on_the_blocks(rng):
-    """Sums over blocks added into the coarse grid equal those of one block."""
+def _em_block(image, mask, offset, coarse, cells, weights, means, covariances):
+    return bias.em_block(image, mask, offset, coarse, cells, (1, 1, 1), weights, means,
+                         _em.precision_cholesky(covariances))  # fmt: skip
+
+
+def test_em_block_does_not_depend_on_the_blocks(rng):
+    """Statistics and cell sums over blocks equal those of one block."""
     shape, cells = (13, 11, 9), (4, 3, 5)
     image = rng.normal(100, 10, shape + (1,)).astype(np.float32)
     mask = rng.random(shape) > 0.2
-    log_bias = rng.normal(0, 0.05, shape + (1,)).astype(np.float32)
-    weights, means, covariances = _params([80, 100, 120], [8, 8, 8])
-    args = ((1, 1, 1), cells, weights, means, covariances)
-    coarse = bias.coarse_shape(shape, cells)
-    whole = bias.combine_cell_sums(
-        [bias.cell_sums(image, mask, log_bias, (0, 0, 0), *args)], coarse
+    coarse_shape = bias.coarse_shape(shape, cells)
+    coarse = rng.normal(0, 0.05, (1, *coarse_shape))
+    params = _params([80, 100, 120], [8, 8, 8])
+    whole = bias.combine_em_blocks(
+        [_em_block(image, mask, (0, 0, 0), coarse, cells, *params)], coarse_shape
     )
     parts = []
     for start, stop in [(0, 5), (5, 6), (6, 13)]:  # blocks that do not align with the cells
         block = slice(start, stop)
-        parts.append(bias.cell_sums(image[block], mask[block], log_bias[block], (start, 0, 0),
-                                    *args))  # fmt: skip
-    np.testing.assert_allclose(bias.combine_cell_sums(parts, coarse), whole, rtol=1e-12)
-    assert whole[2].sum() == mask.sum()  # the voxel counts
+        parts.append(_em_block(image[block], mask[block], (start, 0, 0), coarse, cells, *params))
+    combined = bias.combine_em_blocks(parts, coarse_shape)
+    np.testing.assert_allclose(combined[1], whole[1], rtol=1e-12)
+    for key in ("nk", "log_likelihood", "n_samples"):
+        np.testing.assert_allclose(combined[0][key], whole[0][key], rtol=1e-12)
+    assert whole[1][2 * 3].sum() == mask.sum()  # the voxel counts
+    # the log-likelihood is that of the observed intensities: the field's Jacobian included
+    log_b = bias.log_bias_block(shape, (0, 0, 0), coarse, cells)[..., 0][mask].astype(float)
+    x = image[..., 0][mask] * np.exp(-log_b)
+    _, log_norm = _em.e_step(x[:, None], params[0], params[1],
+                             _em.precision_cholesky(params[2]))  # fmt: skip
+    assert whole[0]["log_likelihood"] == pytest.approx(log_norm.sum() - log_b.sum(), rel=1e-9)
 
 
 def test_smoothed_field_recovers_a_constant_offset_and_has_zero_mean(rng):
@@ -74,16 +86,19 @@ def test_smoothed_field_recovers_a_constant_offset_and_has_zero_mean(rng):
     image = (means[classes] * np.exp(log_true))[..., None]
     weights, m, covariances = _params(means, [5, 5])
     cells = (2, 2, 2)
-    coarse = bias.coarse_shape(shape, cells)
-    sums = bias.combine_cell_sums(
-        [bias.cell_sums(image, np.ones(shape, bool), np.zeros_like(image), (0, 0, 0), (1, 1, 1),
-                        cells, weights, m, covariances)], coarse)  # fmt: skip
-    field = bias.smooth_log_field(sums, 1, (1.0, 1.0, 1.0), prior=0.0)
-    assert (field[0] * sums[2]).sum() == pytest.approx(0.0, abs=1e-9)
+    coarse_shape = bias.coarse_shape(shape, cells)
+    zero = np.zeros((1, *coarse_shape))
+    _, sums = bias.combine_em_blocks(
+        [_em_block(image, np.ones(shape, bool), (0, 0, 0), zero, cells, weights, m, covariances)],
+        coarse_shape,
+    )
+    residuals = bias.residual_sums(sums, m, covariances)
+    field = bias.smooth_log_field(residuals, 1, (1.0, 1.0, 1.0), prior=0.0)
+    assert (field[0] * residuals[2]).sum() == pytest.approx(0.0, abs=1e-9)
     step = field[0][15:, :, :].mean() - field[0][:5, :, :].mean()
     assert step == pytest.approx(np.log(1.1), rel=0.05)
     # the prior shrinks the field towards 1 where the data are weak
-    weak = bias.smooth_log_field(sums, 1, (1.0, 1.0, 1.0), prior=1e6)
+    weak = bias.smooth_log_field(residuals, 1, (1.0, 1.0, 1.0), prior=1e6)
     assert np.abs(weak).max() < 1e-3
 
 
@@ -97,10 +112,12 @@ def test_class_agreement_separates_a_field_from_anatomy(rng):
     sigma = (1.0, 1.0, 1.0)
 
     def agreement(image):
-        block = bias.cell_sums(image[..., None], np.ones(shape, bool), np.zeros(shape + (1,)),
-                               (0, 0, 0), (1, 1, 1), cells, weights, m, covariances)  # fmt: skip
-        sums = bias.combine_cell_sums([block], coarse)
-        return bias.class_agreement(sums, 1, 2, np.array([625.0, 2500.0]), sigma)
+        zero = np.zeros((1, *coarse))
+        block = _em_block(image[..., None], np.ones(shape, bool), (0, 0, 0), zero, cells,
+                          weights, m, covariances)  # fmt: skip
+        _, sums = bias.combine_em_blocks([block], coarse)
+        per_class = bias.class_sums(sums, m)
+        return bias.class_agreement(per_class, sums[4], np.array([625.0, 2500.0]), sigma)
 
     noise = rng.normal(1, 0.02, shape)
     field = np.exp(0.2 * coords)  # multiplies both classes

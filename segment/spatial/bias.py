@@ -23,7 +23,7 @@ non-uniformity multiplies every tissue, so the fields that the two best-determin
 would give on their own correlate; a field that only absorbs anatomy (a template whose deep
 grey matter is brighter than the cortex, a class that swallows its neighbour) does not.
 
-No I/O and no Dask: :mod:`segment.mixture` maps :func:`cell_sums` over blocks.
+No I/O and no Dask: :mod:`segment.mixture` maps :func:`em_block` over blocks.
 
 References
 ----------
@@ -62,82 +62,95 @@ def coarse_shape(shape: tuple[int, ...], cells: tuple[int, ...]) -> tuple[int, .
 
 
 def n_sums(n_channels: int, n_components: int) -> int:
-    """Arrays returned per block by :func:`cell_sums`: R and W per channel, N, then per class."""
-    return 2 * n_channels + 1 + 2 * n_components
+    """Arrays per cell of :func:`em_block`: ``A``, ``B`` per class and channel, ``N``, then
+    the residual sum and count of the voxels most responsible to each class."""
+    return 2 * n_components * n_channels + 1 + 2 * n_components
 
 
-def cell_sums(
+def em_block(
     intensities: np.ndarray,
     mask: np.ndarray,
-    log_bias: np.ndarray,
     offset: tuple[int, ...],
-    scale: tuple[int, ...],
+    coarse: np.ndarray,
     cells: tuple[int, ...],
+    scale: tuple[int, ...],
     weights: np.ndarray,
     means: np.ndarray,
-    covariances: np.ndarray,
-) -> tuple[tuple[int, ...], np.ndarray]:
-    """Residual sums of one block of a (sub-sampled) grid, per coarse cell.
+    precisions_chol: np.ndarray,
+) -> tuple[_em.Statistics, tuple[tuple[int, ...], np.ndarray]]:
+    """One E-step of a block of a (sub-sampled) grid under the field, and its cell sums.
+
+    The residual sums the field needs are kept per class, so that the field can be refitted
+    after the M-step from the new means without another pass over the voxels:
+    ``R_d = sum_k snr_kd^2 (A_kd - B_kd log mu_kd)`` and ``W_d = sum_k snr_kd^2 B_kd`` with
+    ``A_kd = sum_i r_ik log y_id`` and ``B_kd = sum_i r_ik`` over a cell's voxels
+    (:func:`field_from_sums`).
 
     Parameters
     ----------
     intensities : (*block, D) raw intensities
     mask : (*block,) bool, the fitted voxels
-    log_bias : (*block, D) the current field, ``log b``
     offset : block offset on the (sub-sampled) grid
-    scale : sampling step per axis: block voxel ``j`` is grid voxel ``(offset + j) * scale``
+    coarse : (D, *coarse) the current field ``log b`` on the coarse grid
     cells : voxels per cell on the full grid
-    weights, means, covariances : (K,), (K, D), (K, D, D) mixture parameters
+    scale : sampling step per axis: block voxel ``j`` is grid voxel ``(offset + j) * scale``
+    weights, means, precisions_chol : (K,), (K, D), (K, D, D) mixture parameters
 
     Returns
     -------
-    start : index of the block's first cell
-    sums : (2 D + 1 + 2 K, *cells_of_block) float64: ``R_d``, ``W_d`` per channel, ``N``, then
-        per class k the residual sum and count of the voxels most responsible to it (first
-        channel, raw intensities), for :func:`class_agreement`.
+    stats : the E-step statistics of the corrected intensities ``y / b``; ``log_likelihood``
+        is that of the observed intensities, ``sum_i log p(y_i / b_i) - log b_i``
+    (start, sums) : index of the block's first cell and the (:func:`n_sums`, *cells) sums
     """
     n_channels, n_components = intensities.shape[-1], len(weights)
     positions = [(o + np.arange(n)) * s for o, n, s in zip(offset, mask.shape, scale)]
     cell_index = [p // c for p, c in zip(positions, cells)]
     start = tuple(int(i[0]) for i in cell_index)
     extent = tuple(int(i[-1]) - s + 1 for i, s in zip(cell_index, start))
-    out = np.zeros((n_sums(n_channels, n_components), *extent))
+    sums = np.zeros((n_sums(n_channels, n_components), *extent))
     voxels = np.flatnonzero(mask)
-    if len(voxels) == 0:
-        return start, out
-    local = np.ix_(*[i - s for i, s in zip(cell_index, start)])
-    flat_cells = np.ravel_multi_index(np.broadcast_arrays(*local), extent).ravel()[voxels]
+    log_b = log_bias_block(mask.shape, offset, coarse, cells, scale)
+    log_b = log_b.reshape(-1, n_channels)[voxels].astype(np.float64)
     y = intensities.reshape(-1, n_channels)[voxels].astype(np.float64)
-    x = y * np.exp(-log_bias.reshape(-1, n_channels)[voxels].astype(np.float64))
-    resp = _em.responsibilities(x, weights, means, _em.precision_cholesky(covariances))
-    variances = np.diagonal(covariances, axis1=1, axis2=2)  # (K, D)
-    snr2 = means**2 / variances
-    snr2 = np.where(snr2 >= MIN_SNR**2, snr2, 0.0)
-    usable = y > 0
-    log_y = np.log(np.where(usable, y, 1.0))
-    log_means = np.log(np.where(means > 0, means, 1.0))
-    size = int(np.prod(extent))
+    x = y * np.exp(-log_b)
+    resp, log_norm = _em.e_step(x, weights, means, precisions_chol)  # (K, n)
+    if len(voxels):
+        local = np.ix_(*[i - s for i, s in zip(cell_index, start)])
+        flat_cells = np.ravel_multi_index(np.broadcast_arrays(*local), extent).ravel()[voxels]
+        size = int(np.prod(extent))
 
-    def add(slot, values):
-        out[slot] = np.bincount(flat_cells, values, size).reshape(extent)
+        def add(slot, values):
+            sums[slot] = np.bincount(flat_cells, values, size).reshape(extent)
 
-    for d in range(n_channels):
-        w = resp * np.where(means[:, d] > 0, snr2[:, d], 0.0)  # (n, K)
-        w *= usable[:, d, None]
-        add(d, (w * (log_y[:, d, None] - log_means[None, :, d])).sum(axis=1))
-        add(n_channels + d, w.sum(axis=1))
-    add(2 * n_channels, np.ones(len(voxels)))
-    labels = np.argmax(resp, axis=1)
-    for k in range(n_components):
-        own = (labels == k) & usable[:, 0]
-        base = 2 * n_channels + 1 + 2 * k
-        add(base, np.where(own, log_y[:, 0] - log_means[k, 0], 0.0))
-        add(base + 1, own.astype(np.float64))
-    return start, out
+        usable = y > 0
+        log_y = np.log(np.where(usable, y, 1.0))
+        for k in range(n_components):
+            for d in range(n_channels):
+                base = 2 * (k * n_channels + d)
+                weight = resp[k] * usable[:, d]
+                add(base, weight * log_y[:, d])
+                add(base + 1, weight)
+        add(2 * n_components * n_channels, np.ones(len(voxels)))
+        labels = np.argmax(resp, axis=0)
+        for k in range(n_components):
+            own = (labels == k) & usable[:, 0]
+            base = 2 * n_components * n_channels + 1 + 2 * k
+            add(base, np.where(own, log_y[:, 0], 0.0))
+            add(base + 1, own.astype(np.float64))
+    stats = _em._moments(x, resp, means, float(log_norm.sum() - log_b.sum()), float(len(voxels)))
+    return stats, (start, sums)
+
+
+def combine_em_blocks(parts: list, shape: tuple[int, ...]):
+    """Sum the blocks' :func:`em_block` results: (statistics, (S, *shape) cell sums)."""
+    return (
+        _em.combine_statistics([stats for stats, _ in parts]),
+        combine_cell_sums([cells for _, cells in parts], shape),
+    )
 
 
 def combine_cell_sums(parts: list, shape: tuple[int, ...]) -> np.ndarray:
-    """Add the blocks' :func:`cell_sums` into one (S, *shape) array, in block order."""
+    """Add the blocks' cell sums into one (S, *shape) array, in block order."""
     total = None
     for start, sums in parts:
         if total is None:
@@ -145,6 +158,37 @@ def combine_cell_sums(parts: list, shape: tuple[int, ...]) -> np.ndarray:
         window = tuple(slice(s, s + n) for s, n in zip(start, sums.shape[1:]))
         total[(slice(None), *window)] += sums
     return total
+
+
+def signal_to_noise(means: np.ndarray, covariances: np.ndarray) -> np.ndarray:
+    """``snr_kd^2 = mu_kd^2 / sigma_kd^2``, (K, D), 0 for classes that do not inform the field."""
+    snr2 = means**2 / np.diagonal(covariances, axis1=1, axis2=2)
+    return np.where((snr2 >= MIN_SNR**2) & (means > 0), snr2, 0.0)
+
+
+def residual_sums(sums: np.ndarray, means: np.ndarray, covariances: np.ndarray) -> np.ndarray:
+    """The field's ``R_d``, ``W_d`` per channel and ``N``, (2 D + 1, *coarse), at ``means``."""
+    n_components, n_channels = means.shape
+    snr2 = signal_to_noise(means, covariances)
+    log_means = np.log(np.where(means > 0, means, 1.0))
+    out = np.zeros((2 * n_channels + 1, *sums.shape[1:]))
+    for k in range(n_components):
+        for d in range(n_channels):
+            a, b = sums[2 * (k * n_channels + d)], sums[2 * (k * n_channels + d) + 1]
+            out[d] += snr2[k, d] * (a - b * log_means[k, d])
+            out[n_channels + d] += snr2[k, d] * b
+    out[2 * n_channels] = sums[2 * n_components * n_channels]
+    return out
+
+
+def class_sums(sums: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """Per class, the hard-label residual sum and count, (2 K, *coarse), first channel."""
+    n_components, n_channels = means.shape
+    out = sums[2 * n_components * n_channels + 1 :].copy()
+    log_means = np.log(np.where(means[:, 0] > 0, means[:, 0], 1.0))
+    for k in range(n_components):
+        out[2 * k] -= out[2 * k + 1] * log_means[k]
+    return out
 
 
 def _smooth(values: np.ndarray, sigma: tuple[float, ...]) -> np.ndarray:
@@ -171,22 +215,23 @@ def smooth_log_field(
 
 
 def class_agreement(
-    sums: np.ndarray, n_channels: int, n_components: int, snr2: np.ndarray,
-    sigma_cells: tuple[float, ...], min_fraction: float = 0.05,
+    sums: np.ndarray, counts: np.ndarray, snr2: np.ndarray, sigma_cells: tuple[float, ...],
+    min_fraction: float = 0.05,
 ) -> tuple[float, tuple[int, int] | None]:  # fmt: skip
     """Correlation of the fields that the two best-determined classes give on their own.
 
-    Each class's field is the smoothed mean log residual of the voxels it is most responsible
-    for (raw intensities, so the total non-uniformity). The correlation is taken over the cells
-    where both are determined, weighted by the smaller of their smoothed counts. Classes need
-    ``snr >= 3`` and ``min_fraction`` of the voxels. Returns ``(r, (k1, k2))``, or ``(1.0,
-    None)`` when fewer than two classes qualify (the agreement cannot be tested).
+    ``sums`` are :func:`class_sums` (per class the residual sum and count of the voxels it is
+    most responsible for, raw intensities, so the total non-uniformity) and ``counts`` the
+    voxels per cell; each class's field is its smoothed mean log residual. The correlation is
+    taken over the cells where both are determined, weighted by the smaller of their smoothed
+    counts. Classes need ``snr >= 3`` and ``min_fraction`` of the voxels. Returns
+    ``(r, (k1, k2))``, or ``(1.0, None)`` when fewer than two classes qualify (the agreement
+    cannot be tested).
     """
-    counts = sums[2 * n_channels]
     total = max(counts.sum(), 1.0)
     candidates = []
-    for k in range(n_components):
-        base = 2 * n_channels + 1 + 2 * k
+    for k in range(len(snr2)):
+        base = 2 * k
         if snr2[k] >= MIN_SNR**2 and sums[base + 1].sum() >= min_fraction * total:
             candidates.append((snr2[k] * sums[base + 1].sum(), k))
     if len(candidates) < 2:
@@ -194,7 +239,7 @@ def class_agreement(
     pair = tuple(sorted(k for _, k in sorted(candidates)[-2:]))
     fields, supports = [], []
     for k in pair:
-        base = 2 * n_channels + 1 + 2 * k
+        base = 2 * k
         support = _smooth(sums[base + 1], sigma_cells)
         fields.append(_smooth(sums[base], sigma_cells) / np.maximum(support, 1e-12))
         supports.append(support)
