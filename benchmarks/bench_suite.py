@@ -241,7 +241,7 @@ def case_init(opts) -> dict:
 
     X = load_features(opts["input"])
     est = GaussianMixtureEM(K, tol=opts["tol"])
-    est._check_parameters()
+    est.validate_parameters()
     X = _validation.check_features(X)
     start = time.perf_counter()
     with compute_kwargs(None, None) as ckw:
@@ -424,7 +424,7 @@ def case_run_phases(opts) -> dict:
 
     phase(io, "load_scan", "load")
     phase(mixture.GaussianMixtureEM, "fit", "fit")
-    phase(mixture.GaussianMixtureEM, "_labels_and_responsibilities", "predict")
+    phase(mixture.GaussianMixtureEM, "predict_with_proba", "predict")
     phase(io, "write_labels", "write dseg")
     phase(io, "write_probabilities", "write probseg")
     phase(qc, "write_qc", "qc")

@@ -51,7 +51,7 @@ def case_phases(opts: dict) -> dict:
     phase(io, "load_scan", "load")
     phase(mixture.GaussianMixtureEM, "fit", "fit")
     phase(mixture.GaussianMixtureEM, "_labels", "labels")
-    phase(mixture.GaussianMixtureEM, "_labels_and_responsibilities", "predict")
+    phase(mixture.GaussianMixtureEM, "predict_with_proba", "predict")
     phase(io, "write_labels", "write dseg")
     phase(io, "write_probabilities", "write probseg")
     phase(sidecar, "build_sidecar", "sidecar")

@@ -54,7 +54,7 @@ def make_estimator(options: dict[str, Any], callback: Callable | None = None) ->
         bias_smoothness=merged["bias_smoothness"],
         callback=callback,
     )
-    estimator._check_parameters()
+    estimator.validate_parameters()
     return estimator
 
 
@@ -123,9 +123,9 @@ class SegmentationResult:
 
     def _get_labels(self) -> np.ndarray:
         if self._labels is None:  # a streamed MRF posterior: one more sweep for the labels
-            grid, beta = self.estimator._posterior
+            grid, beta = self.estimator.posterior_grid_, self.estimator.mrf_beta
             labels = np.zeros(self.mask.shape, np.uint8)
-            labels[self.estimator._box], self.estimator.soft_counts_ = grid.labels(beta)
+            labels[self.estimator.bounding_box_], self.estimator.soft_counts_ = grid.labels(beta)
             self._labels = labels
         return self._labels
 
@@ -138,15 +138,15 @@ class SegmentationResult:
 
     def _streams_bias_field(self, reference, path) -> bool:
         """True when the field can be written slab by slab: one channel, a 3-D NIfTI."""
-        grid = getattr(self.estimator, "_bias_grid", None)
+        shape = getattr(self.estimator, "bias_field_shape_", None)
         return (
-            grid is not None and grid[2] == 1 and len(reference.shape) == 3
+            shape is not None and shape[-1] == 1 and len(reference.shape) == 3
             and Path(path).name.lower().endswith((".nii", ".nii.gz"))
         )  # fmt: skip
 
     @property
     def _has_bias_field(self) -> bool:
-        return getattr(self.estimator, "_bias_grid", None) is not None
+        return getattr(self.estimator, "bias_field_shape_", None) is not None
 
     @property
     def bias_field(self) -> np.ndarray | None:
@@ -170,7 +170,7 @@ class SegmentationResult:
         :func:`segment.io.write_probabilities` uses to write all K maps in one pass.
         """
         if self.flat_responsibilities is None:
-            if getattr(self.estimator, "_posterior", None) is not None:
+            if getattr(self.estimator, "posterior_grid_", None) is not None:
                 return _StreamedPosterior(self.mask, self.estimator)
             return _StreamedVolumes(self.channels, self.mask, self.estimator)
         return _Volumes(self.flat_responsibilities, self.mask)
@@ -352,7 +352,7 @@ class SegmentationResult:
         for name, path in bias_paths.items():
             if name == "biasfield" and self._streams_bias_field(reference, path):
                 io.write_map_slabs(
-                    self.estimator._bias_field_last_axis_slabs, reference, staged.path(path),
+                    self.estimator.bias_field_last_axis_slabs, reference, staged.path(path),
                     cal=self.estimator.bias_field_range_, compresslevel=level,
                 )  # fmt: skip
                 continue
@@ -443,7 +443,7 @@ class _StreamedVolumes:
     Fortran order (the order NIfTI stores them), runs the E-step on them ``chunk_size`` voxels
     at a time, and scatters each component into its own slab. Memory: the channels (memory
     maps for ``.nii`` inputs) and a few slabs of K maps; no whole map, no (N, D) features.
-    Values are those of :meth:`GaussianMixtureEM._labels_and_responsibilities`: the same
+    Values are those of :meth:`GaussianMixtureEM.predict_with_proba`: the same
     E-step per voxel, rounded to float32.
     """
 
@@ -463,7 +463,11 @@ class _StreamedVolumes:
         from ._chunked import DEFAULT_CHUNK_SIZE
 
         chunk = int(self.estimator.chunk_size or DEFAULT_CHUNK_SIZE)
-        params = self.estimator._params
+        params = (
+            self.estimator.weights_,
+            self.estimator.means_,
+            self.estimator.precisions_cholesky_,
+        )
         for start in range(0, self.mask.shape[-1], step):
             where = (Ellipsis, slice(start, start + step))
             # Transposed Fortran-order copies: C-contiguous arrays in the slab's NIfTI order.
@@ -528,8 +532,8 @@ class _StreamedPosterior(_StreamedVolumes):
     GROUP = 1
 
     def slabs(self, step: int) -> Iterator[list[np.ndarray]]:
-        grid, beta = self.estimator._posterior
-        box = self.estimator._box  # the grid covers the mask's bounding box
+        grid, beta = self.estimator.posterior_grid_, self.estimator.mrf_beta
+        box = self.estimator.bounding_box_  # the grid covers the mask's bounding box
         first, last = box[-1].start, box[-1].stop
         reverse = tuple(range(self.mask.ndim))[::-1]
         n_last = self.mask.shape[-1]
@@ -710,9 +714,9 @@ def segment_array(
     if not valid.any():
         raise SegmentError("no voxel to fit: every voxel in the mask is NaN or inf")
     start = time.perf_counter()
-    if estimator._uses_grid:  # the spatial model needs the image grid, not a flat vector
+    if estimator.uses_grid:  # the spatial model needs the image grid, not a flat vector
         _check_spatial_memory(valid, estimator.n_components, channels, memory_limit)
-        estimator._posterior_budget = _memory_budget(memory_limit)
+        estimator.set_params(posterior_memory_limit=_memory_budget(memory_limit))
         stacked = channels[0][..., None] if len(channels) == 1 else np.stack(channels, -1)
         estimator.fit_image(stacked, valid, spacing=spacing, channel_axis=-1)
         del stacked
@@ -735,9 +739,9 @@ def segment_array(
         timings["fit_s"] = time.perf_counter() - start
         start = time.perf_counter()
         if X.shape[0] * (estimator.n_components + 1) * 4 <= _memory_budget(memory_limit) / 3:
-            labels, responsibilities = estimator._labels_and_responsibilities(X)
+            labels, responsibilities = estimator.predict_with_proba(X)
         else:  # too big to keep: labels now, probability maps recomputed slab by slab
-            labels, responsibilities = estimator._labels(X), None
+            labels, responsibilities = estimator.predict_labels(X), None
         timings["predict_s"] = time.perf_counter() - start
     result = SegmentationResult(
         labels=masking.unflatten(labels, valid),

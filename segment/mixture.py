@@ -136,6 +136,10 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
         smooths the field's residuals (see :mod:`segment.spatial.bias`).
     callback : callable, optional
         Called after each iteration as ``callback(iteration, log_likelihood, change_per_voxel)``.
+    posterior_memory_limit : float, optional
+        Bytes that the MRF posterior maps of :meth:`fit_image` may take, about: above a third
+        of it they are not kept (``responsibilities_`` is None) but recomputed from
+        ``posterior_grid_`` slab by slab when written. Default: always kept.
 
     Attributes
     ----------
@@ -204,6 +208,7 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
         bias_field: bool = False,
         bias_smoothness: float = 40.0,
         callback: Callable[[int, float, float], None] | None = None,
+        posterior_memory_limit: float | None = None,
     ):
         self.n_components = n_components
         self.max_iter = max_iter
@@ -223,6 +228,7 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
         self.bias_field = bias_field
         self.bias_smoothness = bias_smoothness
         self.callback = callback
+        self.posterior_memory_limit = posterior_memory_limit
 
     # ------------------------------------------------------------------ fitting
     def fit(self, X: Any, y: None = None, sample_weight: Any = None) -> GaussianMixtureEM:
@@ -240,8 +246,8 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
         -------
         self
         """
-        self._check_parameters()
-        if self._uses_grid:
+        self.validate_parameters()
+        if self.uses_grid:
             raise SegmentError(
                 "mrf_beta > 0 and bias_field=True need the image grid: call "
                 "fit_image(image, mask, spacing=...) instead of fit(X)"
@@ -306,7 +312,7 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
             return self._fit_image(image, mask, spacing, channel_axis)
 
     def _fit_image(self, image, mask, spacing, channel_axis) -> GaussianMixtureEM:
-        self._check_parameters()
+        self.validate_parameters()
         if channel_axis is not None:
             image = da.moveaxis(image, channel_axis, -1) if isinstance(
                 image, da.Array) else np.moveaxis(np.asarray(image), channel_axis, -1)  # fmt: skip
@@ -323,21 +329,21 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
             )
         X = _masked_rows(np.asarray(image), mask)
         self._bias_grid = None
-        if not self._uses_grid:
+        if not self.uses_grid:
             self._fit_flat(X)
             self.objective_ = "log-likelihood"
             return self
         # Work on the bounding box of the mask only: outside it every voxel is unfitted (zero
         # responsibilities), so the neighbour sums and the results are the same.
         box = _bounding_box(mask)
-        self._box = box
+        self.bounding_box_ = box
         features = [X]  # handed over, so that the fit can drop the (N, D) copy when done
         del X
         self._fit_grid(image[box], mask[box], features, spacing)
         if self.bias_field:  # the field on the whole input grid, from the same polynomial
             self._bias_grid = (spatial_shape, tuple(-b.start for b in box), image.shape[-1])
             low, high = np.inf, -np.inf
-            for _, planes in self._bias_field_slabs():
+            for _, planes in self.bias_field_slabs():
                 low, high = min(low, float(planes.min())), max(high, float(planes.max()))
             self.bias_field_range_ = (low, high)
         return self
@@ -353,9 +359,17 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
             return None
         shape, _, n_channels = self._bias_grid
         field = np.empty(shape + (n_channels,), np.float32)
-        for start, planes in self._bias_field_slabs():
+        for start, planes in self.bias_field_slabs():
             field[start : start + len(planes)] = planes
         return field
+
+    @property
+    def bias_field_shape_(self) -> tuple[int, ...] | None:
+        """Shape of :attr:`bias_field_`, (*spatial, D), or None without a bias field."""
+        if getattr(self, "_bias_grid", None) is None:
+            return None
+        shape, _, n_channels = self._bias_grid
+        return tuple(shape) + (n_channels,)
 
     def _log_bias_on_input_grid(self, shape, offset, reverse=False):
         """``log b`` on a block of the input grid, offset relative to the input's origin."""
@@ -369,7 +383,7 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
             shape, start, self.bias_coefficients_, self.bias_cells_, reverse=reverse
         )
 
-    def _bias_field_last_axis_slabs(self, step: int):
+    def bias_field_last_axis_slabs(self, step: int):
         """``[field[..., start:start + step, 0]]`` for ``start = 0, step, ...`` (one channel)."""
         shape, _, _ = self._bias_grid
         for start in range(0, shape[-1], step):
@@ -378,7 +392,7 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
             )
             yield [np.exp(planes[..., 0])]
 
-    def _bias_field_slabs(self, step: int = 16):
+    def bias_field_slabs(self, step: int = 16):
         """``(start, field[start:start + step])`` along the first axis of the input grid."""
         shape, _, _ = self._bias_grid
         for start in range(0, shape[0], step):
@@ -468,7 +482,7 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
         )
         self.bias_coefficients_ = coefficients
         self.bias_cells_ = cells
-        self._posterior = None
+        self.posterior_grid_ = None
         if self.sort_components:  # the estimator's parameters and the grid's, in mean order
             self.soft_counts_ = np.zeros(K)  # set below, from the sorted posterior
             order = self._sort_components()
@@ -476,10 +490,10 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
             for start in range(0, len(grid.state), 8):  # in place, a few planes at a time
                 planes = grid.state[start : start + 8]
                 planes[..., :K] = planes[..., order]
-        budget = getattr(self, "_posterior_budget", None)
+        budget = self.posterior_memory_limit
         if budget is not None and mask.size * K * 4 > budget / 3:
             # too big to hold: the maps are recomputed slab by slab when they are written
-            self._posterior, self.responsibilities_, self.soft_counts_ = (grid, beta), None, None
+            self.posterior_grid_, self.responsibilities_, self.soft_counts_ = grid, None, None
             return self
         final = grid.probabilities(beta)
         del grid
@@ -588,7 +602,8 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
             )
         return None
 
-    def _check_parameters(self) -> None:
+    def validate_parameters(self) -> None:
+        """Check the constructor's parameters; :class:`SegmentError` says what to fix."""
         _kernels.notify_if_slow()  # once per process, when the compiled kernels are off
         _validation.check_n_components(self.n_components)
         _validation.check_positive("max_iter", self.max_iter, integer=True)
@@ -610,7 +625,8 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
             raise SegmentError(str(error)) from None
 
     @property
-    def _uses_grid(self) -> bool:
+    def uses_grid(self) -> bool:
+        """True when the MRF prior or the bias field is on: fit with :meth:`fit_image`."""
         return self.mrf_beta > 0 or bool(self.bias_field)
 
     def _prepare(self, X: Any, sample_weight: Any, ckw: dict) -> _FitData:
@@ -795,7 +811,7 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
         self.covariances_, self.precisions_cholesky_ = covariances, params[2]
         self.n_features_in_ = n_features
         self.n_samples_ = data.moments["n"]
-        self.fit_path_ = "grid" if self._uses_grid else data.path
+        self.fit_path_ = "grid" if self.uses_grid else data.path
         if not self.converged_:
             warnings.warn(
                 f"EM did not converge in max_iter={self.max_iter} iterations: the last change "
@@ -840,7 +856,7 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
         )[:, 0]  # fmt: skip
         return labels if lazy else self._compute(labels)
 
-    def _labels_and_responsibilities(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
+    def predict_with_proba(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
         """Labels 1..K (uint8, (N,)) and float32 responsibilities (N, K), one E-step per chunk."""
         X = self._check_fitted_features(X)
         both = _chunked.map_rows(
@@ -850,7 +866,7 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
         both = self._compute(both)
         return both[:, -1].astype(np.uint8), both[:, :-1]
 
-    def _labels(self, X: Any) -> np.ndarray:
+    def predict_labels(self, X: Any) -> np.ndarray:
         """Labels 1..K as uint8, (N,), without keeping any (N, K) array."""
         X = self._check_fitted_features(X)
         labels = _chunked.map_rows(

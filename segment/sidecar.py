@@ -123,7 +123,7 @@ def model_record(estimator) -> dict[str, Any]:
 
 def _bias_record(estimator) -> dict[str, Any] | None:
     """Parameters of the fitted bias field, or None."""
-    if getattr(estimator, "_bias_grid", None) is None:
+    if getattr(estimator, "bias_field_shape_", None) is None:
         return None
     agreement = getattr(estimator, "bias_agreement_", None)
     return {
