@@ -61,6 +61,7 @@ __all__ = [
     "MaskSpec",
     "discover",
     "discover_bids",
+    "check_bids_app",
     "find_bids_mask",
     "plan",
     "run_task",
@@ -449,6 +450,49 @@ def discover_bids(
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
+def check_bids_app(bids_dir: str | Path, output_dir: str | Path, labels: Sequence[str]) -> None:
+    """Refuse BIDS-App arguments that cannot work, before anything is written.
+
+    Parameters
+    ----------
+    bids_dir : path
+        The raw BIDS dataset: it must hold ``dataset_description.json``.
+    output_dir : path
+        The derivative dataset's folder: not the raw dataset itself nor inside one of its
+        ``sub-*`` folders (the outputs would become part of the raw data).
+    labels : sequence of str
+        Participant labels, with or without ``sub-``; each must have a ``sub-<label>`` folder.
+
+    Raises
+    ------
+    InputError
+        The first problem found, naming the file, folder or label.
+    """
+    raw = Path(bids_dir).absolute()
+    if not (raw / "dataset_description.json").is_file():
+        raise InputError(raw, "not a BIDS dataset: no dataset_description.json in it")
+    out = Path(output_dir).absolute()
+    resolved_raw, resolved_out = raw.resolve(), out.resolve()
+    if resolved_out == resolved_raw:
+        raise InputError(out, "is the raw BIDS dataset itself; give e.g. "
+                              f"{raw / 'derivatives' / 'segment'} as OUTPUT_DIR")  # fmt: skip
+    if resolved_out.is_relative_to(resolved_raw):
+        top = resolved_out.relative_to(resolved_raw).parts[0]
+        if top.startswith("sub-"):
+            suggestion = raw / "derivatives" / "segment"
+            raise InputError(
+                out, f"is inside the raw dataset's subject folder {top}; give a folder outside "
+                f"it, e.g. {suggestion}",
+            )  # fmt: skip
+    present = {p.name.removeprefix("sub-") for p in raw.glob("sub-*") if p.is_dir()}
+    missing = [label for label in labels if label.removeprefix("sub-") not in present]
+    if missing:
+        raise InputError(
+            raw, f"participant label {', '.join(missing)} not in the dataset (it has "
+                 f"{', '.join(sorted(present)) or 'no sub-* folders'})",
+        )  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------
 # planning and resume
 # --------------------------------------------------------------------------------------------
@@ -820,6 +864,7 @@ def run_batch(
     command_line: Sequence[str] | None = None,
     memory_limit: int | str | None = None,
     compresslevel: int | None = None,
+    derivative_dir: str | Path | None = None,
 ) -> BatchResult:
     """Segment every scan found in ``input_dir``; see the module docstring.
 
@@ -859,6 +904,10 @@ def run_batch(
     compresslevel : int, optional
         gzip level of the ``.nii.gz`` outputs (default 1), as for
         :func:`segment.api.segment_file`; not compared when resuming either.
+    derivative_dir : path, optional
+        With ``bids``: the derivative dataset's own folder, used as it is (the BIDS-Apps
+        ``output_dir``, see :func:`check_bids_app`), instead of
+        ``<output_dir>/derivatives/segment``.
 
     Returns
     -------
@@ -896,6 +945,8 @@ def run_batch(
         em_options["compresslevel"] = _check_compresslevel(compresslevel)
     root = Path(output_dir or input_dir).absolute()
     output_root = root / "derivatives" / "segment" if bids else root
+    if bids and derivative_dir is not None:
+        output_root = Path(derivative_dir).absolute()
     check_out_dir_creatable(output_root)
     if bids:
         scans = discover_bids(input_dir, subjects=subjects, sessions=sessions, suffixes=suffixes)
@@ -944,7 +995,7 @@ def _run_locked(
     )  # fmt: skip
     clean_stale_temporaries(output_root)
     if bids:
-        _write_derivative_files(output_root, pipeline, names)
+        _write_derivative_files(output_root, pipeline, names, input_dir)
     order = [s.relative_to(input_dir).as_posix() for s in scans]
     rows: dict[str, dict[str, Any]] = {}
     summary = output_root / SUMMARY_NAME
@@ -1013,14 +1064,23 @@ def batch_lock(output_root: Path):
         os.close(fd)
 
 
-def _write_derivative_files(root: Path, pipeline, names: Sequence[str]) -> None:
+def _write_derivative_files(root: Path, pipeline, names: Sequence[str], raw: Path) -> None:
+    """``dataset_description.json``, ``dseg.tsv`` and ``.bidsignore`` of the derivative."""
+    try:
+        raw_description = json.loads((raw / "dataset_description.json").read_text())
+    except (OSError, ValueError):
+        raw_description = {}
     description = naming.derivative_description(
-        __version__, pipeline=pipeline.name if pipeline else None
-    )
+        __version__, source=naming.relative_link(raw, root),
+        pipeline=pipeline.name if pipeline else None,
+        source_description=raw_description if isinstance(raw_description, dict) else {},
+    )  # fmt: skip
     with atomic_write(root / "dataset_description.json") as tmp:
         tmp.write_text(json.dumps(description, indent=2) + "\n")
     with atomic_write(root / "dseg.tsv") as tmp:
         tmp.write_text(naming.dseg_tsv(list(names)))
+    with atomic_write(root / ".bidsignore") as tmp:
+        tmp.write_text(naming.BIDSIGNORE)
 
 
 def _execute(tasks: list[ScanTask], *, scheduler: str | None, jobs: int | None):

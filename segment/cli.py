@@ -622,7 +622,7 @@ def batch(input_dir: Path, out_dir: Path | None, **kwargs) -> None:
       segment batch bids/ --bids --suffix T1w --pipeline t1-brain-3class --mask bids
       segment batch scans/ -o out/ --scheduler tcp://10.0.0.5:8786
     """
-    from .batch import MaskSpec, run_batch
+    from .batch import MaskSpec
     from .exceptions import SegmentError
 
     if out_dir is None and not kwargs["bids"]:
@@ -637,14 +637,22 @@ def batch(input_dir: Path, out_dir: Path | None, **kwargs) -> None:
         where = "'--mask'" if extra["option_sources"]["mask"] == "command line" else (
             f"the mask of pipeline {pipeline.name}")  # fmt: skip
         raise click.BadParameter(str(error), param_hint=where) from None
+    _run_batch(input_dir, out_dir, kwargs, pipeline, extra)
+
+
+def _run_batch(input_dir, out_dir, kwargs, pipeline, extra, **where) -> None:
+    """Run the batch of ``batch`` or ``bids``, report, exit 1 if a scan failed."""
+    from .batch import run_batch
+
     result = run_batch(
-        input_dir, out_dir, patterns=kwargs["patterns"], recursive=kwargs["recursive"],
-        bids=kwargs["bids"], subjects=kwargs["subjects"], sessions=kwargs["sessions"],
+        input_dir, out_dir, patterns=kwargs.get("patterns", ()),
+        recursive=kwargs.get("recursive", False), bids=kwargs.get("bids", True),
+        subjects=kwargs["subjects"], sessions=kwargs["sessions"],
         suffixes=kwargs["suffixes"], pipeline=pipeline, settings=extra["final_options"],
         sources=extra["option_sources"], jobs=kwargs["jobs"], scheduler=kwargs["scheduler"],
         workers=kwargs["workers"], resume=kwargs["resume"], overwrite=kwargs["overwrite"],
         on_result=_batch_progress(kwargs["quiet"]), command_line=["segment", *sys.argv[1:]],
-        memory_limit=kwargs["memory_limit"], compresslevel=kwargs["compression_level"],
+        memory_limit=kwargs["memory_limit"], compresslevel=kwargs["compression_level"], **where,
     )  # fmt: skip
     counts = {s: sum(r["status"] == s for r in result.rows) for s in ("ok", "skipped", "failed")}
     if not kwargs["quiet"]:
@@ -653,6 +661,67 @@ def batch(input_dir: Path, out_dir: Path | None, **kwargs) -> None:
     click.echo(str(result.summary))
     if counts["failed"]:
         raise SystemExit(1)
+
+
+class _BadBidsInput(click.ClickException):
+    """Arguments of ``segment bids`` that name no usable dataset: one line, exit 2."""
+
+    exit_code = 2
+
+
+@cli.command("bids", context_settings=CONTEXT_SETTINGS)
+@click.argument("bids_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("output_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("analysis_level", type=click.Choice(["participant"]))
+@click.argument("more_labels", nargs=-1, metavar="")
+@click.option("--participant-label", "--participant_label", "subjects", multiple=True,
+              metavar="LABEL [LABEL...]",
+              help="Subjects to do, with or without 'sub-' [default: all].")  # fmt: skip
+@click.option("--session", "sessions", multiple=True, help="Only this session (repeatable).")
+@click.option("--suffix", "suffixes", multiple=True, default=("T1w",), show_default=True,
+              help="Scans of this suffix (repeatable).")  # fmt: skip
+@click.option("-j", "--jobs", type=click.IntRange(1, 4096), default=None,
+              help="Scans at once on this machine [default: CPU count].")  # fmt: skip
+@click.option(
+    "--resume/--no-resume",
+    default=True,
+    show_default=True,
+    help="Skip scans whose outputs are complete and made with the same options.",
+)
+@click.option("--memory-limit", default=None, metavar="SIZE", callback=_check_memory_limit,
+              help="Memory to aim for per scan, as for `segment run` [default: 3GB].")  # fmt: skip
+@model_options(batch=True)
+@_handle_errors
+def bids(bids_dir: Path, output_dir: Path, analysis_level: str, more_labels, **kwargs) -> None:
+    """Segment a BIDS dataset as a BIDS App: BIDS_DIR OUTPUT_DIR participant.
+
+    Writes a BIDS derivative dataset in OUTPUT_DIR itself (dataset_description.json with
+    DatasetLinks to BIDS_DIR, dseg.tsv, .bidsignore, sub-*/[ses-*/]anat/*_dseg.nii.gz ...), as
+    `segment batch BIDS_DIR --bids` writes in BIDS_DIR/derivatives/segment. Options as for
+    `segment batch`; --participant-label takes the labels that follow it.
+
+    \b
+    Examples:
+      segment bids /data/raw /data/raw/derivatives/segment participant
+      segment bids /data/raw /scratch/seg participant --participant-label 01 02 -k 3
+    """
+    from .batch import MaskSpec, check_bids_app
+    from .exceptions import SegmentError
+
+    if more_labels and not kwargs["subjects"]:
+        raise click.UsageError(f"Got unexpected extra arguments ({' '.join(more_labels)}).")
+    kwargs["subjects"] = (*kwargs["subjects"], *more_labels)
+    try:
+        check_bids_app(bids_dir, output_dir, kwargs["subjects"])
+    except SegmentError as error:  # one line, exit 2 (a usage error), nothing written
+        raise _BadBidsInput(str(error)) from None
+    pipeline, extra = _apply_pipeline(kwargs)
+    _check_model_options(kwargs, extra)
+    try:
+        MaskSpec.parse(kwargs["mask"], bids=True)
+    except SegmentError as error:
+        raise click.BadParameter(str(error), param_hint="'--mask'") from None
+    _run_batch(bids_dir, None, kwargs, pipeline, extra, derivative_dir=output_dir)
 
 
 @cli.command("pipelines", context_settings=CONTEXT_SETTINGS)

@@ -27,6 +27,8 @@ __all__ = [
     "parse_bids_entities",
     "bids_output_paths",
     "derivative_description",
+    "relative_link",
+    "BIDSIGNORE",
     "dseg_tsv",
     "pve_output_paths",
 ]
@@ -206,20 +208,83 @@ def bids_output_paths(
     )
 
 
-def derivative_description(version: str, *, source: str = "../..", pipeline=None) -> dict:
-    """``dataset_description.json`` of the ``derivatives/segment`` dataset."""
-    generated = {"Name": "segment", "Version": version,
-                 "CodeURL": "https://pypi.org/project/segment/"}  # fmt: skip
+#: The distribution that provides the ``segment`` command (``GeneratedBy[0].Name``).
+DISTRIBUTION = "segment-em"
+
+#: ``.bidsignore`` of the derivative: what we write that has no name in the BIDS schema.
+BIDSIGNORE = (
+    "# written by segment: files that have no BIDS name\n"
+    "batch_summary.tsv\n"  # one row per scan of the batch
+    "*_biasfield.nii.gz\n"  # the multiplicative bias field (--bias-field)
+    "*_corrected.nii.gz\n"  # the bias-corrected scan
+    "sub-*/figures\n"  # the QC pictures (the folder and what it holds)
+)
+
+
+def derivative_description(
+    version: str,
+    *,
+    source: str = "../..",
+    pipeline: str | None = None,
+    source_description: dict | None = None,
+) -> dict:
+    """``dataset_description.json`` of the derivative dataset.
+
+    Parameters
+    ----------
+    version : str
+        Version of segment (``GeneratedBy[0].Version``).
+    source : str
+        Where the raw dataset is, relative to the derivative's root (POSIX ``/``; ``../..`` for
+        ``<raw>/derivatives/segment``) or as a URI: ``DatasetLinks["raw"]``, which the
+        sidecars' ``bids:raw:<path>`` sources resolve through, and ``SourceDatasets[0].URL``.
+    pipeline : str, optional
+        Name of the pipeline preset (``GeneratedBy[0].Description``).
+    source_description : dict, optional
+        The raw dataset's own ``dataset_description.json``: its ``DatasetDOI`` and ``Name``
+        are carried into ``SourceDatasets``.
+
+    Examples
+    --------
+    >>> description = derivative_description("1.0", source="../raw")
+    >>> description["DatasetLinks"], description["SourceDatasets"]
+    ({'raw': '../raw'}, [{'URL': '../raw'}])
+    """
+    generated: dict[str, Any] = {"Name": DISTRIBUTION, "Version": version}
     if pipeline is not None:
-        generated["Description"] = f"pipeline {pipeline}"
+        generated["Description"] = f"segment, pipeline {pipeline}"
+    dataset: dict[str, Any] = {"URL": source}
+    if source_description and source_description.get("DatasetDOI"):
+        dataset["DOI"] = str(source_description["DatasetDOI"])
     return {
         "Name": "segment: Gaussian-mixture tissue segmentation",
         "BIDSVersion": "1.9.0",
         "DatasetType": "derivative",
         "GeneratedBy": [generated],
-        "SourceDatasets": [{"URL": source}],
+        "SourceDatasets": [dataset],
         "DatasetLinks": {"raw": source},
     }
+
+
+def relative_link(target: str | Path, start: str | Path) -> str:
+    """``target`` as seen from the folder ``start``: a relative POSIX path (``../..``).
+
+    Both are made absolute first; a target on another drive gets a ``file://`` URI.
+
+    Examples
+    --------
+    >>> relative_link("/data/raw", "/data/raw/derivatives/segment")
+    '../..'
+    >>> relative_link("/data/raw", "/scratch/out")
+    '../../data/raw'
+    """
+    import os
+
+    target, start = Path(target).absolute(), Path(start).absolute()
+    try:
+        return Path(os.path.relpath(target, start)).as_posix()
+    except ValueError:  # no relative path between them (another Windows drive)
+        return target.as_uri()
 
 
 def label_table(names: list[str]) -> list[dict[str, Any]]:

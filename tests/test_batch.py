@@ -323,6 +323,7 @@ def test_bids_derivative_layout(bids_dataset):
     assert files == sorted(
         [
             ".segment-batch.lock",  # the folder's batch lock (hidden, empty once released)
+            ".bidsignore",  # batch_summary.tsv, bias fields, figures: no BIDS names
             "batch_summary.tsv",
             "dataset_description.json",
             "dseg.tsv",
@@ -342,7 +343,7 @@ def test_bids_derivative_layout(bids_dataset):
     )
     description = json.loads((deriv / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative"
-    assert description["GeneratedBy"][0]["Name"] == "segment"
+    assert description["GeneratedBy"][0]["Name"] == "segment-em"  # the distribution
     tsv = (deriv / "dseg.tsv").read_text().splitlines()
     assert tsv[0] == "index\tname\tabbreviation\tmapping"
     assert tsv[1:] == ["1\tcsf\tCSF\t3", "2\tgrey matter\tGM\t1", "3\twhite matter\tWM\t2"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack, suppress
@@ -12,7 +13,12 @@ import nibabel as nib
 import numpy as np
 
 from segment.io.atomic import atomic_write
-from segment.io.gzip import DEFAULT_COMPRESSLEVEL, _append_file, _write_members
+from segment.io.gzip import (
+    DEFAULT_COMPRESSLEVEL,
+    _append_file,
+    _gzip_trailer,
+    _write_members,
+)
 from segment.io.read import _NIFTI_EXTENSIONS, _TIFF_EXTENSIONS, Scan, _matched_extension
 
 
@@ -261,7 +267,7 @@ def write_map(
         )  # fmt: skip
         del finite
         img = _nifti_like(data, reference, cal=cal, components_last=False)
-        if data.ndim == 3:  # gzip members compressed in parallel, as for the probabilities
+        if data.ndim == 3:  # deflate pieces compressed in parallel, as for the probabilities
             return write_nifti_volumes(img.header, [data], path, compresslevel=compresslevel)
         return write_nifti(img, path, compresslevel=compresslevel)
     _check_2d(data, path, "map")
@@ -295,7 +301,7 @@ def write_map_slabs(
     )
 
 
-#: Bytes of one volume per gzip member of a 4-D ``.nii.gz`` (whole slices along the last
+#: Bytes of one volume per deflate piece of a 4-D ``.nii.gz`` (whole slices along the last
 #: spatial axis). Both 4-D writers cut at the same places, so equal maps give equal bytes.
 #: :func:`write_nifti_slabs` holds about three slabs of all volumes at once (K = 6: ~75 MB);
 #: members of 4 MB compress as fast and as well as larger ones.
@@ -334,9 +340,10 @@ def write_nifti_volumes(
 ) -> Path:
     """Write a 4-D NIfTI one 3-D volume at a time, atomically.
 
-    For ``.nii.gz`` each volume is cut into slabs of about :data:`SLAB_BYTES`, each compressed
-    as its own gzip member in parallel threads (zlib releases the GIL); a multi-member gzip file
-    is a valid gzip file that nibabel, FSL, ITK and AFNI read as one stream. One volume and
+    For ``.nii.gz`` each volume is cut into slabs of about :data:`SLAB_BYTES`, each deflated on
+    its own in parallel threads (zlib releases the GIL) into one gzip member, as pigz does (see
+    :mod:`segment.io.gzip`): every reader, even one that reads only a first member, sees the
+    whole image. One volume and
     ``n_threads + 1`` slabs are in memory at once.
 
     Parameters
@@ -372,7 +379,8 @@ def write_nifti_volumes(
             for _, data in members():
                 stream.write(data)
             return path
-        _write_members([stream], _nifti_head(header), members(), compresslevel, n_threads, 0)
+        sums = _write_members([stream], _nifti_head(header), members(), compresslevel, n_threads, 0)
+        stream.write(_gzip_trailer(sums))
     return path
 
 
@@ -413,8 +421,8 @@ def write_nifti_slabs(
     -----
     The file holds all of volume 0, then all of volume 1, and so on, but each slab holds a
     piece of every volume. ``.nii``: each piece is written at its offset. ``.nii.gz``: each
-    piece is compressed as its own gzip member (the members of :func:`write_nifti_volumes`,
-    so the bytes are the same); volume 0's members go to the output, the other volumes' to
+    piece is deflated on its own (the pieces of :func:`write_nifti_volumes`, so the bytes are
+    the same, one gzip member); volume 0's pieces go to the output, the other volumes' to
     hidden spill files next to it (one per volume, about its compressed size), which are
     appended in order at the end (``os.copy_file_range``, no copy through Python) and
     removed, also on error or Ctrl-C. While the next slab is computed, at most one slab of
@@ -455,10 +463,12 @@ def write_nifti_slabs(
         try:
             with ExitStack() as files:
                 streams = [files.enter_context(open(p, "wb")) for p in [tmp, *spills]]
-                _write_members(streams, head, members(), compresslevel, n_threads, n_volumes)
+                sums = _write_members(streams, head, members(), compresslevel, n_threads, n_volumes)
                 for spill, stream in zip(spills, streams[1:]):
                     stream.close()
                     _append_file(streams[0], spill)
+                streams[0].seek(0, os.SEEK_END)
+                streams[0].write(_gzip_trailer(sums))
         finally:
             for spill in spills:
                 with suppress(OSError):
