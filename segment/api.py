@@ -957,8 +957,8 @@ def segment_file(
         Write ``<stem>_dseg``, ``<stem>_probseg``, ``<stem>_qc.png`` and ``<stem>_segment.json``
         here (see :meth:`SegmentationResult.save`).
     mask : {"none", "auto"} or path, optional
-        Voxels to model: all (default), the automatic foreground (Otsu threshold, largest
-        connected component, holes filled), or a mask file on the same grid. A template such
+        Voxels to model: all (default), the automatic foreground (everything but the
+        background: the whole head, or the brain of a skull-stripped scan), or a mask file on the same grid. A template such
         as ``"{stem}_brainmask.nii.gz"`` names the mask after the (first) scan, relative to its
         folder (see :class:`segment.batch.MaskSpec`).
     overwrite, probseg, qc : bool

@@ -207,11 +207,13 @@ def _check_scheduler(ctx, param, value):
         raise click.BadParameter(str(error)) from None
 
 
-_MASK_HELP = ("Voxels to model: a mask file on the same grid, 'auto' (Otsu foreground, largest "
-              "component, holes filled) or 'none' (all).")  # fmt: skip
+_MASK_HELP = ("Voxels to model: a mask file on the same grid, 'auto' (everything but the "
+              "background: the whole head of a whole-head scan, the brain of a skull-stripped one) "
+              "or 'none' (all).")  # fmt: skip
 _BATCH_MASK_HELP = (
-    "Voxels to model: 'none' (all), 'auto' (Otsu foreground, largest component, holes "
-    "filled), one mask file for every scan, or a template giving each scan its own mask: "
+    "Voxels to model: 'none' (all), 'auto' (everything but the background: the whole "
+    "head, or the brain of a skull-stripped scan), one mask file for every scan, or a "
+    "template giving each scan its own mask: "
     "{stem} is the scan's name without extension, {rel} its folder relative to INPUT_DIR, "
     "e.g. '{stem}_brainmask.nii.gz' (next to each scan) or '/data/masks/{rel}/{stem}_mask.nii'. "
     "With --bids, 'bids' takes each scan's derivatives/*/sub-*/[ses-*/]anat/*_desc-brain_mask "
