@@ -391,7 +391,7 @@ def run(inputs: tuple[Path, ...], out_dir: Path, **kwargs) -> None:
     from .api import segment_file
 
     start = time.perf_counter()
-    _, extra = _apply_pipeline(kwargs)
+    pipeline, extra = _apply_pipeline(kwargs)
     _check_model_options(kwargs, extra)
     if "{" in kwargs["mask"] or "}" in kwargs["mask"]:
         from .batch import MaskSpec
@@ -409,6 +409,7 @@ def run(inputs: tuple[Path, ...], out_dir: Path, **kwargs) -> None:
             qc=not kwargs["no_qc"], callback=callback, corrected=kwargs["write_corrected"],
             memory_limit=kwargs["memory_limit"], compresslevel=kwargs["compression_level"],
             command_line=["segment", *sys.argv[1:]], extra=extra, **_model_kwargs(kwargs),
+            class_names=list(pipeline.labels) if pipeline else None,
         )  # fmt: skip
     finally:
         _ProgressLine.end()  # also before an error message
