@@ -973,8 +973,8 @@ def segment_file(
     mask : {"none", "auto"} or path, optional
         Voxels to model: all (default), the automatic foreground (everything but the
         background: the whole head, or the brain of a skull-stripped scan), or a mask file on
-        the same grid. A template such as ``"{stem}_brainmask.nii.gz"`` names the mask after the (first) scan, relative to its
-        folder (see :class:`segment.batch.MaskSpec`).
+        the same grid. A template such as ``"{stem}_brainmask.nii.gz"`` names the mask after
+        the (first) scan, relative to its folder (see :class:`segment.batch.MaskSpec`).
     overwrite, probseg, qc : bool
         Replace existing outputs; write the probability maps; write the QC picture.
     callback : callable, optional
