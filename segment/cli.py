@@ -444,10 +444,12 @@ def run(inputs: tuple[Path, ...], out_dir: Path, **kwargs) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--ignore-zero", is_flag=True,
               help="Leave out voxels labelled 0 in either map (e.g. outside a mask).")  # fmt: skip
+@click.option("--mask", "mask", type=click.Path(path_type=Path), default=None, metavar="MASK",
+              help="Score only the voxels inside this mask (same grid; non-zero = inside).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @_handle_errors
 def evaluate(predicted: Path, reference: Path | None, reference_fractions: Path | None,
-             as_json: bool, ignore_zero: bool, debug: bool):  # fmt: skip
+             as_json: bool, ignore_zero: bool, mask: Path | None, debug: bool):  # fmt: skip
     """Compare a label map PREDICTED with a ground truth REFERENCE.
 
     Labels are matched to reference classes by the optimal one-to-one assignment (Hungarian);
@@ -476,7 +478,7 @@ def evaluate(predicted: Path, reference: Path | None, reference_fractions: Path 
         result = evaluate_fraction_files(predicted, reference_fractions)
         click.echo(json.dumps(result, indent=2) if as_json else format_fraction_table(result))
         return
-    result = evaluate_files(predicted, reference, ignore_zero=ignore_zero)
+    result = evaluate_files(predicted, reference, ignore_zero=ignore_zero, mask_path=mask)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
