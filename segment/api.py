@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -281,7 +282,11 @@ class SegmentationResult:
             stem = prefix or (io.scan_stem(self.inputs[0]) if self.inputs else "segment")
             fake_input = f"{stem}.nii.gz" if reference.kind == "nifti" else f"{stem}.png"
             paths = naming.plain_output_paths(fake_input, out_dir, kind=reference.kind)
+            if stem == "segment":  # an array without a name: segment.json, not segment_segment
+                paths = dataclasses.replace(paths, sidecar=paths.sidecar.with_name("segment.json"))
+        dseg_tsv = naming.dseg_tsv_path(paths)
         wanted = [paths.dseg, paths.sidecar] + [paths.probseg] * probseg + [paths.qc] * qc
+        wanted += [dseg_tsv] if dseg_tsv is not None else []
         wanted += list(bias_output_paths(paths, self._has_bias_field, corrected).values())
         pve_paths = self._pve_paths(paths, class_names)
         check_outputs_free(wanted + pve_paths, overwrite)
@@ -302,6 +307,7 @@ class SegmentationResult:
                 corrected,
                 level,
                 pve_paths,
+                names=naming.label_names(class_names, len(self.estimator.means_)),
             )
             staged.commit()
         except BaseException as error:  # incl. KeyboardInterrupt: no half-written set of outputs
@@ -335,9 +341,15 @@ class SegmentationResult:
         corrected,
         level,
         pve_paths=(),
+        names=None,
     ) -> None:
         """The writes of :meth:`save`, each to its temporary path from ``staged``."""
         from . import io
+
+        names = names or naming.label_names(None, len(self.estimator.means_))
+        dseg_tsv = naming.dseg_tsv_path(paths)
+        if dseg_tsv is not None:
+            staged.path(dseg_tsv).write_text(naming.run_dseg_tsv(names))
 
         fractions = _Volumes(self.flat_fractions, self.mask) if pve_paths else None
         if len(pve_paths) == 1:  # one 4-D file, a volume per label
@@ -388,14 +400,16 @@ class SegmentationResult:
                 means=self.estimator.means_, covariances=self.estimator.covariances_,
                 weights=self.estimator.weights_, mask=self.mask,
                 title=self.inputs[0].name if self.inputs else "", zooms=reference.zooms,
+                names=names, affine=getattr(reference, "affine", None),
             )  # fmt: skip
             self.timings["qc_s"] = time.perf_counter() - start
         written = {"dseg": paths.dseg, "probseg": paths.probseg if probseg else None,
-                   "qc": paths.qc if qc else None, **bias_paths}  # fmt: skip
+                   "qc": paths.qc if qc else None, "dseg_tsv": dseg_tsv, **bias_paths}  # fmt: skip
         written.update({f"pve_{k + 1}" if len(pve_paths) > 1 else "pve": path
                         for k, path in enumerate(pve_paths)})  # fmt: skip
         outputs = {name: p.name for name, p in written.items() if p is not None}
         record = self.sidecar(outputs, command_line)
+        sidecar.name_labels(record, names)
         record.update(extra or {})
         staged.path(paths.sidecar).write_text(sidecar.dumps(record))  # moved into place last
         self.written = [p for p in written.values() if p is not None] + [paths.sidecar]
@@ -961,10 +975,10 @@ def segment_file(
         Write ``<stem>_dseg``, ``<stem>_probseg``, ``<stem>_qc.png`` and ``<stem>_segment.json``
         here (see :meth:`SegmentationResult.save`).
     mask : {"none", "auto"} or path, optional
-        Voxels to model: all (default), the automatic foreground (Otsu threshold, largest
-        connected component, holes filled), or a mask file on the same grid. A template such
-        as ``"{stem}_brainmask.nii.gz"`` names the mask after the (first) scan, relative to its
-        folder (see :class:`segment.batch.MaskSpec`).
+        Voxels to model: all (default), the automatic foreground (everything but the
+        background: the whole head, or the brain of a skull-stripped scan), or a mask file on
+        the same grid. A template such as ``"{stem}_brainmask.nii.gz"`` names the mask after
+        the (first) scan, relative to its folder (see :class:`segment.batch.MaskSpec`).
     overwrite, probseg, qc : bool
         Replace existing outputs; write the probability maps; write the QC picture.
     callback : callable, optional

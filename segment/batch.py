@@ -730,14 +730,16 @@ def run_task(task: ScanTask) -> dict[str, Any]:
 
 
 def _volume_columns(result) -> dict[str, Any]:
-    """``volume_estimate`` and ``volume_ml_<k>`` of each label for the summary."""
+    """``volume_estimate`` and ``volume_ml_<k>`` of each label for the summary (mL, 0.001)."""
+    from .sidecar import round_ml
+
     fractions = result.fraction_volumes()
     if fractions is None:
         volumes, estimate = result.soft_counts * result.voxel_volume_ml, "posteriors"
     else:
         volumes, estimate = fractions, "fractions"
     return {"volume_estimate": estimate,
-            **{f"volume_ml_{k}": float(v) for k, v in enumerate(volumes, start=1)}}  # fmt: skip
+            **{f"volume_ml_{k}": round_ml(v) for k, v in enumerate(volumes, start=1)}}  # fmt: skip
 
 
 def _hash_mask(extra: dict[str, Any]) -> dict[str, Any]:

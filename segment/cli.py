@@ -207,11 +207,13 @@ def _check_scheduler(ctx, param, value):
         raise click.BadParameter(str(error)) from None
 
 
-_MASK_HELP = ("Voxels to model: a mask file on the same grid, 'auto' (Otsu foreground, largest "
-              "component, holes filled) or 'none' (all).")  # fmt: skip
+_MASK_HELP = ("Voxels to model: a mask file on the same grid, 'auto' (everything but the "
+              "background: the whole head of a whole-head scan, the brain of a skull-stripped one) "
+              "or 'none' (all).")  # fmt: skip
 _BATCH_MASK_HELP = (
-    "Voxels to model: 'none' (all), 'auto' (Otsu foreground, largest component, holes "
-    "filled), one mask file for every scan, or a template giving each scan its own mask: "
+    "Voxels to model: 'none' (all), 'auto' (everything but the background: the whole "
+    "head, or the brain of a skull-stripped scan), one mask file for every scan, or a "
+    "template giving each scan its own mask: "
     "{stem} is the scan's name without extension, {rel} its folder relative to INPUT_DIR, "
     "e.g. '{stem}_brainmask.nii.gz' (next to each scan) or '/data/masks/{rel}/{stem}_mask.nii'. "
     "With --bids, 'bids' takes each scan's derivatives/*/sub-*/[ses-*/]anat/*_desc-brain_mask "
@@ -389,7 +391,7 @@ def run(inputs: tuple[Path, ...], out_dir: Path, **kwargs) -> None:
     from .api import segment_file
 
     start = time.perf_counter()
-    _, extra = _apply_pipeline(kwargs)
+    pipeline, extra = _apply_pipeline(kwargs)
     _check_model_options(kwargs, extra)
     if "{" in kwargs["mask"] or "}" in kwargs["mask"]:
         from .batch import MaskSpec
@@ -407,6 +409,7 @@ def run(inputs: tuple[Path, ...], out_dir: Path, **kwargs) -> None:
             qc=not kwargs["no_qc"], callback=callback, corrected=kwargs["write_corrected"],
             memory_limit=kwargs["memory_limit"], compresslevel=kwargs["compression_level"],
             command_line=["segment", *sys.argv[1:]], extra=extra, **_model_kwargs(kwargs),
+            class_names=list(pipeline.labels) if pipeline else None,
         )  # fmt: skip
     finally:
         _ProgressLine.end()  # also before an error message
@@ -441,10 +444,12 @@ def run(inputs: tuple[Path, ...], out_dir: Path, **kwargs) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--ignore-zero", is_flag=True,
               help="Leave out voxels labelled 0 in either map (e.g. outside a mask).")  # fmt: skip
+@click.option("--mask", "mask", type=click.Path(path_type=Path), default=None, metavar="MASK",
+              help="Score only the voxels inside this mask (same grid; non-zero = inside).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @_handle_errors
 def evaluate(predicted: Path, reference: Path | None, reference_fractions: Path | None,
-             as_json: bool, ignore_zero: bool, debug: bool):  # fmt: skip
+             as_json: bool, ignore_zero: bool, mask: Path | None, debug: bool):  # fmt: skip
     """Compare a label map PREDICTED with a ground truth REFERENCE.
 
     Labels are matched to reference classes by the optimal one-to-one assignment (Hungarian);
@@ -473,7 +478,7 @@ def evaluate(predicted: Path, reference: Path | None, reference_fractions: Path 
         result = evaluate_fraction_files(predicted, reference_fractions)
         click.echo(json.dumps(result, indent=2) if as_json else format_fraction_table(result))
         return
-    result = evaluate_files(predicted, reference, ignore_zero=ignore_zero)
+    result = evaluate_files(predicted, reference, ignore_zero=ignore_zero, mask_path=mask)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 

@@ -26,6 +26,8 @@ from segment.exceptions import InputError, SegmentError
 __all__ = [
     "evaluate_labels",
     "evaluate_files",
+    "evaluated_voxels",
+    "read_label_names",
     "format_table",
     "evaluate_fractions",
     "evaluate_fraction_files",
@@ -131,18 +133,48 @@ def match_labels(counts: np.ndarray, matchable: np.ndarray) -> dict[int, int]:
     return {int(r): int(columns[c]) for r, c in zip(rows, cols, strict=True)}
 
 
-def _evaluate(predicted, reference, *, voxel_size, voxel_volume_ml, units, ignore_zero) -> dict:
+def evaluated_voxels(
+    predicted: np.ndarray,
+    reference: np.ndarray,
+    *,
+    ignore_zero: bool = False,
+    mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """Bool array of the voxels scored: in ``mask`` and, with ``ignore_zero``, non-zero in both.
+
+    Examples
+    --------
+    >>> evaluated_voxels(np.array([0, 1, 2, 2]), np.array([1, 1, 0, 2]), ignore_zero=True)
+    array([False,  True, False,  True])
+    """
+    keep = np.ones(reference.shape, dtype=bool) if mask is None else np.asarray(mask, bool)
+    if ignore_zero:
+        keep = keep & (reference != 0) & (predicted != 0)
+    return keep
+
+
+def _evaluate(
+    predicted, reference, *, voxel_size, voxel_volume_ml, units, ignore_zero, mask=None
+) -> dict:
     """Shared body of :func:`evaluate_labels` and :func:`evaluate_files` (see there)."""
     predicted = _as_labels(predicted, "predicted")
     reference = _as_labels(reference, "reference")
     _check_same_shape(predicted, reference)
+    if mask is not None and np.shape(mask) != reference.shape:
+        raise SegmentError(
+            f"the mask has shape {np.shape(mask)} but the label maps {reference.shape}; "
+            "give a mask on the same grid"
+        )
     if not np.any(predicted):
         raise SegmentError(
             "the prediction holds only label 0 (nothing segmented); check the segmentation run"
         )
-    keep = reference != 0 if ignore_zero else np.ones(reference.shape, dtype=bool)
+    keep = evaluated_voxels(predicted, reference, ignore_zero=ignore_zero, mask=mask)
     if not keep.any():
-        raise SegmentError("the reference holds only label 0, so ignore_zero leaves no voxels")
+        raise SegmentError(
+            "no voxel left to score: the mask is empty, or with ignore_zero no voxel is "
+            "non-zero in both maps"
+        )
     counts, ref_labels, pred_labels = contingency_table(predicted[keep], reference[keep])
     matchable = pred_labels != 0 if ignore_zero else np.ones(pred_labels.size, dtype=bool)
     match = match_labels(counts, matchable) if matchable.any() else {}
@@ -174,7 +206,7 @@ def _evaluate(predicted, reference, *, voxel_size, voxel_volume_ml, units, ignor
     matched = set(match.values())
     return {
         "classes": classes,
-        "mean_dice": float(np.mean([c["dice"] for c in classes])),
+        "mean_dice": _mean_dice(classes),
         "mapping": {str(c["reference_label"]): c["matched_label"] for c in classes},
         "unmatched_predicted": [
             int(p) for j, p in enumerate(pred_labels) if j not in matched and matchable[j]
@@ -186,9 +218,17 @@ def _evaluate(predicted, reference, *, voxel_size, voxel_volume_ml, units, ignor
         },
         "n_voxels": int(keep.sum()),
         "ignore_zero": bool(ignore_zero),
+        "masked": mask is not None,
         "voxel_volume_ml": voxel_volume_ml,
         "units": units,
     }
+
+
+def _mean_dice(classes: list[dict]) -> float:
+    """Mean Dice over the reference's tissue classes: label 0 (background) is reported but not
+    averaged, unless it is the only class."""
+    scored = [c["dice"] for c in classes if c["reference_label"] != 0]
+    return float(np.mean(scored or [c["dice"] for c in classes]))
 
 
 def evaluate_labels(
@@ -197,6 +237,7 @@ def evaluate_labels(
     *,
     voxel_volume_ml: float = 1e-3,
     ignore_zero: bool = False,
+    mask: np.ndarray | None = None,
 ) -> dict:
     """Dice, Jaccard, volumes and confusion matrix of a label map against a reference.
 
@@ -211,15 +252,12 @@ def evaluate_labels(
     voxel_volume_ml : float
         Volume of one voxel in mL (1 mm³ = 1e-3 mL).
     ignore_zero : bool
-        Treat label 0 as "unlabelled":
-
-        * voxels where ``reference == 0`` are dropped from every count (the reference's non-zero
-          voxels are the region evaluated), so class 0 is not reported;
-        * predicted label 0 is never matched to a class; voxels inside the region where the
-          prediction is 0 count as misses of their reference class (they lower its Dice) and
-          appear in a ``0`` column of the confusion matrix.
-
-        With ``False`` (default) every voxel counts and 0 is a label like any other.
+        Treat label 0 as "unlabelled": voxels that are 0 in either map (e.g. outside the mask
+        of the run, or unlabelled in the reference) are dropped from every count, and label 0
+        is neither reported nor matched.  With ``False`` (default) every voxel counts and 0 is
+        a label like any other, reported in ``classes`` but left out of ``mean_dice``.
+    mask : bool array of the same shape, optional
+        Score only the voxels inside it (e.g. a brain mask).
 
     Returns
     -------
@@ -228,10 +266,11 @@ def evaluate_labels(
         ``matched_label`` (None if no predicted label was left for it), ``dice``, ``jaccard``
         (0 when unmatched), ``reference_voxels``, ``predicted_voxels`` (of the matched label),
         ``overlap_voxels``, ``reference_volume`` and ``predicted_volume`` (in ``units``);
-        ``mean_dice`` over the reference classes; ``mapping`` {reference label as str: matched
-        predicted label or None}; ``unmatched_predicted`` labels; ``confusion_matrix`` with
-        ``reference_labels`` (rows), ``predicted_labels`` (columns) and ``counts``;
-        ``n_voxels`` evaluated; ``ignore_zero``; ``voxel_volume_ml``; ``units`` ("mL").
+        ``mean_dice`` over the reference classes other than 0; ``mapping`` {reference label
+        as str: matched predicted label or None}; ``unmatched_predicted`` labels;
+        ``confusion_matrix`` with ``reference_labels`` (rows), ``predicted_labels`` (columns)
+        and ``counts``; ``n_voxels`` evaluated; ``ignore_zero``; ``masked``;
+        ``voxel_volume_ml``; ``units`` ("mL").
 
     Raises
     ------
@@ -253,6 +292,7 @@ def evaluate_labels(
         voxel_volume_ml=float(voxel_volume_ml),
         units="mL",
         ignore_zero=ignore_zero,
+        mask=mask,
     )
 
 
@@ -344,7 +384,11 @@ def _check_affines(predicted_path: Path, aff_pred: np.ndarray, aff_ref: np.ndarr
 
 
 def evaluate_files(
-    predicted_path: str | Path, reference_path: str | Path, *, ignore_zero: bool = False
+    predicted_path: str | Path,
+    reference_path: str | Path,
+    *,
+    ignore_zero: bool = False,
+    mask_path: str | Path | None = None,
 ) -> dict:
     """Evaluate a label file against a reference label file.
 
@@ -358,11 +402,16 @@ def evaluate_files(
         Label maps (integer data; floats that are whole numbers are accepted).
     ignore_zero : bool
         See :func:`evaluate_labels`.
+    mask_path : str or Path, optional
+        A mask on the same grid (non-zero = inside): only its voxels are scored.
 
     Returns
     -------
     result : dict
-        As :func:`evaluate_labels`, plus ``predicted_path`` and ``reference_path``. For NIfTI
+        As :func:`evaluate_labels`, plus ``predicted_path`` and ``reference_path``, and the
+        label names read from look-up tables next to the label maps (``<stem>_dseg.tsv``
+        written by ``segment run``, or ``<stem>.tsv``): ``reference_name`` and
+        ``matched_name`` in each class when known. For NIfTI
         the voxel volume comes from the reference header zooms (mm³ / 1000 = mL) and
         ``units`` is ``"mL"``. For 2-D images each pixel is taken as 1 mm²: ``units`` is
         ``"mm²"``, the per-class volumes are areas in mm², and ``voxel_volume_ml`` is None.
@@ -394,13 +443,52 @@ def evaluate_files(
         sizes = {"voxel_size": voxel_ml, "voxel_volume_ml": voxel_ml, "units": "mL"}
     else:
         sizes = {"voxel_size": 1.0, "voxel_volume_ml": None, "units": "mm²"}
+    mask = None
+    if mask_path is not None:
+        mask_path = Path(mask_path)
+        mask_data, _, _ = _load_label_file(mask_path)
+        if mask_data.shape != ref.shape:
+            raise InputError(
+                mask_path, f"mask shape {mask_data.shape} differs from the reference {ref.shape}"
+            )
+        mask = (mask_data != 0) & np.isfinite(mask_data)
     try:
-        result = _evaluate(pred, ref, ignore_zero=ignore_zero, **sizes)
+        result = _evaluate(pred, ref, ignore_zero=ignore_zero, mask=mask, **sizes)
     except SegmentError as exc:
         raise InputError(predicted_path, str(exc)) from None
     result["predicted_path"] = str(predicted_path)
     result["reference_path"] = str(reference_path)
+    if mask_path is not None:
+        result["mask_path"] = str(mask_path)
+    ref_names, pred_names = read_label_names(reference_path), read_label_names(predicted_path)
+    for c in result["classes"]:
+        if c["reference_label"] in ref_names:
+            c["reference_name"] = ref_names[c["reference_label"]]
+        if c["matched_label"] in pred_names:
+            c["matched_name"] = pred_names[c["matched_label"]]
     return result
+
+
+def read_label_names(label_path: str | Path) -> dict[int, str]:
+    """``{index: name}`` from the look-up table next to a label map, or ``{}``.
+
+    Looks for ``<stem>.tsv`` (e.g. ``head_t1_labels.tsv``), then, for ``<stem>_dseg.*``,
+    ``<stem>_dseg.tsv`` as ``segment run`` writes it; columns ``index`` and ``name``.
+    """
+    from segment.io import scan_stem
+
+    label_path = Path(label_path)
+    table = label_path.with_name(f"{scan_stem(label_path)}.tsv")
+    if not table.is_file():
+        return {}
+    try:
+        lines = table.read_text(encoding="utf-8").splitlines()
+        header = lines[0].split("\t")
+        index, name = header.index("index"), header.index("name")
+        rows = [line.split("\t") for line in lines[1:] if line.strip()]
+        return {int(row[index]): row[name] for row in rows}
+    except (OSError, ValueError, IndexError):
+        return {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,6 +509,9 @@ def format_table(result: dict) -> str:
     lines = [header, "-" * len(header)]
     for c in result["classes"]:
         matched = "-" if c["matched_label"] is None else str(c["matched_label"])
+        names = [c.get("reference_name"), c.get("matched_name")]
+        if any(names):
+            lines.append(f"{'':>6} {' / '.join(n or '?' for n in names)}")
         lines.append(
             f"{c['reference_label']:>6} {matched:>8} {c['dice']:>7.4f} {c['jaccard']:>8.4f} "
             f"{c['reference_volume']:>12.3f} {c['predicted_volume']:>12.3f}"

@@ -16,11 +16,15 @@ from scipy import ndimage
 from segment.exceptions import InputError, SegmentError
 from segment.io import Scan, check_same_grid, load_scan
 
-__all__ = ["auto_mask", "flatten", "load_mask", "unflatten", "valid_voxels"]
+__all__ = ["auto_mask", "background_threshold", "flatten", "load_mask", "unflatten", "valid_voxels"]
 
 
 def auto_mask(data: np.ndarray) -> np.ndarray:
-    """Estimate a foreground mask from the intensities of one image.
+    """Estimate the object (head, or brain of a skull-stripped scan) against the background.
+
+    The mask keeps everything that is not background: on a whole-head scan the whole head
+    (scalp, skull, CSF and ventricles included, air out); on a skull-stripped scan, whose
+    background is zero, the whole brain.
 
     Parameters
     ----------
@@ -42,14 +46,16 @@ def auto_mask(data: np.ndarray) -> np.ndarray:
     -----
     The method, in order:
 
-    1. Otsu threshold (``skimage.filters.threshold_otsu``, 256-bin histogram) computed on the
-       finite voxels; foreground = voxels strictly above it.
-    2. Keep the largest connected component (face connectivity: 6-connected in 3-D,
-       4-connected in 2-D).
-    3. Binary closing with the same face-connected structuring element (one dilation then one
-       erosion, on a zero-padded copy so the image border does not erode the mask).
-    4. Fill holes (``scipy.ndimage.binary_fill_holes``): background regions not connected to the
-       image border become foreground.
+    1. Background threshold from the robust range (as FSL ``bet`` does): with p2 and p98 the
+       2nd and 98th percentiles of the finite voxels, ``t = p2 + 0.1 (p98 - p2)``;
+       foreground = voxels strictly above ``t``.  Unlike an Otsu threshold, which on a head
+       splits brain from the rest, this separates the object from the air.
+    2. Binary opening (face-connected element) to cut noise bridges into the background, keep
+       the largest connected component, then grow it back by two geodesic dilations inside the
+       thresholded foreground (restoring the edges and corners the opening removed).
+    3. Binary closing (on a zero-padded copy so the image border does not erode the mask).
+    4. Fill holes in 3-D, then slice by slice along each axis, so that dark enclosed tissue
+       (skull, CSF, ventricles) is kept even where the head touches the image border.
 
     Axes of length 1 (e.g. a single-slice volume) are dropped for steps 2-4, so a (X, Y, 1)
     volume is treated as a 2-D image.
@@ -60,8 +66,6 @@ def auto_mask(data: np.ndarray) -> np.ndarray:
     >>> int(auto_mask(image).sum())
     100
     """
-    from skimage.filters import threshold_otsu
-
     data = np.asarray(data)
     finite = np.isfinite(data) if data.dtype.kind == "f" else np.ones(data.shape, dtype=bool)
     values = data[finite]
@@ -73,7 +77,7 @@ def auto_mask(data: np.ndarray) -> np.ndarray:
             f"auto mask: the image is constant (all finite voxels equal {lo}); "
             "give a mask file or --mask none"
         )
-    threshold = threshold_otsu(values)
+    threshold = background_threshold(values)
     foreground = np.zeros(data.shape, dtype=bool)
     foreground[finite] = values > threshold
     core_shape = tuple(s for s in data.shape if s > 1)
@@ -81,19 +85,44 @@ def auto_mask(data: np.ndarray) -> np.ndarray:
     return core.reshape(data.shape)
 
 
-def _clean_foreground(foreground: np.ndarray) -> np.ndarray:
-    """Largest face-connected component, closed once, holes filled (steps 2-4 of auto_mask)."""
-    structure = ndimage.generate_binary_structure(foreground.ndim, 1)
+def background_threshold(values: np.ndarray) -> float:
+    """Robust-range background threshold ``p2 + 0.1 (p98 - p2)`` of ``values`` (1-D, finite).
+
+    Falls back to the midpoint of the range when p2 == p98 (an image that is mostly one value).
+    """
+    p2, p98 = np.percentile(values, [2.0, 98.0])
+    if p98 <= p2:
+        return float(values.min() + 0.5 * (values.max() - values.min()))
+    return float(p2 + 0.1 * (p98 - p2))
+
+
+def _largest_component(foreground: np.ndarray, structure: np.ndarray) -> np.ndarray:
     components, n = ndimage.label(foreground, structure=structure)
     if n == 0:
         return foreground
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
-    largest = components == int(np.argmax(sizes))
+    return components == int(np.argmax(sizes))
+
+
+def _clean_foreground(foreground: np.ndarray) -> np.ndarray:
+    """Opened largest component, regrown, closed, holes filled (steps 2-4 of auto_mask)."""
+    structure = ndimage.generate_binary_structure(foreground.ndim, 1)
+    opened = ndimage.binary_opening(foreground, structure=structure)
+    largest = _largest_component(opened if opened.any() else foreground, structure)
+    for _ in range(2):
+        largest = ndimage.binary_dilation(largest, structure=structure) & foreground
     padded = np.pad(largest, 1)
     closed = ndimage.binary_closing(padded, structure=structure)
     closed = closed[(slice(1, -1),) * foreground.ndim]
-    return ndimage.binary_fill_holes(closed, structure=structure)
+    filled = ndimage.binary_fill_holes(closed, structure=structure)
+    if filled.ndim == 3:
+        plane = ndimage.generate_binary_structure(2, 1)
+        for axis in range(3):
+            moved = np.moveaxis(filled, axis, 0)
+            for i in range(moved.shape[0]):
+                moved[i] = ndimage.binary_fill_holes(moved[i], structure=plane)
+    return filled
 
 
 def load_mask(spec, reference: Scan) -> np.ndarray | None:

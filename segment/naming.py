@@ -30,6 +30,9 @@ __all__ = [
     "relative_link",
     "BIDSIGNORE",
     "dseg_tsv",
+    "dseg_tsv_path",
+    "label_names",
+    "run_dseg_tsv",
     "pve_output_paths",
 ]
 
@@ -309,6 +312,57 @@ def dseg_tsv(names: list[str]) -> str:
     lines += [f"{r['index']}\t{r['name']}\t{r['abbreviation']}\t{r['mapping']}"
               for r in label_table(names)]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def label_names(names, n_components: int) -> list[str]:
+    """Names of labels 1..K: ``names`` when they are K, else ``class1`` ... ``classK``.
+
+    Examples
+    --------
+    >>> label_names(None, 2)
+    ['class1', 'class2']
+    >>> label_names(["csf", "grey matter"], 2)
+    ['csf', 'grey matter']
+    """
+    names = [str(name) for name in (names or [])]
+    if len(names) != n_components:
+        return [f"class{k}" for k in range(1, n_components + 1)]
+    return names
+
+
+#: Name of label 0 in the look-up tables: voxels outside the mask (air, with ``--mask auto``
+#: on a whole-head scan) and voxels that are not finite.
+OUTSIDE_NAME = "outside mask"
+
+
+def dseg_tsv_path(paths: OutputPaths) -> Path | None:
+    """``<stem>_dseg.tsv`` next to the plain-mode label map; None in BIDS mode (the
+    derivative's root ``dseg.tsv`` describes every label map there).
+
+    Examples
+    --------
+    >>> dseg_tsv_path(plain_output_paths("data/scan.nii", "out", kind="nifti")).name
+    'scan_dseg.tsv'
+    """
+    if paths.probseg_sidecar is not None:
+        return None
+    stem = paths.dseg.name.split("_dseg")[0]
+    return paths.dseg.with_name(f"{stem}_dseg.tsv")
+
+
+def run_dseg_tsv(names: list[str]) -> str:
+    """Text of one run's ``<stem>_dseg.tsv``: label 0 (outside the mask), then 1..K.
+
+    Columns ``index``, ``name``, ``abbreviation`` and ``mapping`` (see :func:`label_table`).
+
+    Examples
+    --------
+    >>> run_dseg_tsv(["csf", "grey matter"]).splitlines()[:3]
+    ['index\\tname\\tabbreviation\\tmapping', '0\\toutside mask\\tBG\\tn/a', '1\\tcsf\\tCSF\\t3']
+    """
+    text = dseg_tsv(names)
+    header, _, rows = text.partition("\n")
+    return f"{header}\n0\t{OUTSIDE_NAME}\tBG\tn/a\n{rows}"
 
 
 def pve_output_paths(

@@ -58,13 +58,42 @@ def label_volumes(
         {
             "label": k + 1,
             "n_voxels": int(counts[k + 1]),
-            "volume_ml": float(counts[k + 1] * voxel_volume_ml),
-            "soft_volume_ml": float(soft_counts[k] * voxel_volume_ml),
+            "volume_ml": round_ml(counts[k + 1] * voxel_volume_ml),
+            "soft_volume_ml": round_ml(soft_counts[k] * voxel_volume_ml),
             **({} if fraction_volumes is None
-               else {"fraction_volume_ml": float(fraction_volumes[k])}),
+               else {"fraction_volume_ml": round_ml(fraction_volumes[k])}),
         }
         for k in range(len(soft_counts))
     ]  # fmt: skip
+
+
+#: Decimals kept in volumes (mL): 0.001 mL = 1 mm^3, below the size of a voxel.
+ML_DECIMALS = 3
+
+
+def round_ml(value: float) -> float:
+    """A volume in mL rounded to :data:`ML_DECIMALS` (no ``553.9250000000001``)."""
+    return round(float(value), ML_DECIMALS)
+
+
+def round_significant(value: float, digits: int = 6) -> float:
+    """``value`` to ``digits`` significant digits (0.0010000000000000002 -> 0.001)."""
+    return float(f"{float(value):.{digits}g}")
+
+
+def name_labels(record: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """Put the label names into a sidecar record, in place (and return it).
+
+    Each row of ``record["labels"]`` gets its ``name``, and ``record["label_names"]`` maps
+    every value of the label map to its name: ``"0"`` is outside the mask, ``"1"``..``"K"``
+    the classes, as in the run's ``<stem>_dseg.tsv``.
+    """
+    from .naming import OUTSIDE_NAME
+
+    for row in record.get("labels", []):
+        row["name"] = names[row["label"] - 1]
+    record["label_names"] = {"0": OUTSIDE_NAME, **{str(k): n for k, n in enumerate(names, 1)}}
+    return record
 
 
 def tissue_volumes(labels: list[dict[str, Any]], fractions: bool) -> dict[str, Any]:
@@ -175,7 +204,7 @@ def build_sidecar(
         "labels": volumes,
         "volumes": tissue_volumes(volumes, fraction_volumes is not None),
         "partial_volume": partial_volume,
-        "voxel_volume_ml": float(voxel_volume_ml),
+        "voxel_volume_ml": round_significant(voxel_volume_ml),
         "timings_s": {key: round(float(value), 4) for key, value in timings.items()},
         "outputs": outputs,
     }

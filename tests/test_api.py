@@ -178,9 +178,14 @@ def test_uncompressed_nifti_stays_memory_mapped(make_nifti, tissues):
 def test_segment_file_saves_and_round_trips(scan, tmp_path, affine):
     out_dir = tmp_path / "deep" / "out"
     result = segment_file(scan, out_dir, n_components=K, command_line=["my", "call"])
-    names = ["scan_dseg.nii.gz", "scan_probseg.nii.gz", "scan_qc.png", "scan_segment.json"]
+    names = ["scan_dseg.nii.gz", "scan_probseg.nii.gz", "scan_qc.png", "scan_dseg.tsv",
+             "scan_segment.json"]  # fmt: skip
     assert [p.name for p in result.written] == names
     assert files_in(out_dir) == sorted(names)
+    rows = [line.split("\t") for line in (out_dir / "scan_dseg.tsv").read_text().splitlines()]
+    assert rows[0][:2] == ["index", "name"]
+    assert [row[:2] for row in rows[1:]] == [["0", "outside mask"], ["1", "class1"],
+                                             ["2", "class2"], ["3", "class3"]]  # fmt: skip
     dseg = nib.load(out_dir / "scan_dseg.nii.gz")
     np.testing.assert_array_equal(np.asarray(dseg.dataobj), result.labels)
     np.testing.assert_allclose(dseg.affine, affine)
@@ -193,6 +198,23 @@ def test_segment_file_saves_and_round_trips(scan, tmp_path, affine):
     assert [v["n_voxels"] for v in record["labels"]] == [
         int((result.labels == k).sum()) for k in (1, 2, 3)
     ]
+    assert [v["name"] for v in record["labels"]] == ["class1", "class2", "class3"]
+    assert record["label_names"]["0"] == "outside mask"
+    for row in record["labels"]:  # volumes rounded to 0.001 mL, not 553.9250000000001
+        assert row["volume_ml"] == round(row["volume_ml"], 3)
+        assert len(repr(row["soft_volume_ml"]).split(".")[-1]) <= 3
+
+
+def test_segment_array_save_names_and_dseg_tsv(tmp_path, tissues):
+    result = segment.segment_array(tissues.astype(np.float32), n_components=K)
+    result.save(tmp_path, qc=False, class_names=["dark", "grey", "bright"])
+    assert files_in(tmp_path) == sorted(
+        ["segment_dseg.nii.gz", "segment_probseg.nii.gz", "segment_dseg.tsv", "segment.json"]
+    )
+    rows = (tmp_path / "segment_dseg.tsv").read_text().splitlines()
+    assert [row.split("\t")[1] for row in rows[1:]] == ["outside mask", "dark", "grey", "bright"]
+    record = segment.api.read_sidecar(tmp_path / "segment.json")
+    assert [v["name"] for v in record["labels"]] == ["dark", "grey", "bright"]
 
 
 def test_segment_file_2d_outputs(make_image, picture, tmp_path):
@@ -204,6 +226,7 @@ def test_segment_file_2d_outputs(make_image, picture, tmp_path):
     assert [p.name for p in result.written] == [
         "slice_dseg.png",
         "slice_probseg.tif",
+        "slice_dseg.tsv",
         "slice_segment.json",
     ]
     np.testing.assert_array_equal(skimage.io.imread(result.written[0]), result.labels)
@@ -360,7 +383,7 @@ def test_failed_overwrite_keeps_the_old_outputs(picture, tmp_path, monkeypatch, 
 
     segment_array(picture, n_components=K).save(tmp_path, prefix="p")
     before = _contents(tmp_path)
-    assert len(before) == 4  # dseg, probseg, qc, sidecar
+    assert len(before) == 5  # dseg, dseg.tsv, probseg, qc, sidecar
 
     def failing(*args, **kwargs):
         raise error

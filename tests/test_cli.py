@@ -28,7 +28,7 @@ from segment.cli import cli
 from segment.exceptions import ConvergenceWarning, DataWarning, InputError
 
 K = 3
-OUTPUT_SUFFIXES = ("_dseg.nii.gz", "_probseg.nii.gz", "_qc.png", "_segment.json")
+OUTPUT_SUFFIXES = ("_dseg.nii.gz", "_probseg.nii.gz", "_qc.png", "_dseg.tsv", "_segment.json")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -138,9 +138,7 @@ def test_run_nifti_writes_all_outputs_on_the_input_grid(scan, out_dir, affine, t
     result = invoke("run", scan, "-o", out_dir, "-k", K, "--seed", 3)
     printed = assert_ok(result)
     files = outputs(out_dir)
-    assert printed == [
-        files[s] for s in ("_dseg.nii.gz", "_probseg.nii.gz", "_qc.png", "_segment.json")
-    ]
+    assert printed == [files[s] for s in OUTPUT_SUFFIXES]
     assert leftovers(out_dir) == sorted(p.name for p in files.values())  # no .tmp files
     assert result.stderr.startswith(f"{scan}: K=3, ")  # the summary goes to stderr
 
@@ -221,6 +219,7 @@ def test_run_json_sidecar_records_enough_to_reproduce(scan, out_dir):
         "dseg": "scan_dseg.nii.gz",
         "probseg": "scan_probseg.nii.gz",
         "qc": "scan_qc.png",
+        "dseg_tsv": "scan_dseg.tsv",
     }
 
 
@@ -324,10 +323,10 @@ def test_run_auto_mask(make_nifti, tissues, out_dir):
 
 def test_run_no_probseg_and_no_qc(scan, out_dir):
     printed = assert_ok(invoke("run", scan, "-o", out_dir, "-k", K, "--no-probseg", "--no-qc"))
-    assert [p.name for p in printed] == ["scan_dseg.nii.gz", "scan_segment.json"]
-    assert leftovers(out_dir) == ["scan_dseg.nii.gz", "scan_segment.json"]
+    assert [p.name for p in printed] == ["scan_dseg.nii.gz", "scan_dseg.tsv", "scan_segment.json"]
+    assert leftovers(out_dir) == ["scan_dseg.nii.gz", "scan_dseg.tsv", "scan_segment.json"]
     record = json.loads((out_dir / "scan_segment.json").read_text())
-    assert record["outputs"] == {"dseg": "scan_dseg.nii.gz"}
+    assert record["outputs"] == {"dseg": "scan_dseg.nii.gz", "dseg_tsv": "scan_dseg.tsv"}
 
 
 def test_compression_level_changes_the_file_size_not_the_maps(scan, tmp_path):
@@ -390,6 +389,7 @@ def test_run_2d_picture(make_image, picture, out_dir, name, dtype):
         f"{stem}_dseg.png",
         f"{stem}_probseg.tif",
         f"{stem}_qc.png",
+        f"{stem}_dseg.tsv",
         f"{stem}_segment.json",
     ]
     assert leftovers(out_dir) == sorted(p.name for p in printed)
@@ -428,7 +428,7 @@ def test_quiet_silences_warnings_and_summary(make_image, picture, out_dir):
     result = invoke("run", path, "-o", out_dir, "-k", K, "--quiet")
     printed = assert_ok(result)
     assert result.stderr == ""
-    assert len(printed) == 4
+    assert len(printed) == 5
 
 
 # ------------------------------------------------------------------------------ output safety

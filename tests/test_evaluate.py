@@ -99,20 +99,40 @@ def test_extra_predicted_labels_are_listed():
     assert result["classes"][0]["dice"] == pytest.approx(2 * 2 / (3 + 2))
 
 
-def test_ignore_zero_drops_reference_background_and_counts_missed_voxels():
+def test_ignore_zero_drops_voxels_that_are_zero_in_either_map():
     reference = np.array([0, 0, 0, 1, 1, 1, 2, 2])
     predicted = np.array([1, 2, 0, 1, 1, 0, 2, 2])
     result = evaluate_labels(predicted, reference, ignore_zero=True)
     assert [c["reference_label"] for c in result["classes"]] == [1, 2]
-    assert result["n_voxels"] == 5
-    one, two = result["classes"]
-    # class 1: 3 voxels, predicted 1 on 2 of them (the predicted 1 at reference 0 is ignored)
-    assert one["dice"] == pytest.approx(2 * 2 / (3 + 2))
-    assert two["dice"] == 1.0
-    assert result["confusion_matrix"]["predicted_labels"] == [0, 1, 2]
-    assert result["confusion_matrix"]["counts"] == [[1, 2, 0], [0, 0, 2]]
+    assert result["n_voxels"] == 4  # voxels 0-2 (reference 0) and 5 (predicted 0) dropped
+    assert [c["dice"] for c in result["classes"]] == [1.0, 1.0]
+    assert result["confusion_matrix"]["predicted_labels"] == [1, 2]
+    assert result["confusion_matrix"]["counts"] == [[2, 0], [0, 2]]
     without = evaluate_labels(predicted, reference)
     assert [c["reference_label"] for c in without["classes"]] == [0, 1, 2]
+
+
+def test_mean_dice_leaves_out_label_0():
+    """Label 0 is reported but its Dice against the background does not pad the mean."""
+    reference = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    predicted = np.array([5, 5, 5, 5, 1, 2, 2, 2])
+    result = evaluate_labels(predicted, reference)
+    dice = {c["reference_label"]: c["dice"] for c in result["classes"]}
+    assert dice[0] == 1.0
+    assert result["mean_dice"] == pytest.approx((dice[1] + dice[2]) / 2)
+    assert result["mean_dice"] < 0.8
+
+
+def test_mask_scores_only_inside():
+    reference = np.array([1, 1, 2, 2, 2, 2])
+    predicted = np.array([1, 2, 2, 2, 1, 1])
+    mask = np.array([True, False, True, True, False, False])
+    result = evaluate_labels(predicted, reference, mask=mask)
+    assert result["n_voxels"] == 3 and result["masked"]
+    assert result["mean_dice"] == 1.0
+    assert evaluate_labels(predicted, reference)["mean_dice"] < 0.7
+    with pytest.raises(SegmentError, match="mask has shape"):
+        evaluate_labels(predicted, reference, mask=mask[:3])
 
 
 def test_whole_number_floats_are_labels():
@@ -137,7 +157,7 @@ def test_bad_arrays(predicted, match):
 def test_no_overlap_in_reference_region():
     reference = np.array([0, 0, 1, 1])
     predicted = np.array([3, 3, 0, 0])
-    with pytest.raises(SegmentError, match="no predicted label overlaps"):
+    with pytest.raises(SegmentError, match="no voxel left to score"):
         evaluate_labels(predicted, reference, ignore_zero=True)
 
 
@@ -210,8 +230,28 @@ def test_files_no_overlap(tmp_path):
     ref_data[:2] = 1
     ref = _save_nifti(tmp_path / "ref.nii.gz", ref_data)
     pred = _save_nifti(tmp_path / "pred.nii.gz", (1 - ref_data) * 3)
-    with pytest.raises(InputError, match="no predicted label overlaps any reference class"):
+    with pytest.raises(InputError, match="no voxel left to score"):
         evaluate_files(pred, ref, ignore_zero=True)
+
+
+def test_files_mask_and_label_names(tmp_path):
+    ref_data = np.zeros((5, 6, 7), dtype=np.uint8)
+    ref_data[1:4, 1:5, 1:6] = 1
+    ref_data[2, 2, 2:5] = 2
+    pred_data = np.where(ref_data == 2, 7, ref_data * 3).astype(np.uint8)
+    pred_data[4] = 7  # wrong outside the mask
+    ref = _save_nifti(tmp_path / "ref.nii.gz", ref_data)
+    pred = _save_nifti(tmp_path / "p_dseg.nii.gz", pred_data)
+    (tmp_path / "ref.tsv").write_text("index\tname\n0\tair\n1\tbrain\n2\tlesion\n")
+    (tmp_path / "p_dseg.tsv").write_text("index\tname\n0\toutside mask\n3\tgrey\n7\tbright\n")
+    mask = _save_nifti(tmp_path / "mask.nii.gz", (np.arange(5) < 4)[:, None, None] * np.ones(
+        (5, 6, 7), np.uint8))  # fmt: skip
+    inside = evaluate_files(pred, ref, mask_path=mask)
+    assert inside["mean_dice"] == 1.0 and inside["mask_path"].endswith("mask.nii.gz")
+    assert evaluate_files(pred, ref)["mean_dice"] < 1.0
+    names = {c["reference_name"]: c.get("matched_name") for c in inside["classes"]}
+    assert names == {"air": "outside mask", "brain": "grey", "lesion": "bright"}
+    assert "brain / grey" in format_table(inside)
 
 
 def test_files_non_integer(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -240,3 +242,30 @@ def test_load_mask_errors(make_nifti, volume, affine):
 
     with pytest.raises(InputError, match="constant"):
         load_mask("auto", load_scan(make_nifti(np.full(volume.shape, 7), "flat.nii.gz")))
+
+
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_scans"
+
+
+@pytest.mark.parametrize("name", ["head_t1.nii.gz", "head_t1_noisy.nii.gz"])
+def test_auto_mask_keeps_the_whole_head_of_the_sample(name):
+    """Whole-head scan: air out; scalp, skull and CSF in (truth label 1 = air, 3 = CSF)."""
+    import nibabel as nib
+
+    image = nib.load(SAMPLE_DIR / name).get_fdata()
+    truth = np.asarray(nib.load(SAMPLE_DIR / "head_t1_labels.nii.gz").dataobj).astype(int)
+    mask = auto_mask(image)
+    assert mask[truth != 1].mean() >= 0.98
+    assert mask[truth == 3].mean() >= 0.99
+    assert mask[truth == 2].mean() >= 0.98  # skull
+    assert mask[truth == 1].mean() <= 0.05  # little air
+
+
+def test_auto_mask_keeps_the_whole_brain_of_a_skull_stripped_scan():
+    import nibabel as nib
+
+    image = nib.load(SAMPLE_DIR / "head_t1.nii.gz").get_fdata()
+    brain = np.asarray(nib.load(SAMPLE_DIR / "head_t1_brainmask.nii.gz").dataobj) > 0
+    mask = auto_mask(np.where(brain, image, 0.0))
+    assert mask[brain].mean() >= 0.99
+    assert mask[~brain].mean() <= 0.001

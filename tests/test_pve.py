@@ -179,8 +179,9 @@ def test_segment_file_writes_the_pve_map_and_volumes(phantom_files, tmp_path):
     assert record["outputs"]["pve"] == "scan_pve.nii.gz"
     assert record["volumes"]["estimate"] == "fractions" and record["volumes"]["unit"] == "mL"
     voxel_ml = 1.5 * 1.2 / 1000
-    np.testing.assert_allclose(record["volumes"]["volume_ml"], data[mask].sum(0) * voxel_ml,
-                               rtol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        record["volumes"]["volume_ml"], data[mask].sum(0) * voxel_ml, atol=5e-4
+    )  # fmt: skip (rounded to 0.001 mL)
     assert record["labels"][1]["fraction_volume_ml"] == record["volumes"]["volume_ml"][1]
     assert record["partial_volume"]["mixed_weights"].keys() == {"1-2", "2-3"}
     assert result.written[-1].name == "scan_segment.json"

@@ -113,3 +113,51 @@ def test_write_qc_leaves_pyplot_backend_alone(tmp_path, rng):
     image, labels = _phantom(rng, (12, 14))
     write_qc(tmp_path / "q.png", image, labels, **PARAMS)
     assert matplotlib.get_backend() == before
+
+
+def test_outline_overlay_pixels_are_the_legend_colours():
+    from segment.qc import _palette, outline_overlay
+
+    labels = np.zeros((12, 14), dtype=np.intp)
+    labels[2:10, 2:7] = 1
+    labels[2:10, 7:12] = 2
+    grey = np.linspace(0.0, 1.0, labels.size).reshape(labels.shape)
+    palette = _palette(2)
+    rgb = outline_overlay(grey, labels, (0.0, 1.0), palette)
+    colours = np.round(palette[:, :3] * 255).astype(np.uint8)
+    for k in (1, 2):
+        region = labels == k
+        coloured = np.all(rgb == colours[k], axis=-1)
+        assert coloured[region].any()
+        assert not coloured[labels == 0].any()  # label 0 is never painted
+        assert not coloured[4:8, 3:5].any() if k == 1 else True  # interior left grey
+    # interior pixels show the image, in grey levels
+    assert rgb[5, 4, 0] == rgb[5, 4, 1] == rgb[5, 4, 2]
+
+
+def test_written_png_shows_the_exact_legend_colours_names_and_directions(tmp_path, rng):
+    import skimage.io
+
+    from segment.qc import _palette
+
+    labels = np.zeros((20, 22, 18), dtype=np.uint8)
+    labels[3:17, 3:19, 3:15] = 1
+    labels[7:13, 7:15, 6:12] = 2
+    image = labels * 100.0 + rng.normal(0, 5, labels.shape)
+    path = write_qc(
+        tmp_path / "qc.png", image, labels, means=[[100.0], [200.0]],
+        covariances=[[[25.0]], [[25.0]]], weights=[0.5, 0.5], names=["grey", "bright"],
+        affine=np.diag([-1.0, 1.0, 1.0, 1.0]),
+    )  # fmt: skip
+    pixels = skimage.io.imread(path)[..., :3].reshape(-1, 3)
+    for colour in np.round(_palette(2)[1:, :3] * 255).astype(np.uint8):
+        assert np.all(pixels == colour, axis=1).sum() >= 20
+
+
+def test_direction_marks_follow_the_affine():
+    from segment.qc import _directions
+
+    assert _directions(np.diag([-1.0, 1.0, 1.0, 1.0]), 3) == [("R", "L"), ("P", "A"), ("I", "S")]
+    swapped = np.array([[0, 0, 1, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1.0]])
+    assert _directions(swapped, 3) == [("P", "A"), ("I", "S"), ("L", "R")]
+    assert _directions(None, 3)[0] == ("x-", "x+")

@@ -220,14 +220,14 @@ def _temporaries(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if io_module.TEMPORARY_NAME.match(p.name)]
 
 
-#: Moments of `segment run` with dseg, probseg, QC and sidecar outputs.
+#: Moments of `segment run` with dseg, dseg.tsv, probseg, QC and sidecar outputs.
 SLOW = pytest.mark.slow
 RUN_POINTS = [
     "stage-3",
     "commit-retired",
     "commit-1",
-    "commit-3",
-    *(pytest.param(p, marks=SLOW) for p in ("stage-1", "commit-0", "commit-2")),
+    "commit-4",  # the sidecar, moved last (after dseg, dseg.tsv, probseg and QC)
+    *(pytest.param(p, marks=SLOW) for p in ("stage-1", "commit-0", "commit-2", "commit-3")),
 ]
 
 
@@ -244,7 +244,7 @@ def test_run_overwrite_killed_while_writing_never_leaves_a_mixed_set(tmp_path, p
     assert killed.returncode == -9, killed.stderr  # it was killed at that moment
     state = _set_state(out, "scan")
     assert not state.startswith("MIXED"), state
-    expected = {"stage-1": "complete-K3", "stage-3": "complete-K3", "commit-3": "complete-K2"}
+    expected = {"stage-1": "complete-K3", "stage-3": "complete-K3", "commit-4": "complete-K2"}
     assert state == expected.get(point, "incomplete")
     if state == "incomplete" and (out / "scan_dseg.nii.gz").exists():  # evaluate says so
         with pytest.warns(UserWarning, match="output set is incomplete"):
