@@ -444,8 +444,14 @@ def run(inputs: tuple[Path, ...], out_dir: Path, **kwargs) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--ignore-zero", is_flag=True,
               help="Leave out voxels labelled 0 in either map (e.g. outside a mask).")  # fmt: skip
-@click.option("--mask", "mask", type=click.Path(path_type=Path), default=None, metavar="MASK",
-              help="Score only the voxels inside this mask (same grid; non-zero = inside).")
+@click.option(
+    "--mask",
+    "mask",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="MASK",
+    help="Score only the voxels inside this mask (same grid; non-zero = inside).",
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @_handle_errors
 def evaluate(predicted: Path, reference: Path | None, reference_fractions: Path | None,

@@ -678,8 +678,7 @@ def test_streamed_labels_come_from_the_written_maps(head, tmp_path, monkeypatch)
         )
         np.testing.assert_allclose(streamed_file, kept_file, atol=1e-6)
     records = [
-        json.loads((tmp_path / name / "segment.json").read_text())
-        for name in ("kept", "streamed")
+        json.loads((tmp_path / name / "segment.json").read_text()) for name in ("kept", "streamed")
     ]
     for streamed_label, kept_label in zip(records[1]["labels"], records[0]["labels"]):
         assert streamed_label.pop("name") == kept_label.pop("name")
