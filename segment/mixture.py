@@ -37,7 +37,7 @@ MRF_TOL = 2e-2
 #: ... or after this many sweeps.
 MAX_MRF_SWEEPS = 50
 #: The bias field's EM runs on a regular sub-grid of at least this many voxels.
-BIAS_EM_VOXELS = 300_000
+BIAS_EM_VOXELS = 100_000
 
 
 #: Fitted attributes that a discarded bias field restores to the plain mixture's.
