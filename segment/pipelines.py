@@ -58,6 +58,7 @@ except ImportError:  # Python 3.10
 
 from ._options import DEFAULT_OPTIONS, EXECUTION_OPTIONS
 from .exceptions import InputError
+from .naming import label_names
 
 __all__ = [
     "Check",
@@ -371,7 +372,8 @@ def resolve_options(
 
 
 def class_names(pipeline: Pipeline | None, n_components: int) -> list[str]:
-    """Names of labels 1..K: the pipeline's ``labels`` when they fit K, else ``class-<k>``."""
-    if pipeline is not None and len(pipeline.labels) == n_components:
-        return list(pipeline.labels)
-    return [f"class-{k}" for k in range(1, n_components + 1)]
+    """Names of labels 1..K: the pipeline's ``labels`` when they fit K, else ``class<k>``.
+
+    The same names as :func:`segment.naming.label_names` gives a single run.
+    """
+    return label_names(pipeline.labels if pipeline is not None else None, n_components)

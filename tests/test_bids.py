@@ -87,7 +87,7 @@ def test_bids_app_output_passes_the_validator(raw_dataset, tmp_path):
     assert sidecar["Sources"] == ["bids:raw:sub-01/anat/sub-01_T1w.nii.gz"]
     table = (out / "dseg.tsv").read_text().splitlines()
     assert [row.split("\t")[:2] for row in table] == [
-        ["index", "name"], ["1", "class-1"], ["2", "class-2"], ["3", "class-3"]
+        ["index", "name"], ["1", "class1"], ["2", "class2"], ["3", "class3"]
     ]  # fmt: skip
 
 

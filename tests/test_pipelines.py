@@ -102,7 +102,7 @@ def test_resolve_options_precedence():
 def test_class_names_fall_back_when_k_is_overridden():
     pipeline = load_pipeline("t1-brain-3class")
     assert class_names(pipeline, 3) == ["csf", "grey matter", "white matter"]
-    assert class_names(pipeline, 4) == ["class-1", "class-2", "class-3", "class-4"]
+    assert class_names(pipeline, 4) == ["class1", "class2", "class3", "class4"]
 
 
 def test_run_with_pipeline_and_override(tmp_path, two_phase_png):
