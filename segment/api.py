@@ -1066,6 +1066,9 @@ def segment_file(
         "none" if mask is None else "array" if isinstance(mask, np.ndarray) else str(mask)
     )
     if out_dir is not None:
+        announce = getattr(callback, "phase", None)
+        if callable(announce):
+            announce("writing")
         result.save(
             out_dir, overwrite=overwrite, probseg=probseg, qc=qc, paths=output_paths,
             command_line=command_line, extra=extra, corrected=corrected,

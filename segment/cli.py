@@ -172,10 +172,19 @@ class _ProgressLine:
 
     is_open = False
 
+    def __init__(self) -> None:
+        self.current = "EM"
+
+    def phase(self, name: str) -> None:
+        """A new phase (initialisation, EM, bias field EM, MRF sweep n, writing) starts."""
+        self.current = name
+        click.echo(f"\r\033[K  {name}", err=True, nl=False)
+        _ProgressLine.is_open = True
+
     def __call__(self, iteration: int, log_likelihood: float, change: float) -> None:
         click.echo(
-            f"\r  EM iteration {iteration:4d}  log-likelihood {log_likelihood:.6e}  "
-            f"change/voxel {change:.2e}",
+            f"\r\033[K  {self.current} iteration {iteration:4d}  log-likelihood "
+            f"{log_likelihood:.6e}  change/voxel {change:.2e}",
             err=True,
             nl=False,
         )

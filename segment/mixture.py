@@ -136,6 +136,9 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
         smooths the field's residuals (see :mod:`segment.spatial.bias`).
     callback : callable, optional
         Called after each iteration as ``callback(iteration, log_likelihood, change_per_voxel)``.
+        When it also has a ``phase(name)`` method, that is called as each phase starts
+        (``"initialisation"``, ``"EM"``, ``"bias field EM"``, ``"MRF sweep <n>"``; the file
+        functions add ``"writing"``).
     posterior_memory_limit : float, optional
         Bytes that the MRF posterior maps of :meth:`fit_image` may take, about: above a third
         of it they are not kept (``responsibilities_`` is None) but recomputed from
@@ -269,7 +272,9 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
             if floor is None:
                 floor = RELATIVE_VARIANCE_FLOOR * data.moments["m2"] / data.moments["n"]
             self.variance_floor_ = floor
+            self._announce("initialisation")
             weights, means, covariances = self._initial_parameters(data, init, floor, ckw)
+            self._announce("EM")
             self._run_em(data, weights, means, covariances, floor, ckw)
         if self.sort_components:
             self._sort_components()
@@ -425,7 +430,9 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
             if floor is None:
                 floor = RELATIVE_VARIANCE_FLOOR * data.moments["m2"] / data.moments["n"]
             self.variance_floor_ = floor
+            self._announce("initialisation")
             weights, means, covariances = self._initial_parameters(data, init, floor, ckw)
+            self._announce("EM")
             # The plain mixture first, on the fast distinct-values path when it can: with no
             # bias field it is the fit; with one, the field's EM starts from it.
             with warnings.catch_warnings():
@@ -456,6 +463,7 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
         grid.sweep(0.0)
         self.n_mrf_sweeps_, self.mrf_change_ = 0, None
         while beta > 0 and self.n_mrf_sweeps_ < MAX_MRF_SWEEPS:
+            self._announce(f"MRF sweep {self.n_mrf_sweeps_ + 1}")
             # from the second MRF sweep, voxels whose neighbours did not move are kept
             self.mrf_change_ = grid.sweep(beta, skip_settled=self.n_mrf_sweeps_ > 0)
             self.n_mrf_sweeps_ += 1
@@ -547,6 +555,7 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
             residuals = _bias.residual_sums(state["sums"], params[1], covariances)
             state["coarse"] = _bias.smooth_log_field(residuals, n_features, sigma)
 
+        self._announce("bias field EM")
         iteration, trace, params, covariances, change, stats = self._em_iterations(
             statistics(params), params, floor, statistics, refit_field
         )
@@ -601,6 +610,12 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
                 "non-uniformity"
             )
         return None
+
+    def _announce(self, phase: str) -> None:
+        """Tell a callback object with a ``phase(name)`` method which phase starts."""
+        announce = getattr(self.callback, "phase", None)
+        if callable(announce):
+            announce(phase)
 
     def validate_parameters(self) -> None:
         """Check the constructor's parameters; :class:`SegmentError` says what to fix."""

@@ -576,3 +576,42 @@ def test_compresslevel_is_validated_and_reaches_batch_outputs(tmp_path, make_nif
         assert [row["status"] for row in result.rows] == ["ok"]
         sizes[level] = (tmp_path / f"batch{level}" / "scan_probseg.nii.gz").stat().st_size
     assert sizes[0] > 2 * sizes[9]
+
+
+def test_a_callback_with_phase_hears_each_phase(tmp_path):
+    """Progress names its phases: initialisation, EM, bias field EM, MRF sweeps, writing."""
+
+    class Recorder:
+        def __init__(self):
+            self.events = []
+
+        def phase(self, name):
+            self.events.append(name)
+
+        def __call__(self, iteration, log_likelihood, change):
+            if not self.events or self.events[-1] != "iteration":
+                self.events.append("iteration")
+
+    recorder = Recorder()
+    scan = Path(__file__).resolve().parent.parent / "sample_scans" / "head_t1.nii.gz"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)  # a uniform scan: the field is discarded
+        segment.segment_file(
+            scan, tmp_path / "out", n_components=3, mask="auto", mrf_beta=0.2, bias_field=True,
+            max_iter=20, callback=recorder, qc=False, probseg=False,
+        )  # fmt: skip
+    events = recorder.events
+    assert events[:4] == ["initialisation", "EM", "iteration", "bias field EM"]
+    assert "MRF sweep 1" in events and events[-1] == "writing"
+    assert events.index("bias field EM") < events.index("MRF sweep 1")
+
+
+def test_progress_line_prefixes_iterations_with_the_phase(capsys):
+    from segment.cli import _ProgressLine
+
+    line = _ProgressLine()
+    line.phase("bias field EM")
+    line(3, -1234.5, 1e-3)
+    _ProgressLine.end()
+    err = capsys.readouterr().err
+    assert "bias field EM iteration    3" in err and err.endswith("\n")

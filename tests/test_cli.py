@@ -532,7 +532,7 @@ def test_progress_printer_writes_to_a_terminal_only(capsys, monkeypatch):
     _show_warning("again", ConvergenceWarning, "x.py", 2)
     _show_warning("nibabel's own", UserWarning, "/site-packages/nibabel/x.py", 3)  # not shown
     err = capsys.readouterr().err
-    assert err.startswith("\r  EM iteration    4") and err.endswith(
+    assert err.startswith("\r\033[K  EM iteration    4") and err.endswith(
         "\nwarning: careful\nwarning: again\n"
     )
     assert not err.endswith("\n\nwarning: again\n")
