@@ -266,19 +266,3 @@ def map_reduce_grid(
         blocks = [d[index + (0,) * (d.ndim - n_spatial)] for d in delayed_blocks]
         parts.append(func_(*blocks, *((offset,) if with_offset else ()), *args))
     return dask.compute(dask.delayed(combine, pure=True)(parts), **(compute_kwargs or {}))[0]
-
-
-def map_grid_new(
-    func: Callable, like: da.Array, n_spatial: int, n_out: int, dtype, args: tuple = ()
-) -> da.Array:
-    """A new (*spatial, n_out) array with ``func(block_shape, offset, *args)`` per block."""
-    offsets = _block_offsets(like, n_spatial)
-
-    def block(x, block_info=None):
-        location = block_info[None]["chunk-location"][:n_spatial]
-        return func(x.shape[:n_spatial], offsets[tuple(location)], *args)
-
-    chunks = like.chunks[:n_spatial] + ((n_out,),)
-    template = like if like.ndim == n_spatial + 1 else like[..., None]
-    return template.map_blocks(block, dtype=dtype, chunks=chunks,
-                               meta=np.empty((0,) * (n_spatial + 1), dtype))  # fmt: skip

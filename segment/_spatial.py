@@ -303,13 +303,3 @@ def _log_normaliser(precisions_chol: np.ndarray) -> np.ndarray:
     n_features = precisions_chol.shape[1]
     log_det = np.log(np.diagonal(precisions_chol, axis1=1, axis2=2)).sum(axis=1)
     return (log_det - 0.5 * n_features * _em.LOG_2PI).astype(np.float64)
-
-
-def corrected_intensities(
-    intensities: np.ndarray, log_bias: np.ndarray, voxels: np.ndarray | slice
-) -> np.ndarray:
-    """``y_i / b_i`` of the chosen voxels of a block, (n, D) float32."""
-    n_channels = intensities.shape[-1]
-    x = intensities.reshape(-1, n_channels)[voxels].astype(np.float32)
-    x *= np.exp(-log_bias.reshape(-1, n_channels)[voxels], dtype=np.float32)
-    return x
