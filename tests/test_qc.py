@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -98,12 +96,16 @@ def test_write_qc_bad_shapes(tmp_path, rng):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_write_qc_is_quick_for_100_cubed(tmp_path, rng):
+def test_write_qc_draws_three_slices_whatever_the_volume(tmp_path, rng):
+    """The picture has the same size for a 10^3 and a 100^3 volume: only slices are drawn
+    (its cost is measured in the sidecar's ``qc_s`` and the benchmarks, not asserted here)."""
+    from PIL import Image
+
     image, labels = _phantom(rng, (100, 100, 100))
-    write_qc(tmp_path / "warm.png", image[:10, :10, :10], labels[:10, :10, :10], **PARAMS)
-    start = time.perf_counter()
+    write_qc(tmp_path / "small.png", image[:10, :10, :10], labels[:10, :10, :10], **PARAMS)
     write_qc(tmp_path / "big.png", image, labels, **PARAMS)
-    assert time.perf_counter() - start < 3.0  # ~0.4 s here; generous for slow CI machines
+    with Image.open(tmp_path / "small.png") as small, Image.open(tmp_path / "big.png") as big:
+        assert small.size == big.size
 
 
 def test_write_qc_leaves_pyplot_backend_alone(tmp_path, rng):
