@@ -53,7 +53,7 @@ def _python() -> str:
 
 def _run(args: list[str]) -> None:
     result = subprocess.run(
-        [_python(), "-m", "segment", *args, "-q", "--no-qc", "--overwrite"],
+        [_python(), "-m", "segment", "run", *args, "-q", "--no-qc", "--overwrite"],
         capture_output=True,
         text=True,
         env=os.environ.copy(),
@@ -136,7 +136,7 @@ def record(outdir: Path) -> None:
         folder = outdir / name
         shutil.rmtree(folder, ignore_errors=True)
         start = time.perf_counter()
-        _run([*args[:1], "-o", str(folder), *args[1:]] if args[0] != "run" else args)
+        _run([*args, "-o", str(folder)])
         timings[name] = time.perf_counter() - start
         np.savez_compressed(outdir / f"{name}.npz", **_collect(folder))
         print(f"{name:14s} {timings[name]:7.1f} s", flush=True)
