@@ -112,20 +112,24 @@ def _python_cases(out: Path) -> dict[str, dict[str, np.ndarray]]:
         "weights": gm.weights_,
         "score": np.array([gm.score(X)]),
     }
+    labels, proba = gm.predict_with_proba(X)
+    cases["python_flat"].update(both_labels=labels, both_proba=proba)
     try:
         from segment import SpatialGaussianMixture as Model  # after the refactor
     except ImportError:
         Model = GaussianMixtureEM
-    model = Model(3, mrf_beta=0.3, bias_field=True, random_state=0)
+    noisy = np.asarray(nib.load(NOISY).dataobj, dtype=np.float64)
     mask = np.asarray(nib.load(BRAIN_MASK).dataobj) > 0
-    model.fit_image(data, mask=mask, spacing=(1.0, 1.0, 1.0))
-    labels, proba = model.predict_with_proba()
-    cases["python_image"] = {
-        "labels": np.asarray(labels),
-        "proba": np.asarray(proba),
-        "means": model.means_,
-        "field": np.asarray(model.bias_field_),
-    }
+    for name, model, image, region in [
+        ("python_image", Model(6, mrf_beta=0.2, bias_field=True), noisy, None),
+        ("python_compat", GaussianMixtureEM(3, mrf_beta=0.3, bias_field=True), data, mask),
+    ]:
+        model.fit_image(image, region, spacing=(1.0, 1.0, 1.0))
+        proba = model.responsibilities_
+        arrays = {"labels": np.argmax(proba, axis=1), "proba": proba, "means": model.means_}
+        if model.bias_field_ is not None:
+            arrays["field"] = model.bias_field_
+        cases[name] = arrays
     return cases
 
 
