@@ -19,6 +19,7 @@ from .exceptions import (  # noqa: E402
 
 __all__ = [
     "GaussianMixtureEM",
+    "SpatialGaussianMixture",
     "segment_file",
     "segment_array",
     "SegmentationResult",
@@ -34,6 +35,7 @@ __all__ = [
 # Public name -> submodule that defines it (imported on first use).
 _LAZY = {
     "GaussianMixtureEM": "mixture",
+    "SpatialGaussianMixture": "spatial.model",
     "segment_file": "api",
     "segment_array": "api",
     "SegmentationResult": "api",

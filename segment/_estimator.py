@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from . import _chunked, _em, _validation
+from ._scheduler import compute_kwargs
 from .exceptions import NotFittedError, SegmentError
 
-__all__ = ["EstimatorMixin", "n_parameters"]
+__all__ = ["EstimatorMixin", "n_parameters", "posterior_block"]
 
 
 def n_parameters(n_components: int, n_features: int) -> int:
@@ -31,7 +32,7 @@ def n_parameters(n_components: int, n_features: int) -> int:
 
 
 class EstimatorMixin:
-    """Parameters by introspection, a short ``repr`` and the density methods of a mixture.
+    """Parameters by introspection, a short ``repr``, prediction and the density methods.
 
     The class using it stores every ``__init__`` argument under its own name and sets
     ``weights_``, ``means_``, ``covariances_``, ``precisions_cholesky_`` and ``n_features_in_``
@@ -134,6 +135,64 @@ class EstimatorMixin:
             )
         return X
 
+    # ------------------------------------------------------------------ prediction
+    @property
+    def _params(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.weights_, self.means_, self.precisions_cholesky_
+
+    def _posterior(self, X: Any, output: str, n_out: int, dtype, lazy: bool = True) -> Any:
+        """:func:`posterior_block` of ``X`` by chunks: numpy, or lazy for Dask X when ``lazy``."""
+        import dask.array as da
+
+        X = self._check_fitted_features(X)
+        out = _chunked.map_rows(
+            _chunked.as_feature_array(X, self.chunk_size),
+            posterior_block, n_out, dtype, (*self._params, output),
+        )  # fmt: skip
+        return out if lazy and isinstance(X, da.Array) else self._compute(out)
+
+    def predict_proba(self, X: Any) -> Any:
+        """Responsibilities ``r_nk``, (N, K): numpy for numpy input, lazy Dask for Dask input."""
+        return self._posterior(X, "proba", self.n_components, np.float64)
+
+    def predict(self, X: Any) -> Any:
+        """Most responsible component of each voxel, 0..K-1 in ``means_`` order, shape (N,)."""
+        return self._posterior(X, "index", 1, np.intp)[:, 0]
+
+    def predict_with_proba(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Labels 1..K (uint8, (N,)) and float32 responsibilities (N, K), one E-step per chunk."""
+        both = self._posterior(X, "both", self.n_components + 1, np.float32, lazy=False)
+        return both[:, -1].astype(np.uint8), both[:, :-1]
+
+    def predict_labels(self, X: Any) -> np.ndarray:
+        """Labels 1..K as uint8, (N,), without keeping any (N, K) array."""
+        return self._posterior(X, "label", 1, np.uint8, lazy=False)[:, 0]
+
+    def fit_predict(self, X: Any, y: None = None) -> Any:
+        """``fit(X)`` then ``predict(X)``."""
+        return self.fit(X).predict(X)
+
+    def score(self, X: Any, y: None = None) -> float:
+        """Mean log-likelihood per voxel, ``(1/N) sum_n log p(x_n)``."""
+        X = self._check_fitted_features(X)
+        with compute_kwargs(self.scheduler, self.n_workers) as ckw:
+            stats = _chunked.statistics(
+                _chunked.as_feature_array(X, self.chunk_size), self._params, None, ckw
+            )
+        return stats["log_likelihood"] / stats["n_samples"]
+
+    def _compute(self, array) -> np.ndarray:
+        import dask.array as da
+
+        with compute_kwargs(self.scheduler, self.n_workers) as ckw:
+            if self.scheduler in (None, "threads", "synchronous"):
+                # each block written into the result as it is computed: compute() would hold
+                # every block's output and their concatenation at once (twice the result)
+                out = np.empty(array.shape, array.dtype)
+                da.store(array, out, lock=False, **ckw)
+                return out
+            return array.compute(**ckw)
+
     def score_samples(self, X: Any) -> Any:
         """Log-likelihood of each voxel, ``log p(x_n)``, shape (N,).
 
@@ -217,6 +276,30 @@ def _not_fitted_error(message: str) -> NotFittedError:
 
 
 _SklearnNotFittedError: type | None = None
+
+
+def posterior_block(X, weights, means, precisions_chol, output: str) -> np.ndarray:
+    """The posterior of a block of rows, from :func:`segment._em.responsibilities`.
+
+    ``output``: ``"proba"`` (n, K) float64; ``"index"`` (n, 1) the argmax 0..K-1;
+    ``"label"`` (n, 1) uint8 labels 1..K; ``"both"`` (n, K + 1) float32, the responsibilities
+    then the label (exact in float32). One-channel integer rows are computed once per value
+    (:func:`segment._em.by_value`).
+    """
+
+    def rows(X):
+        resp = _em.responsibilities(X, weights, means, precisions_chol)
+        if output == "proba":
+            return resp
+        if output == "both":
+            out = np.empty((resp.shape[0], resp.shape[1] + 1), dtype=np.float32)
+            out[:, :-1] = resp
+            out[:, -1] = np.argmax(resp, axis=1) + 1
+            return out
+        index = np.argmax(resp, axis=1)
+        return ((index + 1).astype(np.uint8) if output == "label" else index)[:, None]
+
+    return _em.by_value(X, rows)
 
 
 def _log_likelihood_block(X, weights, means, precisions_chol):

@@ -19,12 +19,14 @@ from . import _validation, masking, naming, sidecar
 from ._options import DEFAULT_OPTIONS
 from .exceptions import ConvergenceWarning, DataWarning, InputError, SegmentError
 from .mixture import GaussianMixtureEM
+from .spatial.model import SpatialGaussianMixture, bounding_box
 
 __all__ = ["segment_array", "segment_file", "SegmentationResult", "DEFAULT_OPTIONS"]
 
 
 def make_estimator(options: dict[str, Any], callback: Callable | None = None) -> GaussianMixtureEM:
-    """A :class:`GaussianMixtureEM` from the shared option names (``seed``, ``workers``...)."""
+    """A :class:`GaussianMixtureEM` (a :class:`SpatialGaussianMixture` with --mrf or
+    --bias-field) from the shared option names (``seed``, ``workers``...)."""
     unknown = set(options) - set(DEFAULT_OPTIONS)
     if unknown:
         raise SegmentError(
@@ -56,6 +58,8 @@ def make_estimator(options: dict[str, Any], callback: Callable | None = None) ->
         callback=callback,
     )
     estimator.validate_parameters()
+    if estimator.uses_grid:  # the image model: grid, MRF prior, bias field, memory budget
+        estimator = SpatialGaussianMixture(**estimator.get_params(deep=False))
     return estimator
 
 
@@ -889,9 +893,7 @@ def spatial_memory_estimate(
     kept only when they fit a third of the memory limit, else streamed, so they are not
     counted here.
     """
-    from .mixture import _bounding_box
-
-    box = int(np.prod([s.stop - s.start for s in _bounding_box(mask)]))
+    box = int(np.prod([s.stop - s.start for s in bounding_box(mask)]))
     per_box_voxel = n_components + 1 + itemsize * n_channels
     per_grid_voxel = 2 + 4 * n_channels
     return float(

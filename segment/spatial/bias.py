@@ -137,7 +137,7 @@ def em_block(
             base = 2 * n_components * n_channels + 1 + 2 * k
             add(base, np.where(own, log_y[:, 0], 0.0))
             add(base + 1, own.astype(np.float64))
-    stats = _em._moments(x, resp, means, float(log_norm.sum() - log_b.sum()), float(len(voxels)))
+    stats = _em.moments(x, resp, means, float(log_norm.sum() - log_b.sum()), float(len(voxels)))
     return stats, (start, sums)
 
 
