@@ -18,7 +18,7 @@ from . import _chunked, _em, _estimator, _initialise, _kernels, _validation
 from ._scheduler import check_scheduler, compute_kwargs
 from .exceptions import ConvergenceWarning, DataWarning, SegmentError
 
-__all__ = ["GaussianMixtureEM"]
+__all__ = ["GaussianMixtureEM", "check_parameters", "recorded_warnings"]
 
 #: Default variance floor, as a fraction of each channel's variance over all fitted voxels.
 RELATIVE_VARIANCE_FLOOR = 1e-3
@@ -193,7 +193,7 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
                 "fit_image(image, mask, spacing=...) instead of fit(X)"
             )
         self.__dict__.pop("spatial_model_", None)
-        with self._recorded_warnings():
+        with recorded_warnings(self):
             return self._fit_flat(X, sample_weight)
 
     def _fit_flat(self, X: Any, sample_weight: Any = None) -> GaussianMixtureEM:
@@ -268,23 +268,6 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
                 return None
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    @contextlib.contextmanager
-    def _recorded_warnings(self) -> Iterator[None]:
-        """Record the fit's warnings in ``warnings_`` (for the sidecar) and re-issue them."""
-        caught: list = []
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                yield
-        finally:
-            self.warnings_ = [
-                f"{w.category.__name__}: {w.message}"
-                for w in caught
-                if issubclass(w.category, (ConvergenceWarning, DataWarning))
-            ]
-            for w in caught:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-
     def _announce(self, phase: str) -> None:
         """Tell a callback object with a ``phase(name)`` method which phase starts."""
         announce = getattr(self.callback, "phase", None)
@@ -293,25 +276,7 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
 
     def validate_parameters(self) -> None:
         """Check the constructor's parameters; :class:`SegmentError` says what to fix."""
-        _kernels.notify_if_slow()  # once per process, when the compiled kernels are off
-        _validation.check_n_components(self.n_components)
-        _validation.check_positive("max_iter", self.max_iter, integer=True)
-        _validation.check_positive("tol", self.tol, allow_zero=True)
-        _validation.check_positive("init_sample_size", self.init_sample_size, integer=True)
-        if self.chunk_size is not None:
-            _validation.check_positive("chunk_size", self.chunk_size, integer=True)
-        if self.distinct_values not in ("auto", True, False):
-            raise SegmentError(
-                f"distinct_values must be 'auto', True or False, got {self.distinct_values!r}"
-            )
-        _validation.check_positive("mrf_beta", self.mrf_beta, allow_zero=True)
-        _validation.check_positive("bias_smoothness", self.bias_smoothness)
-        if self.bias_field not in (True, False):
-            raise SegmentError(f"bias_field must be True or False, got {self.bias_field!r}")
-        try:
-            check_scheduler(self.scheduler)
-        except ValueError as error:
-            raise SegmentError(str(error)) from None
+        check_parameters(self)
 
     @property
     def uses_grid(self) -> bool:
@@ -411,6 +376,47 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
         self.precisions_cholesky_ = self.precisions_cholesky_[order]
         self.soft_counts_ = self.soft_counts_[order]
         return order
+
+
+@contextlib.contextmanager
+def recorded_warnings(estimator: GaussianMixtureEM) -> Iterator[None]:
+    """Record a fit's warnings in ``estimator.warnings_`` (for the sidecar) and re-issue them."""
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        estimator.warnings_ = [
+            f"{w.category.__name__}: {w.message}"
+            for w in caught
+            if issubclass(w.category, (ConvergenceWarning, DataWarning))
+        ]
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def check_parameters(estimator: GaussianMixtureEM) -> None:
+    """Check an estimator's constructor parameters; :class:`SegmentError` says what to fix."""
+    _kernels.notify_if_slow()  # once per process, when the compiled kernels are off
+    _validation.check_n_components(estimator.n_components)
+    _validation.check_positive("max_iter", estimator.max_iter, integer=True)
+    _validation.check_positive("tol", estimator.tol, allow_zero=True)
+    _validation.check_positive("init_sample_size", estimator.init_sample_size, integer=True)
+    if estimator.chunk_size is not None:
+        _validation.check_positive("chunk_size", estimator.chunk_size, integer=True)
+    if estimator.distinct_values not in ("auto", True, False):
+        raise SegmentError(
+            f"distinct_values must be 'auto', True or False, got {estimator.distinct_values!r}"
+        )
+    _validation.check_positive("mrf_beta", estimator.mrf_beta, allow_zero=True)
+    _validation.check_positive("bias_smoothness", estimator.bias_smoothness)
+    if estimator.bias_field not in (True, False):
+        raise SegmentError(f"bias_field must be True or False, got {estimator.bias_field!r}")
+    try:
+        check_scheduler(estimator.scheduler)
+    except ValueError as error:
+        raise SegmentError(str(error)) from None
 
 
 def _reseed_empty(nk, weights, means, covariances):

@@ -207,13 +207,13 @@ def test_m_step_with_sample_weight_matches_reference(rng):
 
 
 def _general_statistics(X, params, sample_weight=None):
-    """The statistics by the general path: ``e_step`` then ``_moments`` on the whole array."""
+    """The statistics by the general path: ``e_step`` then ``moments`` on the whole array."""
     X = np.asarray(X, dtype=np.float64)
     resp, log_norm = _em.e_step(X, *params)
     if sample_weight is None:
-        return _em._moments(X, resp, params[1], log_norm.sum(), len(X))
+        return _em.moments(X, resp, params[1], log_norm.sum(), len(X))
     resp *= sample_weight
-    return _em._moments(X, resp, params[1], log_norm @ sample_weight, sample_weight.sum())
+    return _em.moments(X, resp, params[1], log_norm @ sample_weight, sample_weight.sum())
 
 
 #: The one-channel statistics: the compiled kernel that chunk_statistics uses, and the numpy
@@ -222,7 +222,7 @@ ONE_CHANNEL = {
     "compiled": lambda X, *params, sample_weight=None: _em.chunk_statistics(
         X, *params, sample_weight=sample_weight
     ),
-    "numpy": lambda X, *params, sample_weight=None: _em._chunk_statistics_1d(
+    "numpy": lambda X, *params, sample_weight=None: _em.reference_statistics(
         X, *params, sample_weight
     ),
 }
@@ -233,9 +233,7 @@ def one_channel(request):
     return ONE_CHANNEL[request.param]
 
 
-@pytest.mark.parametrize(
-    "n_voxels", [0, 1, 7, _em.BLOCK_1D, _em.BLOCK_1D + 1, 3 * _em.BLOCK_1D - 5]
-)
+@pytest.mark.parametrize("n_voxels", [0, 1, 7, _em.BLOCK, _em.BLOCK + 1, 3 * _em.BLOCK - 5])
 def test_one_channel_kernel_matches_general_e_step_and_moments(rng, n_voxels, one_channel):
     """Both one-channel kernels give the statistics of e_step + _moments, blocks or not."""
     X = _mixture_sample(rng, [2950.0, 3000.0, 3080.0], [20.0, 15.0, 25.0], [n_voxels, 0, 0])
@@ -284,11 +282,12 @@ def test_one_channel_kernel_far_away_voxels_stay_finite(one_channel):
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-def test_one_channel_kernel_redoes_the_blocks_with_far_away_voxels(rng, weighted, one_channel):
-    """A block where a voxel's density underflows is redone by log-sum-exp, the rest is not."""
-    n_voxels = 3 * _em.BLOCK_1D + 11
+def test_one_channel_kernel_with_far_away_voxels(rng, weighted, one_channel):
+    """Voxels whose density underflows for every component, in one block and the short last
+    one: the statistics are still those of the general E-step (log-sum-exp)."""
+    n_voxels = 3 * _em.BLOCK + 11
     X = _mixture_sample(rng, [10.0, 50.0], [2.0, 5.0], [n_voxels // 2, n_voxels - n_voxels // 2])
-    X[_em.BLOCK_1D + 5] = 1e4  # exp underflows for every component in the second block only
+    X[_em.BLOCK + 5] = 1e4  # exp underflows for every component in the second block only
     X[-1] = -3e3  # and in the short last block
     sample_weight = rng.uniform(0, 2, size=n_voxels) if weighted else None
     params = (
@@ -352,7 +351,7 @@ def test_compiled_kernel_matches_numpy_reference_and_e_step(rng, dtype, weighted
     params = _one_channel_params(rng, n_components)
 
     compiled = _em.chunk_statistics(X, *params, sample_weight=sample_weight)
-    numpy_ref = _em._chunk_statistics_1d(X, *params, sample_weight)
+    numpy_ref = _em.reference_statistics(X, *params, sample_weight)
     general = _general_statistics(X.astype(np.float64), params, sample_weight)
     pieces = _stats_of_pieces(X, params, [0, 1, 255, 256, 700, n_voxels], sample_weight)
 
@@ -384,7 +383,7 @@ def test_compiled_multichannel_kernel_matches_numpy_reference(rng, n_features, d
     params = (weights, means, _em.precision_cholesky(covariances))
 
     compiled = _em.chunk_statistics(X, *params, sample_weight=sample_weight)
-    numpy_ref = _em._numpy_statistics(X, *params, sample_weight=sample_weight)
+    numpy_ref = _em.reference_statistics(X, *params, sample_weight=sample_weight)
     pieces = _stats_of_pieces(X, params, [0, 1, 256, 300, n_voxels], sample_weight)
 
     _assert_stats_equal(compiled, numpy_ref, rtol=1e-12)

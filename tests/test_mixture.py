@@ -582,11 +582,7 @@ def test_weights_sum_to_one_after_reseeding(rng):
 
 def test_integer_predictions_are_looked_up_by_value_with_the_same_numbers():
     """Labels and maps of integer features come from a table per value: same as per voxel."""
-    from segment.mixture import (
-        _labels_and_responsibilities_block,
-        _labels_block,
-        _responsibility_column_block,
-    )
+    from segment._estimator import posterior_block
 
     rng = np.random.default_rng(4)
     X = np.concatenate([rng.normal(m, 9, 4000) for m in (40, 90, 160)]).clip(0, 255)
@@ -594,13 +590,10 @@ def test_integer_predictions_are_looked_up_by_value_with_the_same_numbers():
     gm = GaussianMixtureEM(3).fit(X)
     params = gm._params
     as_float = X.astype(np.float64)  # the per-voxel path
-    np.testing.assert_array_equal(
-        _labels_and_responsibilities_block(X, *params),
-        _labels_and_responsibilities_block(as_float, *params),
-    )
-    np.testing.assert_array_equal(_labels_block(X, *params, 1), _labels_block(as_float, *params, 1))
-    column = [_responsibility_column_block(data, *params, 2) for data in (X, as_float)]
-    np.testing.assert_array_equal(column[0], column[1])
+    for output in ("proba", "index", "label", "both"):
+        np.testing.assert_array_equal(
+            posterior_block(X, *params, output), posterior_block(as_float, *params, output)
+        )
     np.testing.assert_array_equal(gm.predict(X), gm.predict(as_float))
 
 
@@ -608,7 +601,7 @@ def test_float_fit_is_initialised_from_a_histogram_of_all_voxels(monkeypatch):
     """One float channel with more voxels than init_sample_size: k-means runs on the occupied
     bins of a histogram of every voxel (counts add up to N, whatever the chunks), and the
     fit lands where a subsample-initialised fit does."""
-    from segment import _kmeans, mixture
+    from segment import _initialise, _kmeans
 
     rng = np.random.default_rng(5)
     X = np.concatenate([rng.normal(m, s, n) for m, s, n in
@@ -623,12 +616,12 @@ def test_float_fit_is_initialised_from_a_histogram_of_all_voxels(monkeypatch):
         for c in (7_001, 100_000)
     ]
     for sample, weight in seen:
-        assert len(sample) <= mixture.INIT_HISTOGRAM_BINS and weight.sum() == len(X)
+        assert len(sample) <= _initialise.INIT_HISTOGRAM_BINS and weight.sum() == len(X)
     np.testing.assert_array_equal(seen[0][0], seen[1][0])
     np.testing.assert_array_equal(seen[0][1], seen[1][1])
     np.testing.assert_allclose(fits[0].means_, fits[1].means_, rtol=1e-9)
     np.testing.assert_allclose(fits[0].means_[:, 0], [40, 100, 160], atol=1.0)
-    monkeypatch.setattr(mixture, "INIT_HISTOGRAM_BINS", 2)  # fewer bins than K: the subsample
+    monkeypatch.setattr(_initialise, "INIT_HISTOGRAM_BINS", 2)  # fewer bins than K: the subsample
     sampled = GaussianMixtureEM(3, init_sample_size=1000, random_state=0).fit(X)
     assert len(seen[-1][0]) == 1000
     np.testing.assert_allclose(sampled.means_, fits[0].means_, rtol=1e-3)

@@ -15,8 +15,8 @@ from segment import GaussianMixtureEM, _em, _spatial, io, segment_array
 from segment.cli import DEFAULT_MRF_BETA, cli
 from segment.evaluate import evaluate_labels
 from segment.exceptions import SegmentError
-from segment.mixture import MRF_TOL
 from segment.samples import make_head_phantom
+from segment.spatial.mrf import MRF_TOL
 
 HEAD_SHAPE = (24, 28, 20)
 BRAIN = (3, 4, 5)
@@ -186,7 +186,7 @@ def test_vectorised_exp_of_the_sweep_kernel():
 
 
 def test_bias_em_on_a_sub_grid_recovers_the_field(monkeypatch):
-    from segment import mixture
+    from segment.spatial import field
 
     image, truth, affine = make_head_phantom((32, 36, 28), noise=2.0, seed=1)
     mask = np.isin(truth, BRAIN)
@@ -194,7 +194,7 @@ def test_bias_em_on_a_sub_grid_recovers_the_field(monkeypatch):
     biased = image * np.exp(log_field)
     full = segment_array(biased, mask, n_components=3, bias_field=True, bias_smoothness=15.0)
     assert full.estimator.bias_sampling_ == (1, 1, 1)
-    monkeypatch.setattr(mixture, "BIAS_EM_VOXELS", mask.sum() // 8)
+    monkeypatch.setattr(field, "BIAS_EM_VOXELS", mask.sum() // 8)
     sampled = segment_array(biased, mask, n_components=3, bias_field=True, bias_smoothness=15.0)
     assert sampled.estimator.bias_sampling_ == (2, 2, 2)
     assert sampled.sidecar()["model"]["bias_field"]["fitted_on_every_nth_voxel"] == [2, 2, 2]
@@ -620,14 +620,14 @@ def test_spatial_path_refuses_to_exceed_the_memory_limit(tmp_path):
 
 def test_spatial_maps_are_streamed_over_a_third_of_the_memory_limit(head, tmp_path, monkeypatch):
     """Maps too big for the limit are recomputed slab by slab: the same labels and files."""
-    from segment.mixture import _bounding_box
+    from segment.spatial.model import bounding_box
 
     monkeypatch.setattr(io, "SLAB_BYTES", 4096)  # one-plane writer slabs, several groups
 
     image, _, mask = head
     options = dict(n_components=3, mrf_beta=0.2, bias_field=True, bias_smoothness=20.0)
     kept = segment_array(image, mask, **options)
-    box = int(np.prod([s.stop - s.start for s in _bounding_box(mask)]))
+    box = int(np.prod([s.stop - s.start for s in bounding_box(mask)]))
     streamed = segment_array(image, mask, memory_limit=box * 3 * 4 * 3 - 1, **options)
     assert kept.flat_responsibilities is not None and streamed.flat_responsibilities is None
     np.testing.assert_array_equal(streamed.labels, kept.labels)

@@ -1,1 +1,2 @@
-"""The image-level model's components: the bias field (:mod:`segment.spatial.bias`)."""
+"""The image-level model: :class:`~segment.spatial.model.SpatialGaussianMixture` (``model``) and
+its components, the bias field (``field``, maths in ``bias``) and the MRF prior (``mrf``)."""

@@ -27,7 +27,7 @@ from .. import _em, _validation
 from .._scheduler import compute_kwargs
 from .._sweeps import PosteriorGrid
 from ..exceptions import DataWarning, SegmentError
-from ..mixture import GaussianMixtureEM
+from ..mixture import GaussianMixtureEM, recorded_warnings
 from . import bias
 from .field import BiasField
 from .mrf import MRFPrior
@@ -113,7 +113,7 @@ class SpatialGaussianMixture(GaussianMixtureEM):
             and with the MRF ``n_mrf_sweeps_`` and ``mrf_change_`` (the mean change of the
             posterior per voxel in the last sweep).
         """
-        with self._recorded_warnings():
+        with recorded_warnings(self):
             return self._fit_image(image, mask, spacing, channel_axis)
 
     def _fit_image(self, image, mask, spacing, channel_axis) -> SpatialGaussianMixture:
