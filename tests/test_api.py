@@ -36,7 +36,13 @@ def files_in(folder: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------ exports
 def test_public_api_is_exported():
-    for name in ("segment_file", "segment_array", "SegmentationResult", "GaussianMixtureEM"):
+    for name in (
+        "segment_file",
+        "segment_array",
+        "SegmentationResult",
+        "GaussianMixtureEM",
+        "SpatialGaussianMixture",
+    ):
         assert name in segment.__all__ and hasattr(segment, name)
     assert segment.segment_file is segment.api.segment_file
     assert "segment_file" in dir(segment)

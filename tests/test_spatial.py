@@ -713,3 +713,52 @@ def test_batch_memory_limit_applies_per_scan(tmp_path):
     assert (out / "a_dseg.nii.gz").exists()
     bad = CliRunner().invoke(cli, [*args, "--memory-limit", "lots"])
     assert bad.exit_code == 2 and "memory_limit must be a positive size" in bad.output
+
+
+# ------------------------------------------------------------------ the spatial model's class
+def test_spatial_model_and_the_compatible_estimator_agree(head):
+    """SpatialGaussianMixture is what api builds; GaussianMixtureEM.fit_image delegates to it
+    and shows the same fitted attributes, bias field and slab iterators."""
+    from segment import SpatialGaussianMixture
+    from segment.api import make_estimator
+
+    image, _, mask = head
+    options = dict(mrf_beta=0.3, bias_field=True, bias_smoothness=20.0)
+    model = SpatialGaussianMixture(3, **options).fit_image(image, mask)
+    compat = GaussianMixtureEM(3, **options).fit_image(image, mask)
+    assert isinstance(compat.spatial_model_, SpatialGaussianMixture)
+    np.testing.assert_array_equal(compat.responsibilities_, model.responsibilities_)
+    np.testing.assert_array_equal(compat.means_, model.means_)
+    assert compat.bias_status_ == model.bias_status_ and compat.warnings_ == model.warnings_
+    assert compat.n_mrf_sweeps_ == model.n_mrf_sweeps_ >= 1
+    assert compat.bias_field_shape_ == model.bias_field_shape_ == image.shape + (1,)
+    np.testing.assert_array_equal(compat.bias_field_, model.bias_field_)
+    starts = [start for start, _ in compat.bias_field_slabs(step=5)]
+    assert starts == list(range(0, image.shape[0], 5))
+    # a later plain fit forgets the image model
+    compat.set_params(mrf_beta=0.0, bias_field=False).fit(image[mask][:, None])
+    assert compat.bias_field_ is None and not hasattr(compat, "spatial_model_")
+
+    assert type(make_estimator({"n_components": 3})) is GaussianMixtureEM
+    spatial = make_estimator({"n_components": 3, "mrf_beta": 0.2})
+    assert type(spatial) is SpatialGaussianMixture and spatial.mrf_beta == 0.2
+    with pytest.raises(SegmentError, match="fit_image"):
+        SpatialGaussianMixture(2, mrf_beta=0.2).fit(image[mask])
+
+
+def test_a_rejected_bias_field_leaves_the_plain_mixture():
+    """A uniform image: the classes do not agree on a field, which is not applied; the plain
+    mixture's parameters stand, the field is 1 and a DataWarning is recorded in warnings_."""
+    from segment import SpatialGaussianMixture
+    from segment.exceptions import DataWarning
+
+    image, _ = blocks_phantom((20, 22, 18), noise=8.0)
+    plain = SpatialGaussianMixture(3).fit_image(image)
+    with pytest.warns(DataWarning, match="bias field not applied"):
+        fit = SpatialGaussianMixture(3, bias_field=True, bias_smoothness=8.0).fit_image(image)
+    assert fit.bias_status_.startswith("not applied: classes")
+    assert any("bias field not applied" in w for w in fit.warnings_)
+    np.testing.assert_array_equal(fit.means_, plain.means_)
+    labels = plain.predict(image.reshape(-1, 1))
+    np.testing.assert_array_equal(fit.responsibilities_.argmax(1), labels)
+    assert np.all(fit.bias_field_ == 1.0)
