@@ -187,19 +187,34 @@ def mean_field_final(
     halo: tuple[int, int] = (0, 0),
     probabilities: np.ndarray | None = None,
     labels: np.ndarray | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """The final sweep of :func:`mean_field_sweep`, into given arrays; returns its column sums.
 
-    ``probabilities`` (*block[::-1], K) float32 and ``labels`` (*block[::-1]) uint8
-    (``1 + argmax_k``), each optional (views are fine), have the block's axes reversed (the
-    block is a slab of the reversed grid of :class:`segment._sweeps.PosteriorGrid`, so they
-    are in the image's own order) and get the computed planes (the others are not touched).
+    Without ``rows``: ``probabilities`` (*block[::-1], K) float32 and ``labels``
+    (*block[::-1]) uint8 (``1 + argmax_k``), each optional (views are fine), have the block's
+    axes reversed (the block is a slab of the reversed grid of
+    :class:`segment._sweeps.PosteriorGrid`, so they are in the image's own order) and get the
+    computed planes (the others are not touched).
+
+    With ``rows = (r0, r1)``: only those rows (second axis) of a 3-D block, each map apart.
+    ``intensities`` and ``log_bias`` (may be views) are those of the computed voxels,
+    ``[halo[0]:n0 - halo[1], r0:r1]``; ``probabilities`` (K, n0 - halo[0] - halo[1], n1, n2)
+    float32 and ``labels`` (n0 - halo[0] - halo[1], n1, n2) uint8 are required.
+
     Returns the probabilities summed over the computed voxels, (K,) float64.
     """
     from . import _kernels
 
     n_components = params[1].shape[0]
     counts = np.zeros(n_components)
+    if rows is not None:
+        if mask.ndim == 2:  # views with the unit third axis of the kernel's 3-D blocks
+            probabilities, labels = probabilities[..., None], labels[..., None]
+        _run_rows(previous, intensities, mask, log_bias, params, beta, kernel, halo,
+                  _kernels.FINAL_BY_COMPONENT, probabilities, labels, False, counts,
+                  rows=rows)  # fmt: skip
+        return counts
     spatial = _as_3d(mask.shape)[::-1]
     if probabilities is None:
         out = np.zeros((1, 1, 1, 1), np.float32)
@@ -210,37 +225,6 @@ def mean_field_final(
         labels = labels.reshape(spatial)
     _run_rows(previous, intensities, mask, log_bias, params, beta, kernel, halo,
               _kernels.FINAL_REVERSED, out, labels, False, counts)  # fmt: skip
-    return counts
-
-
-def mean_field_final_by_component(
-    previous: np.ndarray,
-    intensities: np.ndarray,
-    mask: np.ndarray,
-    log_bias: np.ndarray,
-    params: tuple[np.ndarray, np.ndarray, np.ndarray],
-    beta: float,
-    kernel: np.ndarray,
-    halo: tuple[int, int],
-    rows: tuple[int, int],
-    probabilities: np.ndarray,
-    labels: np.ndarray,
-) -> np.ndarray:
-    """The final sweep of the rows ``rows[0]:rows[1]`` (second axis) of a 3-D block.
-
-    ``intensities`` and ``log_bias`` (may be views) are those of the computed voxels,
-    ``[halo[0]:n0 - halo[1], rows[0]:rows[1]]``. ``probabilities`` (K, n0 - halo[0] -
-    halo[1], n1, n2) float32 and ``labels`` (n0 - halo[0] - halo[1], n1, n2) uint8 get the
-    computed voxels, each map apart. Returns their column sums, (K,) float64.
-    """
-    from . import _kernels
-
-    counts = np.zeros(params[1].shape[0])
-    if mask.ndim == 2:  # views with the unit third axis of the kernel's 3-D blocks
-        probabilities, labels = probabilities[..., None], labels[..., None]
-    _run_rows(previous, intensities, mask, log_bias, params, beta, kernel, halo,
-              _kernels.FINAL_BY_COMPONENT, probabilities, labels, False, counts,
-              rows=rows)  # fmt: skip
     return counts
 
 

@@ -174,7 +174,7 @@ class PosteriorGrid:
 
         def one(part):
             rows = slice(*part)
-            return _spatial.mean_field_final_by_component(
+            return _spatial.mean_field_final(
                 self.state[lo:hi], self.image[start:stop, rows], self.mask[lo:hi],
                 log_bias[:, rows], self.params, beta, self.kernel,
                 halo=(start - lo, hi - stop), rows=part, probabilities=maps, labels=labels,

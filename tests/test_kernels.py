@@ -101,7 +101,7 @@ def test_compiled_sweep_equals_its_numpy_twin(rng, monkeypatch, shape, n_feature
         component_labels = np.zeros((n_computed,) + shape[1:], np.uint8)
         rows = (1, shape[1] - 1)
         computed = (slice(halo[0], shape[0] - halo[1]), slice(*rows))
-        component_sums = _spatial.mean_field_final_by_component(
+        component_sums = _spatial.mean_field_final(
             previous, intensities[computed], mask, log_bias[computed], params, beta, kernel,
             halo=halo, rows=rows, probabilities=by_component, labels=component_labels,
         )  # fmt: skip
