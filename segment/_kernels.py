@@ -15,8 +15,8 @@ Each compiled kernel has a numpy twin, which the tests compare it with:
 =====================  ==============================================================
 compiled               numpy twin
 =====================  ==============================================================
-``statistics_1d``      :func:`segment._em._chunk_statistics_1d`
-``statistics_nd``      :func:`segment._em._numpy_statistics`
+``statistics_1d``      :func:`segment._em.reference_statistics` (e_step + moments)
+``statistics_nd``      :func:`segment._em.reference_statistics`
 ``moments_1d``         :func:`moments_1d` here (numpy)
 ``histogram_1d``       :func:`histogram_1d` here (numpy)
 ``mean_field_rows``    :func:`_numpy_mean_field_rows` here (neighbour sums + the E-step)
