@@ -83,6 +83,11 @@ class SpatialGaussianMixture(GaussianMixtureEM):
     5
     """
 
+    #: The components, replaceable by a subclass with the same interface (a better field
+    #: model: ``statistics``, ``update``, ``problem``, ``log_bias``...; see their classes).
+    bias_model: type[BiasField] = BiasField
+    prior_model: type[MRFPrior] = MRFPrior
+
     def fit_image(
         self,
         image: Any,
@@ -159,7 +164,7 @@ class SpatialGaussianMixture(GaussianMixtureEM):
 
     def _fit_grid(self, image, mask, features, spacing) -> None:
         """The mixture's EM, the bias field's EM, then the posterior under the MRF prior."""
-        field = BiasField(self.bias_smoothness, spacing, mask.shape, image.shape[-1])
+        field = self.bias_model(self.bias_smoothness, spacing, mask.shape, image.shape[-1])
         with compute_kwargs(self.scheduler, self.n_workers) as ckw:
             # The plain mixture first, on the fast distinct-values path when it can: with no
             # bias field it is the fit; with one, the field's EM starts from it.
@@ -219,7 +224,7 @@ class SpatialGaussianMixture(GaussianMixtureEM):
     def _posterior_under_prior(self, image, mask, params, field: BiasField, spacing) -> None:
         """The mixture's responsibilities under the final field, then the MRF posterior."""
         K, D = self.n_components, image.shape[-1]
-        mrf = MRFPrior(self.mrf_beta, spacing)
+        mrf = self.prior_model(self.mrf_beta, spacing)
         n_threads = 1 if self.scheduler == "synchronous" else (self.n_workers or os.cpu_count())
         rows = sweep_rows(mask.shape[::-1], self.chunk_size, n_threads)  # grid axes reversed
 
