@@ -143,11 +143,11 @@ class NComponents(click.ParamType):
 def _check_memory_limit(ctx, param, value):
     if value is None:
         return value
-    from .api import _memory_budget
+    from ._validation import memory_budget
     from .exceptions import SegmentError
 
     try:
-        _memory_budget(value)
+        memory_budget(value)
     except SegmentError as error:
         raise click.BadParameter(str(error)) from None
     return value
@@ -403,8 +403,8 @@ def run(inputs: tuple[Path, ...], out_dir: Path, **kwargs) -> None:
     pipeline, extra = _apply_pipeline(kwargs)
     _check_model_options(kwargs, extra)
     if "{" in kwargs["mask"] or "}" in kwargs["mask"]:
-        from .batch import MaskSpec
         from .exceptions import SegmentError
+        from .scan_masks import MaskSpec
 
         try:
             MaskSpec.parse(kwargs["mask"])
@@ -642,8 +642,8 @@ def batch(input_dir: Path, out_dir: Path | None, **kwargs) -> None:
       segment batch bids/ --bids --suffix T1w --pipeline t1-brain-3class --mask bids
       segment batch scans/ -o out/ --scheduler tcp://10.0.0.5:8786
     """
-    from .batch import MaskSpec
     from .exceptions import SegmentError
+    from .scan_masks import MaskSpec
 
     if out_dir is None and not kwargs["bids"]:
         raise click.UsageError("Missing option '-o' / '--out-dir' (required unless --bids).")
@@ -725,8 +725,9 @@ def bids(bids_dir: Path, output_dir: Path, analysis_level: str, more_labels, **k
       segment bids /data/raw /data/raw/derivatives/segment participant
       segment bids /data/raw /scratch/seg participant --participant-label 01 02 -k 3
     """
-    from .batch import MaskSpec, check_bids_app
+    from .discovery import check_bids_app
     from .exceptions import SegmentError
+    from .scan_masks import MaskSpec
 
     if more_labels and not kwargs["subjects"]:
         raise click.UsageError(f"Got unexpected extra arguments ({' '.join(more_labels)}).")

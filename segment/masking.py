@@ -313,3 +313,12 @@ def unflatten(values: np.ndarray, mask: np.ndarray, fill=0) -> np.ndarray:
     out = np.full(mask.shape + values.shape[1:], fill, dtype=values.dtype)
     out[mask] = values
     return out
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """Slices of the smallest box holding every True voxel of ``mask`` (a non-empty mask)."""
+    box = []
+    for axis in range(mask.ndim):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(present[0]), int(present[-1]) + 1))
+    return tuple(box)
