@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from . import _validation, masking, naming
-from ._options import DEFAULT_OPTIONS
+from ._options import DEFAULT_OPTIONS, estimator_kwargs, run_record
 from ._validation import (
     check_compresslevel,
     check_mask_spec,
@@ -29,7 +29,11 @@ __all__ = ["segment_array", "segment_file", "SegmentationResult", "DEFAULT_OPTIO
 
 
 def make_estimator(options: dict[str, Any], callback: Callable | None = None) -> GaussianMixtureEM:
-    """A :class:`GaussianMixtureEM` from the shared option names (``seed``, ``workers``...)."""
+    """A :class:`GaussianMixtureEM` from the run options (:data:`segment._options.OPTIONS`).
+
+    Each option with an ``estimator_param`` sets that parameter (``seed`` -> ``random_state``,
+    ``workers`` -> ``n_workers``...); ``n_components="auto"`` is checked with its smallest K.
+    """
     unknown = set(options) - set(DEFAULT_OPTIONS)
     if unknown:
         raise SegmentError(
@@ -38,28 +42,12 @@ def make_estimator(options: dict[str, Any], callback: Callable | None = None) ->
     merged = {**DEFAULT_OPTIONS, **options}
     k_values = _validation.check_k_range(merged["n_components"])
     if k_values is not None:  # n_components="auto": each K is checked like the smallest
-        if merged["pve"]:
-            raise SegmentError(
-                "pve cannot be combined with n_components='auto' yet; give an integer K"
-            )
         merged["n_components"] = k_values[0]
     from .partial_volume import check_pve
 
     check_pve(merged["pve"], merged["n_components"])
-    estimator = GaussianMixtureEM(
-        merged["n_components"],
-        max_iter=merged["max_iter"],
-        tol=merged["tol"],
-        variance_floor=merged["variance_floor"],
-        random_state=merged["seed"],
-        chunk_size=merged["chunk_size"],
-        scheduler=merged["scheduler"],
-        n_workers=merged["workers"],
-        mrf_beta=merged["mrf_beta"],
-        bias_field=merged["bias_field"],
-        bias_smoothness=merged["bias_smoothness"],
-        callback=callback,
-    )
+    kwargs = estimator_kwargs(merged)
+    estimator = GaussianMixtureEM(kwargs.pop("n_components"), callback=callback, **kwargs)
     estimator.validate_parameters()
     return estimator
 
@@ -160,7 +148,7 @@ def segment_array(
             # streamed: the labels are computed on first use, or while save() writes the maps
             result = SegmentationResult(
                 labels=None, flat_responsibilities=None, channels=[], estimator=estimator,
-                mask=valid, n_nonfinite=n_nonfinite, options={**DEFAULT_OPTIONS, **options},
+                mask=valid, n_nonfinite=n_nonfinite, options=run_record(options),
                 timings=timings, mask_spec="array" if mask is not None else "none",
             )  # fmt: skip
             return _with_fractions(result, channels, options.get("pve", False))
@@ -184,7 +172,7 @@ def segment_array(
         estimator=estimator,
         mask=valid,
         n_nonfinite=n_nonfinite,
-        options={**DEFAULT_OPTIONS, **options},
+        options=run_record(options),
         timings=timings,
         mask_spec="array" if mask is not None else "none",
     )
@@ -401,8 +389,9 @@ def segment_file(
         wanted += bias_output_paths(
             output_paths, bool(options.get("bias_field")), corrected
         ).values()
-        if options.get("pve"):
+        if options.get("pve"):  # with -k auto, the classes of the smallest K (checked again)
             n_classes = options.get("n_components", DEFAULT_OPTIONS["n_components"])
+            n_classes = (_validation.check_k_range(n_classes) or [n_classes])[0]
             wanted += naming.pve_output_paths(output_paths, n_classes, class_names)
         check_outputs_free(wanted, overwrite)
         check_out_dir_creatable(output_paths.sidecar.parent)

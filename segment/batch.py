@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, naming
+from ._validation import check_k_range
 from .discovery import check_bids_app, discover, discover_bids
 from .exceptions import InputError, SegmentError
 from .io import SUPPORTED_EXTENSIONS, atomic_write, kill_point, scan_stem
@@ -100,7 +101,9 @@ def run_task(task: ScanTask) -> dict[str, Any]:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            if task.label_map is not None and settings["probseg"]:
+            # with -k auto the names of the probability volumes are known after the fit
+            auto_k = check_k_range(settings["n_components"]) is not None
+            if task.label_map is not None and settings["probseg"] and not auto_k:
                 _write_probseg_json(task)
             if settings["qc"]:  # BIDS puts the QC picture in another folder (figures/)
                 task.paths.qc.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +114,9 @@ def run_task(task: ScanTask) -> dict[str, Any]:
                 command_line=task.extra.get("command_line"), extra=_hash_mask(task.extra),
                 class_names=task.class_names(), **task.em_options,
             )  # fmt: skip
+            if task.label_map is not None and settings["probseg"] and auto_k:
+                names = naming.label_names(None, result.estimator.n_components)
+                _write_probseg_json(task, dict(enumerate(names)))
     except Exception as error:  # noqa: BLE001 - one failing scan must not stop the batch
         message = str(error) if isinstance(error, SegmentError | OSError) \
             else f"{type(error).__name__}: {error}"  # fmt: skip
@@ -161,9 +167,11 @@ def _discard_extras(task: ScanTask) -> None:
         task.paths.qc.parent.rmdir()  # only if empty
 
 
-def _write_probseg_json(task: ScanTask) -> None:
+def _write_probseg_json(task: ScanTask, label_map: dict | None = None) -> None:
+    """The BIDS ``_probseg.json``: the class of each volume (default: the task's ``label_map``)."""
+    label_map = task.label_map if label_map is None else {str(k): v for k, v in label_map.items()}
     record = {
-        "LabelMap": task.label_map,
+        "LabelMap": label_map,
         "Sources": task.extra.get("Sources", []),
         "Description": "volume k of the 4th axis: probability of label k+1 of the _dseg",
     }
@@ -253,6 +261,7 @@ def run_batch(
     SegmentError
         Bad options, among them a malformed mask template (before any scan is read).
     """
+    from ._options import DEFAULT_OPTIONS
     from ._validation import check_compresslevel, check_out_dir_creatable, memory_budget
     from .api import make_estimator
     from .pipelines import DEFAULT_SETTINGS
@@ -264,9 +273,7 @@ def run_batch(
     if mask is not None:
         settings["mask"] = str(mask)
     mask_spec = MaskSpec.parse(settings["mask"], bids=bids)
-    model = {k: settings[k] for k in ("n_components", "max_iter", "tol", "variance_floor",
-                                      "seed", "chunk_size", "mrf_beta", "bias_field",
-                                      "bias_smoothness", "pve")}  # fmt: skip
+    model = {k: settings[k] for k in DEFAULT_OPTIONS if k in settings}  # not where it runs
     em_options = {**model, "scheduler": "threads" if workers and workers > 1 else "synchronous",
                   "workers": workers}  # fmt: skip
     make_estimator(em_options)  # option errors before any scan is touched
@@ -318,10 +325,12 @@ def _run_locked(
     extra = {"pipeline": pipeline.record() if pipeline else None, "final_options": settings,
              "option_sources": sources or {},
              "command_line": list(command_line) if command_line else None}  # fmt: skip
-    names = class_names(pipeline, settings["n_components"])
+    k_values = check_k_range(settings["n_components"])  # -k auto: K is chosen for each scan
+    names = class_names(pipeline, settings["n_components"] if k_values is None else k_values[-1])
     tasks, decided = plan(
         scans, input_dir, output_root, settings=settings, extra=extra, em_options=em_options,
-        bids=bids, desc=pipeline.name if pipeline else None, class_names=names,
+        bids=bids, desc=pipeline.name if pipeline else None,
+        class_names=names if k_values is None else (),
         resume=resume, overwrite=overwrite, masks=masks,
     )  # fmt: skip
     clean_stale_temporaries(output_root)

@@ -14,15 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from . import naming
+from ._options import resume_key
 from .exceptions import SegmentError
 from .io import remove_stale_temporaries
 from .summary import row
 
 __all__ = ["ScanTask", "plan", "clean_stale_temporaries"]
 
-#: Options added after sidecars already recorded ``final_options``: a sidecar without them
-#: was made with their default.
-_ADDED_OPTIONS = ("pve",)
 _NIFTI = (".nii", ".nii.gz")
 
 
@@ -88,8 +86,9 @@ def plan(
     """Tasks to run, and the rows already decided (``skipped``, or ``failed`` before running).
 
     A scan is complete when its sidecar and every other expected output exist and the sidecar
-    records the same final options, pipeline, input (SHA-256, or the same size and
-    modification time) and mask file (SHA-256, or the same path, size and modification time).
+    records the same result-changing options (:func:`segment._options.resume_key`), pipeline,
+    input (SHA-256, or the same size and modification time) and mask file (SHA-256, or the
+    same path, size and modification time).
     Complete scans are skipped (``resume``); with ``overwrite`` every scan is redone.  Outputs
     of a killed run (no sidecar) are redone when resuming; outputs made with other options,
     input or mask are only replaced with ``overwrite``.
@@ -158,14 +157,18 @@ def _mask_record(mask: str) -> dict[str, Any] | None:
     return {"path": mask, **(_stat(Path(mask)) or {})}
 
 
-def _expected(task: ScanTask) -> list[Path]:
+def _expected(task: ScanTask, recorded_k: int | None = None) -> list[Path]:
+    """The outputs a complete scan has (``recorded_k``: the K its sidecar says, for -k auto)."""
     paths = task.paths
     wanted = [paths.dseg, paths.sidecar]
     wanted += [paths.probseg] * task.settings["probseg"] + [paths.qc] * task.settings["qc"]
     if task.label_map is not None and task.settings["probseg"]:
         wanted.append(paths.probseg_sidecar)
     if task.settings.get("pve"):
-        wanted += naming.pve_output_paths(paths, task.settings["n_components"], task.class_names())
+        k = task.settings["n_components"]
+        k = k if isinstance(k, int) else recorded_k  # -k auto: BIDS names one file per class
+        if isinstance(k, int) or task.label_map is None:
+            wanted += naming.pve_output_paths(paths, k or 0, task.class_names())
     return wanted
 
 
@@ -178,14 +181,14 @@ def _existing_state(task: ScanTask) -> tuple[str, Any]:
         record = json.loads(task.paths.sidecar.read_text())
     except (OSError, ValueError):
         return "incomplete", ""
+    model = record.get("model") if isinstance(record, dict) else None
+    expected = _expected(task, (model or {}).get("n_components"))
     if not all(p.exists() for p in expected):
         return "incomplete", ""
-    old = json.loads(json.dumps(record.get("final_options")))
-    new = json.loads(json.dumps(task.extra["final_options"]))
+    old = record.get("final_options")
+    new = json.loads(json.dumps(resume_key(task.extra["final_options"])))
     if isinstance(old, dict):  # options added since (e.g. pve) were at their default then
-        from .pipelines import DEFAULT_SETTINGS
-
-        old = {**{k: DEFAULT_SETTINGS[k] for k in _ADDED_OPTIONS}, **old}
+        old = json.loads(json.dumps(resume_key(old)))
     if old != new:
         if not isinstance(old, dict):
             return "different", "options that were not recorded"
