@@ -148,11 +148,13 @@ INVALID = [
     ('description = "x"\n[model]\nk = 3\n', r"unknown key 'model\.k'; expected one of bias_field"),
     (
         'description = "x"\n[model]\nn_components = "six"\n',
-        r"key 'model\.n_components': expected an integer between 1 and 255, 'auto' or 'auto:A-B' .*, got 'six'",
+        r"key 'model\.n_components': expected an integer between 1 and 255, 'auto' or "
+        r"'auto:A-B' .*, got 'six'",
     ),
     (
         'description = "x"\n[model]\nn_components = 0\n',
-        r"key 'model\.n_components': expected an integer between 1 and 255, 'auto' or 'auto:A-B' .*, got 0",
+        r"key 'model\.n_components': expected an integer between 1 and 255, 'auto' or "
+        r"'auto:A-B' .*, got 0",
     ),
     (
         'description = "x"\n[model]\nmax_iter = true\n',

@@ -45,12 +45,8 @@ def evaluate(predicted: Path, reference: Path | None, reference_fractions: Path 
     """
     import json
 
-    from ..evaluate import (
-        evaluate_files,
-        evaluate_fraction_files,
-        format_fraction_table,
-        format_table,
-    )
+    from ..evaluate import evaluate_files, format_table
+    from ..evaluate_fractions import evaluate_fraction_files, format_fraction_table
 
     if (reference is None) == (reference_fractions is None):
         raise click.UsageError(
