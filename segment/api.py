@@ -344,7 +344,7 @@ def segment_file(
         Voxels to model: all (default), the automatic foreground (everything but the
         background: the whole head, or the brain of a skull-stripped scan), or a mask file on
         the same grid. A template such as ``"{stem}_brainmask.nii.gz"`` names the mask after
-        the (first) scan, relative to its folder (see :class:`segment.batch.MaskSpec`).
+        the (first) scan, relative to its folder (see :class:`segment.scan_masks.MaskSpec`).
     overwrite, probseg, qc : bool
         Replace existing outputs; write the probability maps; write the QC picture.
     callback : callable, optional
