@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import numbers
+import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .exceptions import SegmentError
+from .exceptions import InputError, SegmentError
 
 
 def check_n_components(n_components: Any) -> int:
@@ -242,3 +245,72 @@ def check_k_range(n_components: Any) -> list[int] | None:
     for k in (values[0], values[-1]):
         check_n_components(k)
     return values
+
+
+def memory_budget(memory_limit: int | str | None) -> float:
+    """Bytes from ``memory_limit`` (default 3 GB)."""
+    if memory_limit is None:
+        return 3e9
+    from dask.utils import parse_bytes
+
+    try:
+        value = parse_bytes(memory_limit) if isinstance(memory_limit, str) else memory_limit
+    except ValueError:
+        value = None
+    if not isinstance(value, (int, float)) or value <= 0:
+        raise SegmentError(
+            f"memory_limit must be a positive size such as 2GB or 1500MB, got {memory_limit!r}"
+        )
+    return float(value)
+
+
+def check_compresslevel(compresslevel: int | None) -> int:
+    """The gzip level of ``.nii.gz`` outputs, 0-9 (default ``io.DEFAULT_COMPRESSLEVEL``)."""
+    from .io import DEFAULT_COMPRESSLEVEL
+
+    if compresslevel is None:
+        return DEFAULT_COMPRESSLEVEL
+    if (
+        isinstance(compresslevel, bool)
+        or not isinstance(compresslevel, (int, np.integer))
+        or (not 0 <= compresslevel <= 9)
+    ):
+        raise SegmentError(f"compresslevel must be an integer from 0 to 9, got {compresslevel!r}")
+    return int(compresslevel)
+
+
+def check_outputs_free(paths: Sequence[Path], overwrite: bool) -> None:
+    """Refuse to replace existing outputs unless ``overwrite``."""
+    if overwrite:
+        return
+    for path in paths:
+        if Path(path).exists():
+            raise InputError(path, "exists; pass --overwrite to replace it")
+
+
+def check_out_dir_creatable(out_dir: str | Path) -> None:
+    """Fail early, without creating anything, if ``out_dir`` could not be created or written."""
+    path = Path(out_dir).absolute()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(out_dir, "exists and is not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise InputError(out_dir, "the output folder is not writable")
+        return
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(out_dir, f"cannot create the output folder: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(out_dir, f"cannot create the output folder: {parent} is not writable")
+
+
+def check_mask_spec(mask: Any) -> None:
+    """A mask given as a path must exist (before any scan is loaded)."""
+    if not isinstance(mask, (str, Path)) or str(mask).lower() in ("none", "auto"):
+        return
+    if not Path(mask).exists():
+        raise InputError(
+            mask, "mask file not found; give a mask file on the scan's grid, 'auto' or 'none'"
+        )

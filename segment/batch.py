@@ -29,28 +29,30 @@ run, which redoes the scans whose sidecar is missing.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import json
 import os
-import re
-import string
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from . import __version__, naming
+from ._validation import check_k_range
+from .discovery import check_bids_app, discover, discover_bids
 from .exceptions import InputError, SegmentError
-from .io import (
-    SUPPORTED_EXTENSIONS,
-    atomic_write,
-    is_supported,
-    kill_point,
-    pid_alive,
-    remove_stale_temporaries,
-    scan_stem,
+from .io import SUPPORTED_EXTENSIONS, atomic_write, kill_point, scan_stem
+from .resume import ScanTask, clean_stale_temporaries, plan
+from .scan_masks import MASK_PLACEHOLDERS, MaskSpec, find_bids_mask, leave_out_masks
+from .summary import (  # noqa: F401 - escape_tsv, unescape_tsv: as before the split
+    SUMMARY_COLUMNS,
+    SUMMARY_NAME,
+    escape_tsv,
+    read_summary,
+    row,
+    unescape_tsv,
+    write_summary,
 )
 
 __all__ = [
@@ -70,60 +72,8 @@ __all__ = [
     "read_summary",
 ]
 
-#: Columns of ``batch_summary.tsv``.
-SUMMARY_COLUMNS = ("input", "status", "error", "K", "iterations", "converged", "log_likelihood",
-                   "seconds", "dseg", "warnings")  # fmt: skip
-SUMMARY_NAME = "batch_summary.tsv"
-#: Options added after sidecars already recorded ``final_options``: a sidecar without them
-#: was made with their default.
-_ADDED_OPTIONS = ("pve",)
-_NIFTI = (".nii", ".nii.gz")
-#: How long to wait for a ``tcp://`` scheduler to answer.
+
 CONNECT_TIMEOUT = "10s"
-#: Placeholders of a per-scan mask template, e.g. ``{stem}_brainmask.nii.gz``.
-MASK_PLACEHOLDERS = ("stem", "rel")
-#: Entities a BIDS brain mask must share with its scan when both have them.
-_BIDS_MASK_ENTITIES = ("acq", "run", "rec")
-#: ``space-`` labels of a brain mask on the scan's own grid (preferred after no ``space-``).
-_NATIVE_SPACES = ("orig", "T1w")
-
-
-@dataclass
-class ScanTask:
-    """One scan of a batch: where it is, where its outputs go and how to make them.
-
-    Attributes
-    ----------
-    input : Path
-        Absolute path of the scan.
-    rel : str
-        Its path relative to the input folder (POSIX), as shown in the summary.
-    paths : OutputPaths
-        Its outputs.
-    settings : dict
-        Final settings (model options, ``mask``, ``probseg``, ``qc``).
-    em_options : dict
-        Keyword options for :func:`segment.api.segment_file` (model + in-scan scheduler).
-    extra : dict
-        Added to the JSON sidecar: pipeline, final options and their sources, input stat.
-    overwrite : bool
-        Replace existing (incomplete or other-options) outputs.
-    label_map : dict or None
-        ``LabelMap`` of the BIDS ``_probseg.json``; ``None`` outside BIDS mode.
-    mask : str or None
-        This scan's mask: ``"none"``, ``"auto"`` or the absolute path of its mask file;
-        ``None`` means ``settings["mask"]``.
-    """
-
-    input: Path
-    rel: str
-    paths: naming.OutputPaths
-    settings: dict[str, Any]
-    em_options: dict[str, Any]
-    extra: dict[str, Any]
-    overwrite: bool = False
-    label_map: dict[str, str] | None = None
-    mask: str | None = None
 
 
 @dataclass
@@ -139,558 +89,6 @@ class BatchResult:
         self.n_failed = sum(row["status"] == "failed" for row in self.rows)
 
 
-# --------------------------------------------------------------------------------------------
-# masks
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class MaskSpec:
-    """How each scan of a batch finds its mask.
-
-    Parse one with :meth:`parse`; :meth:`for_scan` gives a scan's mask.
-
-    Attributes
-    ----------
-    kind : {"none", "auto", "file", "template", "bids"}
-        No mask; the automatic foreground of each scan; one mask file for every scan; a
-        template with placeholders; the brain mask in the BIDS derivatives.
-    text : str
-        The specification as given.
-    """
-
-    kind: str
-    text: str
-
-    @classmethod
-    def parse(cls, spec: str | Path | None, *, bids: bool = False) -> MaskSpec:
-        """Classify and check a mask specification.
-
-        Parameters
-        ----------
-        spec : str, Path or None
-            ``None``/``"none"``, ``"auto"``, ``"bids"`` (BIDS mode only), a template holding
-            ``{stem}`` (the scan's name without its extension, :func:`segment.io.scan_stem`)
-            and/or ``{rel}`` (the scan's folder relative to the input folder, ``.`` at the top),
-            or the path of one mask file.  Anything with a brace is a template; a literal brace
-            in a file name is written ``{{`` or ``}}``.
-        bids : bool
-            Whether the batch is in BIDS mode.
-
-        Raises
-        ------
-        SegmentError
-            A malformed template, an unknown placeholder, or ``"bids"`` outside BIDS mode.
-
-        Examples
-        --------
-        >>> MaskSpec.parse("{stem}_brainmask.nii.gz").kind
-        'template'
-        >>> MaskSpec.parse("brain.nii.gz").kind, MaskSpec.parse(None).kind
-        ('file', 'none')
-        """
-        text = "none" if spec is None else str(spec)
-        keyword = text.strip().lower()
-        if keyword in ("none", "auto"):
-            return cls(keyword, text)
-        if keyword == "bids":
-            if not bids:
-                raise SegmentError(
-                    "mask 'bids' (each scan's brain mask in the dataset's derivatives) needs "
-                    "BIDS mode (--bids); give a file or a template such as "
-                    "'{stem}_brainmask.nii.gz' instead"
-                )
-            return cls("bids", text)
-        if "{" not in text and "}" not in text:
-            return cls("file", text)
-        return cls("template" if _template_fields(text) else "file", text)
-
-    @property
-    def fields(self) -> frozenset[str]:
-        """The placeholders of a template (empty for the other kinds)."""
-        return _template_fields(self.text) if self.kind == "template" else frozenset()
-
-    def for_scan(self, scan: Path, input_dir: Path, *, exclude: Iterable[Path] = ()) -> str:
-        """The mask of one scan: ``"none"``, ``"auto"`` or the absolute path of a mask file.
-
-        Parameters
-        ----------
-        scan : Path
-            Absolute path of the scan, inside ``input_dir``.
-        input_dir : Path
-            The batch's input folder (the BIDS dataset in BIDS mode).
-        exclude : paths
-            Derivative folders never searched for BIDS masks (our own output folder).
-
-        A relative template is resolved against the scan's folder, or against ``input_dir``
-        when it holds ``{rel}`` (so ``masks/{rel}/{stem}_mask.nii.gz`` mirrors the input tree
-        under ``input_dir/masks``); a relative file path against the working directory.
-
-        Raises
-        ------
-        InputError
-            The mask file does not exist; no or several BIDS brain masks fit the scan.
-        """
-        if self.kind in ("none", "auto"):
-            return self.kind
-        if self.kind == "bids":
-            return str(find_bids_mask(scan, input_dir, exclude=exclude))
-        if self.kind == "file":
-            path = Path(self.text.format() if "{" in self.text or "}" in self.text
-                        else self.text).expanduser().absolute()  # fmt: skip
-            if not path.exists():
-                raise InputError(path, "mask file not found; give a mask file on the scan's "
-                                       "grid, 'auto' or 'none'")  # fmt: skip
-            return str(path)
-        rel = scan.parent.relative_to(input_dir).as_posix()
-        path = Path(self.text.format(stem=scan_stem(scan), rel=rel)).expanduser()
-        if not path.is_absolute():
-            path = (input_dir if "rel" in self.fields else scan.parent) / path
-        if not path.exists():
-            raise InputError(
-                path, f"mask file not found (mask template {self.text!r} for {scan.name})"
-            )
-        return str(path)
-
-
-def _template_fields(text: str) -> frozenset[str]:
-    """Placeholders of a mask template; SegmentError when malformed or unknown."""
-    known = " and ".join("{" + name + "}" for name in MASK_PLACEHOLDERS)
-    try:
-        parts = list(string.Formatter().parse(text))
-    except ValueError as error:
-        raise SegmentError(
-            f"mask template {text!r} is malformed ({error}); the placeholders are {known}; "
-            "a literal brace is written {{ or }}"
-        ) from None
-    found = set()
-    for _, name, spec, conversion in parts:
-        if name is None:
-            continue
-        if name not in MASK_PLACEHOLDERS or spec or conversion:
-            shown = "{" + name + (f"!{conversion}" if conversion else "") + \
-                (f":{spec}" if spec else "") + "}"  # fmt: skip
-            raise SegmentError(
-                f"mask template {text!r}: unknown placeholder {shown}; the placeholders are "
-                f"{known} (a literal brace is written {{{{ or }}}})"
-            )
-        found.add(name)
-    return frozenset(found)
-
-
-def find_bids_mask(scan: Path, bids_dir: Path, *, exclude: Iterable[Path] = ()) -> Path:
-    """The brain mask of a BIDS scan in the dataset's derivatives.
-
-    Looks for ``derivatives/*/sub-<label>/[ses-<label>/]anat/*_desc-brain_mask.nii[.gz]``
-    (the standard name, e.g. fMRIPrep's ``sub-01_desc-brain_mask.nii.gz``) whose ``sub`` and
-    ``ses`` are the scan's; an ``acq``, ``run`` or ``rec`` entity that both have must be the
-    same.  When several fit, those whose ``acq``/``run``/``rec`` are exactly the scan's are
-    preferred, then those without ``space-``, then those in ``space-orig`` or
-    ``space-T1w``; if several are still left, the scan fails naming them.
-    ``derivatives/segment`` (our own outputs) and the folders in ``exclude`` are never searched.
-
-    Parameters
-    ----------
-    scan : Path
-        A scan of the dataset (its name gives the entities).
-    bids_dir : Path
-        The dataset's root.
-    exclude : paths
-        Further folders to leave out.
-
-    Returns
-    -------
-    Path
-
-    Raises
-    ------
-    InputError
-        On the scan: no brain mask fits, or several fit equally well.
-    """
-    bids_dir = Path(bids_dir)
-    entities = naming.parse_bids_entities(scan)
-    sub, ses = entities["sub"], entities.get("ses")
-    folder = Path(f"sub-{sub}", *([f"ses-{ses}"] if ses else []), "anat")
-    skipped = {(bids_dir / "derivatives" / "segment").resolve()}
-    skipped |= {Path(p).resolve() for p in exclude}
-    found: list[tuple[Path, dict[str, str]]] = []
-    for pipeline_dir in sorted((bids_dir / "derivatives").glob("*")):
-        if pipeline_dir.name.startswith(".") or pipeline_dir.resolve() in skipped:
-            continue
-        for path in sorted((pipeline_dir / folder).glob("*_desc-brain_mask.nii*")):
-            if path.name.startswith(".") or not path.name.endswith(_NIFTI):
-                continue
-            try:
-                mask = naming.parse_bids_entities(path)
-            except ValueError:
-                continue
-            if (mask["suffix"] == "mask" and mask.get("desc") == "brain"
-                    and mask["sub"] == sub and mask.get("ses") == ses
-                    and all(mask[key] == entities[key] for key in _BIDS_MASK_ENTITIES
-                            if key in mask and key in entities)):  # fmt: skip
-                found.append((path, mask))
-    if not found:
-        name = "_".join([f"sub-{sub}", *([f"ses-{ses}"] if ses else []), "*desc-brain_mask"])
-        raise InputError(
-            scan,
-            f"no brain mask found: nothing matches derivatives/*/{folder.as_posix()}/"
-            f"{name}.nii[.gz] in {bids_dir}; give --mask none, auto or a template instead",
-        )
-    for keep in (
-        lambda m: all(m.get(k) == entities.get(k) for k in _BIDS_MASK_ENTITIES),
-        lambda m: "space" not in m,
-        lambda m: m.get("space") in _NATIVE_SPACES,
-    ):
-        if len(found) > 1 and any(keep(m) for _, m in found):
-            found = [(p, m) for p, m in found if keep(m)]
-    if len(found) > 1:
-        names = ", ".join(p.relative_to(bids_dir).as_posix() for p, _ in found)
-        raise InputError(
-            scan,
-            f"several brain masks fit: {names}; remove the ones not on this scan's grid or "
-            "give the mask with a template (--mask '/path/{stem}_mask.nii.gz')",
-        )
-    return found[0][0]
-
-
-def _leave_out_masks(scans: list[Path], masks: dict[Path, Any]) -> list[Path]:
-    """``scans`` without the files that are another scan's mask."""
-    used = set()
-    for scan, mask in masks.items():
-        if isinstance(mask, str) and mask not in ("none", "auto"):
-            path = Path(mask).resolve()
-            if path != scan.resolve():
-                used.add(path)
-    return [scan for scan in scans if scan.resolve() not in used]
-
-
-# --------------------------------------------------------------------------------------------
-# discovery
-# --------------------------------------------------------------------------------------------
-def discover(
-    input_dir: str | Path,
-    patterns: Sequence[str] = (),
-    *,
-    recursive: bool = False,
-    exclude: Iterable[Path] = (),
-) -> list[Path]:
-    """Scans in ``input_dir``, sorted by relative path.
-
-    Parameters
-    ----------
-    input_dir : path
-    patterns : list of str
-        Shell patterns matched case-insensitively against the file name, or, when the
-        pattern holds a ``/``, against the end of the path relative to ``input_dir``
-        (:meth:`pathlib.PurePath.match`: ``site1/*`` matches ``site1/x.nii`` only).
-        Default: every supported type (:data:`segment.io.SUPPORTED_EXTENSIONS`).
-    recursive : bool
-        Look in sub-folders too.  Hidden files and folders are always left out.
-    exclude : paths
-        Folders to leave out (e.g. the output folder when it is inside ``input_dir``).
-
-    :func:`run_batch` then leaves out the files that are another scan's mask.
-    """
-    root = Path(input_dir)
-    excluded = {Path(p).resolve() for p in exclude}
-    found = []
-    for folder, dirs, files in os.walk(root):
-        here = Path(folder)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                         and (here / d).resolve() not in excluded)  # fmt: skip
-        if not recursive:
-            dirs.clear()
-        for name in files:
-            rel = (here / name).relative_to(root).as_posix()
-            if not name.startswith(".") and _matches(name, rel, patterns):
-                found.append(here / name)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
-
-
-def _matches(name: str, rel: str, patterns: Sequence[str]) -> bool:
-    if not patterns:
-        return is_supported(name)
-    for pattern in (p.lower() for p in patterns):
-        if "/" in pattern:  # path pattern: "*" stays within one folder, as in the shell
-            if PurePosixPath(rel.lower()).match(pattern):
-                return True
-        elif fnmatch.fnmatchcase(name.lower(), pattern):
-            return True
-    return False
-
-
-def discover_bids(
-    bids_dir: str | Path,
-    *,
-    subjects: Sequence[str] = (),
-    sessions: Sequence[str] = (),
-    suffixes: Sequence[str] = (),
-) -> list[Path]:
-    """Anatomical NIfTI scans of a BIDS dataset (``sub-*/[ses-*/]anat/*.nii[.gz]``).
-
-    ``subjects``/``sessions`` are labels with or without the ``sub-``/``ses-`` prefix;
-    ``suffixes`` are e.g. ``T1w``.  Empty filters keep everything.
-    """
-    root = Path(bids_dir)
-    if not (root / "dataset_description.json").is_file():
-        raise InputError(root, "not a BIDS dataset (no dataset_description.json); drop --bids")
-    keep_sub = {s.removeprefix("sub-") for s in subjects}
-    keep_ses = {s.removeprefix("ses-") for s in sessions}
-    found = []
-    for path in sorted([*root.glob("sub-*/anat/*"), *root.glob("sub-*/ses-*/anat/*")]):
-        if path.name.startswith(".") or not path.name.lower().endswith(_NIFTI):
-            continue
-        try:
-            entities = naming.parse_bids_entities(path)
-        except ValueError:
-            continue
-        if ((keep_sub and entities["sub"] not in keep_sub)
-                or (keep_ses and entities.get("ses") not in keep_ses)
-                or (suffixes and entities["suffix"] not in suffixes)):  # fmt: skip
-            continue
-        found.append(path)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
-
-
-def check_bids_app(bids_dir: str | Path, output_dir: str | Path, labels: Sequence[str]) -> None:
-    """Refuse BIDS-App arguments that cannot work, before anything is written.
-
-    Parameters
-    ----------
-    bids_dir : path
-        The raw BIDS dataset: it must hold ``dataset_description.json``.
-    output_dir : path
-        The derivative dataset's folder: not the raw dataset itself nor inside one of its
-        ``sub-*`` folders (the outputs would become part of the raw data).
-    labels : sequence of str
-        Participant labels, with or without ``sub-``; each must have a ``sub-<label>`` folder.
-
-    Raises
-    ------
-    InputError
-        The first problem found, naming the file, folder or label.
-    """
-    raw = Path(bids_dir).absolute()
-    if not (raw / "dataset_description.json").is_file():
-        raise InputError(raw, "not a BIDS dataset: no dataset_description.json in it")
-    out = Path(output_dir).absolute()
-    resolved_raw, resolved_out = raw.resolve(), out.resolve()
-    if resolved_out == resolved_raw:
-        raise InputError(out, "is the raw BIDS dataset itself; give e.g. "
-                              f"{raw / 'derivatives' / 'segment'} as OUTPUT_DIR")  # fmt: skip
-    if resolved_out.is_relative_to(resolved_raw):
-        top = resolved_out.relative_to(resolved_raw).parts[0]
-        if top.startswith("sub-"):
-            suggestion = raw / "derivatives" / "segment"
-            raise InputError(
-                out, f"is inside the raw dataset's subject folder {top}; give a folder outside "
-                f"it, e.g. {suggestion}",
-            )  # fmt: skip
-    present = {p.name.removeprefix("sub-") for p in raw.glob("sub-*") if p.is_dir()}
-    missing = [label for label in labels if label.removeprefix("sub-") not in present]
-    if missing:
-        raise InputError(
-            raw, f"participant label {', '.join(missing)} not in the dataset (it has "
-                 f"{', '.join(sorted(present)) or 'no sub-* folders'})",
-        )  # fmt: skip
-
-
-# --------------------------------------------------------------------------------------------
-# planning and resume
-# --------------------------------------------------------------------------------------------
-def plan(
-    scans: Sequence[Path],
-    input_dir: Path,
-    output_root: Path,
-    *,
-    settings: dict[str, Any],
-    extra: dict[str, Any],
-    em_options: dict[str, Any],
-    bids: bool = False,
-    desc: str | None = None,
-    class_names: Sequence[str] = (),
-    resume: bool = True,
-    overwrite: bool = False,
-    masks: dict[Path, str | SegmentError] | None = None,
-) -> tuple[list[ScanTask], dict[str, dict[str, Any]]]:
-    """Tasks to run, and the rows already decided (``skipped``, or ``failed`` before running).
-
-    A scan is complete when its sidecar and every other expected output exist and the sidecar
-    records the same final options, pipeline, input (SHA-256, or the same size and
-    modification time) and mask file (SHA-256, or the same path, size and modification time).
-    Complete scans are skipped (``resume``); with ``overwrite`` every scan is redone.  Outputs
-    of a killed run (no sidecar) are redone when resuming; outputs made with other options,
-    input or mask are only replaced with ``overwrite``.
-
-    ``masks`` gives each scan's mask (:meth:`MaskSpec.for_scan`), or the error that says why it
-    has none (the scan fails); scans not in it use ``settings["mask"]``.
-    """
-    tasks, decided, owners = [], {}, {}
-    for scan in scans:
-        rel = scan.relative_to(input_dir).as_posix()
-        paths = _output_paths(scan, rel, output_root, bids, desc)
-        if paths.sidecar in owners:
-            decided[rel] = _row(rel, "failed", error=(
-                f"{scan}: writes the same outputs as {owners[paths.sidecar]}; rename one of them "
-                "or use --pattern to choose"))  # fmt: skip
-            continue
-        owners[paths.sidecar] = rel
-        mask = (masks or {}).get(scan, str(settings.get("mask", "none")))
-        if isinstance(mask, Exception):
-            decided[rel] = _row(rel, "failed", error=str(mask))
-            continue
-        task_extra = {**extra, "input_stat": _stat(scan), "mask_file": _mask_record(mask)}
-        label_map = None
-        if bids:
-            task_extra["Sources"] = [f"bids:raw:{rel}"]
-            if task_extra["mask_file"] and Path(mask).is_relative_to(input_dir):
-                source = Path(mask).relative_to(input_dir).as_posix()
-                task_extra["Sources"].append(f"bids:raw:{source}")
-            label_map = {str(k): name for k, name in enumerate(class_names)}
-        task = ScanTask(scan, rel, paths, settings, em_options, task_extra, overwrite, label_map,
-                        mask)  # fmt: skip
-        state, detail = ("redo", "") if overwrite else _existing_state(task)
-        if state == "complete" and resume:
-            decided[rel] = _row(rel, "skipped", **detail)
-        elif state in ("complete", "different") and not overwrite:
-            why = "exist" if state == "complete" else f"exist and were made with {detail}"
-            keep = "" if resume or state == "different" else " or --resume to keep them"
-            error = f"{paths.sidecar}: outputs {why}; pass --overwrite to redo them{keep}"
-            decided[rel] = _row(rel, "failed", error=error)
-        else:
-            # "missing" too: if a worker dies while writing, the retry replaces what it left
-            task.overwrite = overwrite or (resume and state in ("incomplete", "missing"))
-            tasks.append(task)
-    return tasks, decided
-
-
-def _output_paths(scan: Path, rel: str, root: Path, bids: bool, desc: str | None):
-    if bids:
-        return naming.bids_output_paths(rel, root, desc=desc)
-    kind = "nifti" if scan.name.lower().endswith(_NIFTI) else "image"
-    return naming.plain_output_paths(scan, root / Path(rel).parent, kind=kind)
-
-
-def _stat(path: Path) -> dict[str, int] | None:
-    try:
-        info = path.stat()
-    except OSError:
-        return None
-    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
-
-
-def _mask_record(mask: str) -> dict[str, Any] | None:
-    """``mask_file`` of the sidecar: the mask file's path, size and mtime (None without one)."""
-    if mask.lower() in ("none", "auto"):
-        return None
-    return {"path": mask, **(_stat(Path(mask)) or {})}
-
-
-def _expected(task: ScanTask) -> list[Path]:
-    paths = task.paths
-    wanted = [paths.dseg, paths.sidecar]
-    wanted += [paths.probseg] * task.settings["probseg"] + [paths.qc] * task.settings["qc"]
-    if task.label_map is not None and task.settings["probseg"]:
-        wanted.append(paths.probseg_sidecar)
-    if task.settings.get("pve"):
-        wanted += naming.pve_output_paths(paths, task.settings["n_components"], _names(task))
-    return wanted
-
-
-def _names(task: ScanTask) -> list[str] | None:
-    """Class names of labels 1..K (BIDS mode), which name the fraction files."""
-    if task.label_map is None:
-        return None
-    return [task.label_map[str(k)] for k in range(len(task.label_map))]
-
-
-def _existing_state(task: ScanTask) -> tuple[str, Any]:
-    """``("missing"|"incomplete"|"complete"|"different", detail)`` of a scan's outputs."""
-    expected = _expected(task)
-    if not task.paths.sidecar.exists():
-        return ("incomplete" if any(p.exists() for p in expected) else "missing"), ""
-    try:
-        record = json.loads(task.paths.sidecar.read_text())
-    except (OSError, ValueError):
-        return "incomplete", ""
-    if not all(p.exists() for p in expected):
-        return "incomplete", ""
-    old = json.loads(json.dumps(record.get("final_options")))
-    new = json.loads(json.dumps(task.extra["final_options"]))
-    if isinstance(old, dict):  # options added since (e.g. pve) were at their default then
-        from .pipelines import DEFAULT_SETTINGS
-
-        old = {**{k: DEFAULT_SETTINGS[k] for k in _ADDED_OPTIONS}, **old}
-    if old != new:
-        if not isinstance(old, dict):
-            return "different", "options that were not recorded"
-        changed = [f"{k}={old.get(k)!r}, now {v!r}" for k, v in new.items() if old.get(k) != v]
-        return "different", "other options (" + "; ".join(changed) + ")"
-    old_pipeline = (record.get("pipeline") or {}).get("sha256")
-    new_pipeline = (task.extra.get("pipeline") or {}).get("sha256")
-    if old_pipeline != new_pipeline:
-        return "different", "another pipeline file"
-    if not _same_input(task.input, record):
-        return "different", f"another version of the input {task.input.name}"
-    if "mask_file" in record:  # not recorded before per-scan masks: options tell enough
-        changed = _mask_change(record["mask_file"], task.extra.get("mask_file"))
-        if changed:
-            return "different", changed
-    model = record.get("model", {})
-    return "complete", {"K": model.get("n_components"), "iterations": model.get("n_iter"),
-                        "converged": model.get("converged"),
-                        "log_likelihood": model.get("log_likelihood")}  # fmt: skip
-
-
-def _same_input(path: Path, record: dict) -> bool:
-    if record.get("input_stat") and record["input_stat"] == _stat(path):
-        return True  # same size and modification time: no need to hash again
-    from .sidecar import file_sha256
-
-    inputs = record.get("inputs") or [{}]
-    try:
-        return inputs[0].get("sha256") == file_sha256(path)
-    except OSError:
-        return False
-
-
-def _mask_change(old: dict | None, new: dict | None) -> str:
-    """How the mask file of a scan changed since its outputs were made (``""``: it did not).
-
-    As for the input, the content counts: the same path, size and modification time, or the
-    same SHA-256 (so a dataset moved with its masks is still complete).
-    """
-    before = (old or {}).get("path", "no mask file")
-    now = (new or {}).get("path", "no mask file")
-    if old is None or new is None:
-        return "" if old is new else f"another mask ({before}, now {now})"
-    same_path = before == now
-    if same_path and all(old.get(k) == new.get(k) for k in ("size", "mtime_ns")):
-        return ""
-    from .sidecar import file_sha256
-
-    try:
-        if old.get("sha256") == file_sha256(new["path"]):
-            return ""
-    except OSError:
-        pass
-    if same_path:
-        return f"another version of the mask {Path(now).name}"
-    return f"another mask ({before}, now {now})"
-
-
-def clean_stale_temporaries(root: str | Path) -> list[Path]:
-    """Remove ``.<name>.tmp-<pid>-<token>`` files left under ``root`` by dead processes.
-
-    See :func:`segment.io.remove_stale_temporaries`: zombies count as dead, and a batch
-    writing into the same folder is left alone.
-    """
-    return remove_stale_temporaries(root)
-
-
-def _pid_alive(pid: int) -> bool:
-    return pid_alive(pid)
-
-
-# --------------------------------------------------------------------------------------------
 # one scan (runs on a worker; never raises)
 # --------------------------------------------------------------------------------------------
 def run_task(task: ScanTask) -> dict[str, Any]:
@@ -703,7 +101,9 @@ def run_task(task: ScanTask) -> dict[str, Any]:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            if task.label_map is not None and settings["probseg"]:
+            # with -k auto the names of the probability volumes are known after the fit
+            auto_k = check_k_range(settings["n_components"]) is not None
+            if task.label_map is not None and settings["probseg"] and not auto_k:
                 _write_probseg_json(task)
             if settings["qc"]:  # BIDS puts the QC picture in another folder (figures/)
                 task.paths.qc.parent.mkdir(parents=True, exist_ok=True)
@@ -712,16 +112,19 @@ def run_task(task: ScanTask) -> dict[str, Any]:
                 mask=None if mask.lower() == "none" else mask,
                 overwrite=task.overwrite, probseg=settings["probseg"], qc=settings["qc"],
                 command_line=task.extra.get("command_line"), extra=_hash_mask(task.extra),
-                class_names=_names(task), **task.em_options,
+                class_names=task.class_names(), **task.em_options,
             )  # fmt: skip
+            if task.label_map is not None and settings["probseg"] and auto_k:
+                names = naming.label_names(None, result.estimator.n_components)
+                _write_probseg_json(task, dict(enumerate(names)))
     except Exception as error:  # noqa: BLE001 - one failing scan must not stop the batch
         message = str(error) if isinstance(error, SegmentError | OSError) \
             else f"{type(error).__name__}: {error}"  # fmt: skip
         _discard_extras(task)
-        return _row(task.rel, "failed", error=message, seconds=time.perf_counter() - start)
+        return row(task.rel, "failed", error=message, seconds=time.perf_counter() - start)
     estimator = result.estimator
     notes = sorted({str(w.message) for w in caught if issubclass(w.category, UserWarning)})
-    return _row(
+    return row(
         task.rel, "ok", K=estimator.n_components, iterations=estimator.n_iter_,
         converged=bool(estimator.converged_), log_likelihood=float(estimator.log_likelihood_),
         seconds=time.perf_counter() - start, warnings="; ".join(notes),
@@ -764,9 +167,11 @@ def _discard_extras(task: ScanTask) -> None:
         task.paths.qc.parent.rmdir()  # only if empty
 
 
-def _write_probseg_json(task: ScanTask) -> None:
+def _write_probseg_json(task: ScanTask, label_map: dict | None = None) -> None:
+    """The BIDS ``_probseg.json``: the class of each volume (default: the task's ``label_map``)."""
+    label_map = task.label_map if label_map is None else {str(k): v for k, v in label_map.items()}
     record = {
-        "LabelMap": task.label_map,
+        "LabelMap": label_map,
         "Sources": task.extra.get("Sources", []),
         "Description": "volume k of the 4th axis: probability of label k+1 of the _dseg",
     }
@@ -774,70 +179,6 @@ def _write_probseg_json(task: ScanTask) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(target) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
-
-
-def _row(rel: str, status: str, **values: Any) -> dict[str, Any]:
-    row = dict.fromkeys(SUMMARY_COLUMNS, "")
-    row.update(input=rel, status=status)
-    row.update({k: v for k, v in values.items() if v is not None})
-    row["error"] = " ".join(str(row["error"]).split())
-    row["warnings"] = " ".join(str(row["warnings"]).split())
-    return row
-
-
-# --------------------------------------------------------------------------------------------
-# the summary
-# --------------------------------------------------------------------------------------------
-def _format(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:.6f}" if abs(value) < 1e6 else f"{value:.10g}"
-    return escape_tsv(str(value))
-
-
-#: Characters escaped in a summary field (the text format of PostgreSQL's COPY).
-_TSV_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
-_TSV_UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
-
-
-def escape_tsv(text: str) -> str:
-    """``text`` with backslash, tab, newline and carriage return written ``\\``, ``\t``...
-
-    So a file name holding a tab or a newline stays in its own field of its own row.
-
-    Examples
-    --------
-    >>> escape_tsv("a\tb\nc")
-    'a\\tb\\nc'
-    """
-    return "".join(_TSV_ESCAPES.get(char, char) for char in text)
-
-
-def unescape_tsv(text: str) -> str:
-    """Inverse of :func:`escape_tsv`."""
-    return re.sub(r"\\(.)", lambda m: _TSV_UNESCAPES.get(m[1], "\\" + m[1]), text)
-
-
-def write_summary(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
-    """Write ``batch_summary.tsv`` atomically (tab-separated, one row per scan)."""
-    rows = list(rows)
-    columns = list(SUMMARY_COLUMNS) + ["volume_estimate"]
-    n_volumes = max((int(k.rsplit("_", 1)[1]) for row in rows for k in row
-                     if k.startswith("volume_ml_")), default=0)  # fmt: skip
-    columns += [f"volume_ml_{k}" for k in range(1, n_volumes + 1)]
-    lines = ["\t".join(columns)]
-    lines += ["\t".join(_format(row.get(c, "")) for c in columns) for row in rows]
-    with atomic_write(path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def read_summary(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a ``batch_summary.tsv`` as dictionaries of strings."""
-    header, *lines = Path(path).read_text().split("\n")
-    names = header.split("\t")
-    return [dict(zip(names, map(unescape_tsv, line.split("\t")))) for line in lines if line]
 
 
 # --------------------------------------------------------------------------------------------
@@ -920,12 +261,9 @@ def run_batch(
     SegmentError
         Bad options, among them a malformed mask template (before any scan is read).
     """
-    from .api import (
-        _check_compresslevel,
-        _memory_budget,
-        check_out_dir_creatable,
-        make_estimator,
-    )
+    from ._options import DEFAULT_OPTIONS
+    from ._validation import check_compresslevel, check_out_dir_creatable, memory_budget
+    from .api import make_estimator
     from .pipelines import DEFAULT_SETTINGS
 
     input_dir = Path(input_dir).absolute()
@@ -935,16 +273,14 @@ def run_batch(
     if mask is not None:
         settings["mask"] = str(mask)
     mask_spec = MaskSpec.parse(settings["mask"], bids=bids)
-    model = {k: settings[k] for k in ("n_components", "max_iter", "tol", "variance_floor",
-                                      "seed", "chunk_size", "mrf_beta", "bias_field",
-                                      "bias_smoothness", "pve")}  # fmt: skip
+    model = {k: settings[k] for k in DEFAULT_OPTIONS if k in settings}  # not where it runs
     em_options = {**model, "scheduler": "threads" if workers and workers > 1 else "synchronous",
                   "workers": workers}  # fmt: skip
     make_estimator(em_options)  # option errors before any scan is touched
-    _memory_budget(memory_limit)
+    memory_budget(memory_limit)
     em_options["memory_limit"] = memory_limit
     if compresslevel is not None:
-        em_options["compresslevel"] = _check_compresslevel(compresslevel)
+        em_options["compresslevel"] = check_compresslevel(compresslevel)
     root = Path(output_dir or input_dir).absolute()
     output_root = root / "derivatives" / "segment" if bids else root
     if bids and derivative_dir is not None:
@@ -960,7 +296,7 @@ def run_batch(
             masks[scan] = mask_spec.for_scan(scan, input_dir, exclude=[output_root])
         except SegmentError as error:
             masks[scan] = error
-    scans = _leave_out_masks(scans, masks)
+    scans = leave_out_masks(scans, masks)
     if not scans:
         what = "anatomical NIfTI scans" if bids else (
             f"files matching {', '.join(patterns)}" if patterns else
@@ -989,10 +325,12 @@ def _run_locked(
     extra = {"pipeline": pipeline.record() if pipeline else None, "final_options": settings,
              "option_sources": sources or {},
              "command_line": list(command_line) if command_line else None}  # fmt: skip
-    names = class_names(pipeline, settings["n_components"])
+    k_values = check_k_range(settings["n_components"])  # -k auto: K is chosen for each scan
+    names = class_names(pipeline, settings["n_components"] if k_values is None else k_values[-1])
     tasks, decided = plan(
         scans, input_dir, output_root, settings=settings, extra=extra, em_options=em_options,
-        bids=bids, desc=pipeline.name if pipeline else None, class_names=names,
+        bids=bids, desc=pipeline.name if pipeline else None,
+        class_names=names if k_values is None else (),
         resume=resume, overwrite=overwrite, masks=masks,
     )  # fmt: skip
     clean_stale_temporaries(output_root)
@@ -1115,7 +453,7 @@ def _execute(tasks: list[ScanTask], *, scheduler: str | None, jobs: int | None):
                         "others have no sidecar (incomplete, never half-written): rerun the "
                         "same command to finish the batch"
                     ) from None
-                row = _row(task.rel, "failed", error=f"{type(error).__name__}: {error} "
+                row = row(task.rel, "failed", error=f"{type(error).__name__}: {error} "
                            "(the worker running this scan died; out of memory?)")  # fmt: skip
             future.release()
             done += 1

@@ -237,15 +237,13 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
         spacing: tuple[float, ...] | None = None,
         channel_axis: int | None = None,
     ) -> GaussianMixtureEM:
-        """Fit on an image grid: :meth:`segment.SpatialGaussianMixture.fit_image`.
-
-        Kept for existing scripts: a :class:`~segment.SpatialGaussianMixture` with this
-        estimator's parameters is fitted (``spatial_model_``) and its fitted attributes are
-        copied here (``bias_field_`` and the slab iterators are read from it). With
-        ``mrf_beta == 0`` and ``bias_field=False`` this is exactly ``fit(image[mask])``.
-        """
+        """Deprecated: fit a :class:`~segment.SpatialGaussianMixture` with these parameters
+        (kept as ``spatial_model_``) and copy its fitted attributes here."""
+        # The one import from the layer above (test_architecture.ALLOWED_UPWARD): a shim.
         from .spatial.model import SpatialGaussianMixture
 
+        message = "GaussianMixtureEM.fit_image is deprecated: use segment.SpatialGaussianMixture"
+        warnings.warn(f"{message}(...).fit_image (same parameters)", DeprecationWarning, 2)
         model = SpatialGaussianMixture(**self.get_params(deep=False))
         try:
             model.fit_image(image, mask, spacing=spacing, channel_axis=channel_axis)

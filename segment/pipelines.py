@@ -8,7 +8,7 @@ A pipeline file looks like this (every key is optional except ``description``)::
     labels = ["background", "skull", "csf", "grey matter", "white matter", "fat"]
 
     [model]
-    n_components = 6           # integer 1..255
+    n_components = 6           # integer 1..255, or "auto" / "auto:2-8" (K chosen by BIC)
     max_iter = 300             # integer >= 1
     tol = 1e-4                 # number >= 0
     variance_floor = 1.0       # number > 0 (intensity^2)
@@ -37,14 +37,13 @@ A name is looked up in that order; anything that is a path to an existing file (
 
 Adding a key
 ------------
-Validation is table-driven: add an entry to :data:`MODEL_KEYS` (or :data:`OUTPUT_KEYS`) with a
-:class:`Check`, and the option name to :data:`segment.api.DEFAULT_OPTIONS`.
+The ``[model]`` and ``[outputs]`` keys, their types and ranges come from the one option table,
+:data:`segment._options.OPTIONS` (its ``section``): add the option there.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -56,7 +55,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-from ._options import DEFAULT_OPTIONS, EXECUTION_OPTIONS
+from ._options import DEFAULT_SETTINGS, OPTIONS
 from .exceptions import InputError
 from .naming import label_names
 
@@ -84,51 +83,19 @@ class Check:
     expected: str
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
-def _int_range(lo: int | None = None, hi: int | None = None) -> Check:
-    if lo is not None and hi is not None:
-        expected = f"an integer between {lo} and {hi}"
-    elif lo is not None:
-        expected = f"an integer >= {lo}"
-    else:
-        expected = "an integer"
-    return Check(
-        lambda v: _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi), expected
-    )
-
-
-def _number(lo: float, *, open_: bool = False) -> Check:
-    op = ">" if open_ else ">="
-    return Check(
-        lambda v: _is_number(v) and (v > lo if open_ else v >= lo), f"a number {op} {lo:g}"
-    )
-
-
-_BOOL = Check(lambda v: isinstance(v, bool), "true or false")
-
-#: ``[model]`` keys and their checks (keys are :data:`segment.api.DEFAULT_OPTIONS` names).
+#: ``[model]`` keys and their checks, from the option table.
 MODEL_KEYS: dict[str, Check] = {
-    "n_components": _int_range(1, 255),
-    "max_iter": _int_range(1),
-    "tol": _number(0),
-    "variance_floor": _number(0, open_=True),
-    "seed": _int_range(),
-    "chunk_size": _int_range(1),
-    "mrf_beta": _number(0),
-    "bias_field": _BOOL,
-    "bias_smoothness": _number(0, open_=True),
-    "pve": _BOOL,
+    name: Check(option.accepts, option.expected())
+    for name, option in OPTIONS.items()
+    if option.section == "model"
 }
 
 #: ``[outputs]`` keys: which optional outputs to write.
-OUTPUT_KEYS: dict[str, Check] = {"probseg": _BOOL, "qc": _BOOL}
+OUTPUT_KEYS: dict[str, Check] = {
+    name: Check(option.accepts, option.expected())
+    for name, option in OPTIONS.items()
+    if option.section == "outputs"
+}
 
 _TOP_KEYS = {
     "description": Check(
@@ -136,7 +103,7 @@ _TOP_KEYS = {
         "a one-line string",
     ),
     "mask": Check(
-        lambda v: isinstance(v, str) and v.strip() != "",
+        OPTIONS["mask"].accepts,
         "'auto', 'none', 'bids', the path of a mask file or a template ({stem}, {rel})",
     ),
     "labels": Check(
@@ -145,14 +112,6 @@ _TOP_KEYS = {
     ),
 }
 _SECTIONS = {"model": MODEL_KEYS, "outputs": OUTPUT_KEYS}
-
-#: Final settings when neither a pipeline nor the command line says otherwise.
-DEFAULT_SETTINGS: dict[str, Any] = {
-    **{k: v for k, v in DEFAULT_OPTIONS.items() if k not in EXECUTION_OPTIONS},
-    "mask": "none",
-    "probseg": True,
-    "qc": True,
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,6 +249,12 @@ def _validate(document: dict[str, Any], path: Path, sha256: str) -> Pipeline:
     model = dict(document.get("model", {}))
     labels = tuple(s.strip() for s in document.get("labels", ()))
     n_components = model.get("n_components", DEFAULT_SETTINGS["n_components"])
+    if labels and isinstance(n_components, str):
+        raise InputError(
+            path,
+            f"key 'labels': names need an integer model.n_components, got {n_components!r}; "
+            "leave out labels (the classes are then named class1, class2...) or fix K",
+        )
     if labels and len(labels) != n_components:
         raise InputError(
             path,

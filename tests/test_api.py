@@ -613,11 +613,11 @@ def test_a_callback_with_phase_hears_each_phase(tmp_path):
 
 
 def test_progress_line_prefixes_iterations_with_the_phase(capsys):
-    from segment.cli import _ProgressLine
+    from segment.commands.common import ProgressLine
 
-    line = _ProgressLine()
+    line = ProgressLine()
     line.phase("bias field EM")
     line(3, -1234.5, 1e-3)
-    _ProgressLine.end()
+    ProgressLine.end()
     err = capsys.readouterr().err
     assert "bias field EM iteration    3" in err and err.endswith("\n")

@@ -516,21 +516,21 @@ def test_stdout_holds_only_result_paths(scan, out_dir):
 
 
 def test_progress_printer_writes_to_a_terminal_only(capsys, monkeypatch):
-    from segment.cli import _progress_printer, _show_warning
+    from segment.commands.common import progress_printer, show_warning
 
-    assert _progress_printer(quiet=False) is None  # captured stderr is not a TTY
+    assert progress_printer(quiet=False) is None  # captured stderr is not a TTY
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    assert _progress_printer(quiet=True) is None
-    callback = _progress_printer(quiet=False)
+    assert progress_printer(quiet=True) is None
+    callback = progress_printer(quiet=False)
     callback(3, -1234.5, 2.5e-3)
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "EM iteration    3" in captured.err and "-1.234500e+03" in captured.err
     assert "2.50e-03" in captured.err
     callback(4, -1234.0, 1e-4)
-    _show_warning("careful", DataWarning, "x.py", 1)  # ends the progress line first
-    _show_warning("again", ConvergenceWarning, "x.py", 2)
-    _show_warning("nibabel's own", UserWarning, "/site-packages/nibabel/x.py", 3)  # not shown
+    show_warning("careful", DataWarning, "x.py", 1)  # ends the progress line first
+    show_warning("again", ConvergenceWarning, "x.py", 2)
+    show_warning("nibabel's own", UserWarning, "/site-packages/nibabel/x.py", 3)  # not shown
     err = capsys.readouterr().err
     assert err.startswith("\r\033[K  EM iteration    4") and err.endswith(
         "\nwarning: careful\nwarning: again\n"
@@ -920,9 +920,3 @@ def test_run_k_auto_bad_range_is_a_usage_error(make_nifti, tmp_path, value, frag
     out_dir = tmp_path / "out"
     result = invoke("run", make_nifti(), "-o", out_dir, "-k", value)
     assert_failed(result, "-k", fragment, code=2, out_dir=out_dir)
-
-
-def test_k_auto_with_pve_or_in_batch_is_a_usage_error(make_nifti, tmp_path):
-    scan = make_nifti()
-    assert_failed(invoke("run", scan, "-o", tmp_path / "a", "-k", "auto", "--pve"), "pve", code=2)
-    assert_failed(invoke("batch", scan.parent, "-o", tmp_path / "b", "-k", "auto"), "-k", code=2)

@@ -148,11 +148,13 @@ INVALID = [
     ('description = "x"\n[model]\nk = 3\n', r"unknown key 'model\.k'; expected one of bias_field"),
     (
         'description = "x"\n[model]\nn_components = "six"\n',
-        r"key 'model\.n_components': expected an integer between 1 and 255, got 'six'",
+        r"key 'model\.n_components': expected an integer between 1 and 255, 'auto' or "
+        r"'auto:A-B' .*, got 'six'",
     ),
     (
         'description = "x"\n[model]\nn_components = 0\n',
-        r"key 'model\.n_components': expected an integer between 1 and 255, got 0",
+        r"key 'model\.n_components': expected an integer between 1 and 255, 'auto' or "
+        r"'auto:A-B' .*, got 0",
     ),
     (
         'description = "x"\n[model]\nmax_iter = true\n',
@@ -160,7 +162,7 @@ INVALID = [
     ),
     (
         'description = "x"\n[model]\nseed = 1.5\n',
-        r"key 'model\.seed': expected an integer, got 1\.5",
+        r"key 'model\.seed': expected an integer between 0 and 4294967295, got 1\.5",
     ),
     ('description = "x"\n[model]\ntol = -1\n', r"key 'model\.tol': expected a number >= 0, got -1"),
     (
@@ -169,7 +171,7 @@ INVALID = [
     ),
     (
         'description = "x"\n[model]\nchunk_size = 0\n',
-        r"key 'model\.chunk_size': expected an integer >= 1, got 0",
+        r"key 'model\.chunk_size': expected an integer between 1 and 2147483647, got 0",
     ),
     ('description = "x"\nmodel = 3\n', r"key 'model': expected a \[model\] table, got 3"),
     (

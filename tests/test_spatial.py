@@ -1,5 +1,5 @@
 """Tests of the spatial model: the MRF prior and the bias field (:mod:`segment._spatial`), the
-grid EM (``GaussianMixtureEM.fit_image``) and their options in the API, CLI and batch."""
+grid EM (``SpatialGaussianMixture.fit_image``) and their options in the API, CLI and batch."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from segment import GaussianMixtureEM, _em, _spatial, io, segment_array
+from segment import GaussianMixtureEM, SpatialGaussianMixture, _em, _spatial, io, segment_array
 from segment.cli import DEFAULT_MRF_BETA, cli
 from segment.evaluate import evaluate_labels
 from segment.exceptions import SegmentError
@@ -257,7 +257,7 @@ def test_known_smooth_field_is_recovered():
 def _spatial_fit(image, mask, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return GaussianMixtureEM(
+        return SpatialGaussianMixture(
             3,
             mrf_beta=DEFAULT_MRF_BETA,
             bias_field=True,
@@ -325,7 +325,7 @@ def test_memory_order_of_the_image_changes_nothing(head):
 def test_both_off_is_bit_for_bit_the_plain_mixture(head):
     image, _, mask = head
     plain = GaussianMixtureEM(3).fit(image[mask])
-    grid = GaussianMixtureEM(3, mrf_beta=0.0, bias_field=False).fit_image(image, mask)
+    grid = SpatialGaussianMixture(3, mrf_beta=0.0, bias_field=False).fit_image(image, mask)
     for name in ("means_", "covariances_", "weights_"):
         np.testing.assert_array_equal(getattr(grid, name), getattr(plain, name))
     assert grid.log_likelihood_trace_ == plain.log_likelihood_trace_
@@ -354,7 +354,7 @@ def test_bad_values_api(options, match):
     with pytest.raises(SegmentError, match=match):
         segment_array(image, n_components=3, **options)
     with pytest.raises(SegmentError, match=match):
-        GaussianMixtureEM(3, **options).fit_image(image)
+        SpatialGaussianMixture(3, **options).fit_image(image)
 
 
 def test_fit_refuses_spatial_options_without_grid():
@@ -401,7 +401,7 @@ def _log_gaussian_mixture(x, weights, means, covariances):
 
 def test_objective_with_bias_only_is_the_observed_log_likelihood(head):
     image, _, mask = head
-    fit = GaussianMixtureEM(3, bias_field=True, bias_smoothness=20.0).fit_image(image, mask)
+    fit = SpatialGaussianMixture(3, bias_field=True, bias_smoothness=20.0).fit_image(image, mask)
     assert fit.converged_ and "log-likelihood of the observed intensities" in fit.objective_
     b = fit.bias_field_[mask].astype(np.float64)
     y = image[mask].astype(np.float64)[:, None]
@@ -446,7 +446,9 @@ def test_mrf_posterior_is_the_documented_mean_field_fixed_point(head):
     assert change < MRF_TOL
     # the MRF does not touch the class parameters directly: they stay near the bias-only fit's
     # (the field differs a little, being weighted by the MRF posterior)
-    bias_only = GaussianMixtureEM(3, bias_field=True, bias_smoothness=20.0).fit_image(image, mask)
+    bias_only = SpatialGaussianMixture(3, bias_field=True, bias_smoothness=20.0).fit_image(
+        image, mask
+    )
     np.testing.assert_allclose(fit.means_, bias_only.means_, rtol=0.01)
     np.testing.assert_allclose(fit.weights_, bias_only.weights_, rtol=0.05)
     assert mean_dice(_labels_on_grid(fit, mask), truth, mask) >= mean_dice(
@@ -457,7 +459,7 @@ def test_mrf_posterior_is_the_documented_mean_field_fixed_point(head):
 def test_mrf_only_keeps_the_plain_parameters(head):
     image, _, mask = head
     plain = GaussianMixtureEM(3).fit(image[mask])
-    mrf = GaussianMixtureEM(3, mrf_beta=DEFAULT_MRF_BETA).fit_image(image, mask)
+    mrf = SpatialGaussianMixture(3, mrf_beta=DEFAULT_MRF_BETA).fit_image(image, mask)
     for name in ("means_", "covariances_", "weights_"):
         np.testing.assert_array_equal(getattr(mrf, name), getattr(plain, name))
     assert mrf.log_likelihood_trace_ == plain.log_likelihood_trace_
@@ -725,7 +727,8 @@ def test_spatial_model_and_the_compatible_estimator_agree(head):
     image, _, mask = head
     options = dict(mrf_beta=0.3, bias_field=True, bias_smoothness=20.0)
     model = SpatialGaussianMixture(3, **options).fit_image(image, mask)
-    compat = GaussianMixtureEM(3, **options).fit_image(image, mask)
+    with pytest.warns(DeprecationWarning, match=r"SpatialGaussianMixture\(\.\.\.\)\.fit_image"):
+        compat = GaussianMixtureEM(3, **options).fit_image(image, mask)
     assert isinstance(compat.spatial_model_, SpatialGaussianMixture)
     np.testing.assert_array_equal(compat.responsibilities_, model.responsibilities_)
     np.testing.assert_array_equal(compat.means_, model.means_)

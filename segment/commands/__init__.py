@@ -1,0 +1,1 @@
+"""The commands of the ``segment`` CLI, one module per group; :mod:`segment.cli` assembles them."""
