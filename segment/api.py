@@ -252,8 +252,11 @@ class SegmentationResult:
         corrected: bool = False,
         compresslevel: int | None = None,
         class_names: Sequence[str] | None = None,
+        qc_histogram: str = "linear",
     ) -> naming.OutputPaths:
         """Write the label map, probabilities, QC picture and JSON sidecar into ``out_dir``.
+
+        ``qc_histogram`` (``"linear"`` or ``"log"``) is the counts axis of the QC histogram.
 
         With partial-volume fractions (``pve=True``), also ``<stem>_pve`` (4-D, one volume per
         label), or in BIDS mode one ``..._label-<class>_probseg`` per class, named from
@@ -277,6 +280,8 @@ class SegmentationResult:
         """
         from . import io
 
+        if qc_histogram not in ("linear", "log"):
+            raise SegmentError(f"qc_histogram must be 'linear' or 'log', got {qc_histogram!r}")
         reference = self.reference or _array_reference(self.labels.shape)
         if paths is None:
             stem = prefix or (io.scan_stem(self.inputs[0]) if self.inputs else "segment")
@@ -308,6 +313,7 @@ class SegmentationResult:
                 level,
                 pve_paths,
                 names=naming.label_names(class_names, len(self.estimator.means_)),
+                log_histogram=qc_histogram == "log",
             )
             staged.commit()
         except BaseException as error:  # incl. KeyboardInterrupt: no half-written set of outputs
@@ -342,6 +348,7 @@ class SegmentationResult:
         level,
         pve_paths=(),
         names=None,
+        log_histogram=False,
     ) -> None:
         """The writes of :meth:`save`, each to its temporary path from ``staged``."""
         from . import io
@@ -401,6 +408,7 @@ class SegmentationResult:
                 weights=self.estimator.weights_, mask=self.mask,
                 title=self.inputs[0].name if self.inputs else "", zooms=reference.zooms,
                 names=names, affine=getattr(reference, "affine", None),
+                log_histogram=log_histogram,
             )  # fmt: skip
             self.timings["qc_s"] = time.perf_counter() - start
         written = {"dseg": paths.dseg, "probseg": paths.probseg if probseg else None,
@@ -962,6 +970,7 @@ def segment_file(
     memory_limit: int | str | None = None,
     compresslevel: int | None = None,
     class_names: Sequence[str] | None = None,
+    qc_histogram: str = "linear",
     **options: Any,
 ) -> SegmentationResult:
     """Segment a scan file (or several co-registered channel files) and optionally save it.
@@ -981,6 +990,8 @@ def segment_file(
         the (first) scan, relative to its folder (see :class:`segment.batch.MaskSpec`).
     overwrite, probseg, qc : bool
         Replace existing outputs; write the probability maps; write the QC picture.
+    qc_histogram : {"linear", "log"}
+        Counts axis of the QC picture's histogram.
     callback : callable, optional
         Progress callback, see :func:`segment_array`.
     command_line : list of str, optional
@@ -1072,7 +1083,7 @@ def segment_file(
         result.save(
             out_dir, overwrite=overwrite, probseg=probseg, qc=qc, paths=output_paths,
             command_line=command_line, extra=extra, corrected=corrected,
-            compresslevel=compresslevel, class_names=class_names,
+            compresslevel=compresslevel, class_names=class_names, qc_histogram=qc_histogram,
         )  # fmt: skip
     return result
 

@@ -76,7 +76,7 @@ SUMMARY_COLUMNS = ("input", "status", "error", "K", "iterations", "converged", "
 SUMMARY_NAME = "batch_summary.tsv"
 #: Options added after sidecars already recorded ``final_options``: a sidecar without them
 #: was made with their default.
-_ADDED_OPTIONS = ("pve",)
+_ADDED_OPTIONS = ("pve", "qc_histogram")
 _NIFTI = (".nii", ".nii.gz")
 #: How long to wait for a ``tcp://`` scheduler to answer.
 CONNECT_TIMEOUT = "10s"
@@ -711,6 +711,7 @@ def run_task(task: ScanTask) -> dict[str, Any]:
                 task.input, task.paths.sidecar.parent, output_paths=task.paths,
                 mask=None if mask.lower() == "none" else mask,
                 overwrite=task.overwrite, probseg=settings["probseg"], qc=settings["qc"],
+                qc_histogram=settings["qc_histogram"],
                 command_line=task.extra.get("command_line"), extra=_hash_mask(task.extra),
                 class_names=_names(task), **task.em_options,
             )  # fmt: skip

@@ -285,6 +285,9 @@ def model_options(func=None, *, batch: bool = False):
                      help="Do not write the probability maps [default: write them]."),
         click.option("--no-qc/--qc", "no_qc", default=False,
                      help="Do not write the QC picture [default: write it]."),
+        click.option("--qc-histogram", type=click.Choice(["linear", "log"]), default="linear",
+                     show_default=True,
+                     help="Counts axis of the QC histogram (log: small classes stay visible)."),
         click.option("--compression-level", type=click.IntRange(0, 9), default=1,
                      show_default=True, metavar="0-9",
                      help="gzip level of the .nii.gz outputs: 1 is fastest; 6 (gzip's default) "
@@ -303,6 +306,7 @@ def model_options(func=None, *, batch: bool = False):
 _SETTING_PARAMS = {"n_components": "n_components", "max_iter": "max_iter", "tol": "tol",
                    "variance_floor": "variance_floor", "seed": "seed", "chunk_size": "chunk_size",
                    "mask": "mask", "probseg": "no_probseg", "qc": "no_qc",
+                   "qc_histogram": "qc_histogram",
                    "bias_field": "bias_field", "bias_smoothness": "bias_smoothness",
                    "pve": "pve"}  # fmt: skip
 #: MRF strength that --mrf turns on; chosen on the phantoms (see README, "Spatial prior").
@@ -416,6 +420,7 @@ def run(inputs: tuple[Path, ...], out_dir: Path, **kwargs) -> None:
             list(inputs), out_dir, mask=None if kwargs["mask"] == "none" else kwargs["mask"],
             overwrite=kwargs["overwrite"], probseg=not kwargs["no_probseg"],
             qc=not kwargs["no_qc"], callback=callback, corrected=kwargs["write_corrected"],
+            qc_histogram=kwargs["qc_histogram"],
             memory_limit=kwargs["memory_limit"], compresslevel=kwargs["compression_level"],
             command_line=["segment", *sys.argv[1:]], extra=extra, **_model_kwargs(kwargs),
             class_names=list(pipeline.labels) if pipeline else None,

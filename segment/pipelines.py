@@ -128,7 +128,11 @@ MODEL_KEYS: dict[str, Check] = {
 }
 
 #: ``[outputs]`` keys: which optional outputs to write.
-OUTPUT_KEYS: dict[str, Check] = {"probseg": _BOOL, "qc": _BOOL}
+OUTPUT_KEYS: dict[str, Check] = {
+    "probseg": _BOOL,
+    "qc": _BOOL,
+    "qc_histogram": Check(lambda v: v in ("linear", "log"), "'linear' or 'log'"),
+}
 
 _TOP_KEYS = {
     "description": Check(
@@ -152,6 +156,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "mask": "none",
     "probseg": True,
     "qc": True,
+    "qc_histogram": "linear",
 }
 
 
@@ -176,7 +181,7 @@ class Pipeline:
         ``"auto"``, ``"none"``, ``"bids"``, a mask template or an absolute mask path; ``None``
         when the file does not say.
     outputs : dict
-        ``[outputs]`` keys given in the file (``probseg``, ``qc``).
+        ``[outputs]`` keys given in the file (``probseg``, ``qc``, ``qc_histogram``).
     labels : tuple of str
         Class names in ascending mean intensity (may be empty).
     sha256 : str

@@ -277,3 +277,53 @@ def test_render_is_deterministic_and_matches_the_file(tmp_path, rng):
     path = write_qc(tmp_path / "q.png", image, labels, **fit, log_histogram=True, title="t")
     with Image.open(path) as png:
         assert np.array_equal(np.asarray(png.convert("RGB")), a)
+
+
+def _nifti(rng, path):
+    import nibabel as nib
+
+    image, labels, _ = _two_classes(rng)
+    nib.Nifti1Image(image.astype(np.float32), np.eye(4)).to_filename(path)
+    return path
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from segment.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_qc_histogram_option_in_run_batch_and_pipelines(tmp_path, rng):
+    import json
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    scan = _nifti(rng, scans / "scan.nii.gz")
+    pictures = {}
+    for axis in ("linear", "log"):
+        result = _cli("run", scan, "-o", tmp_path / axis, "-k", "2", "--qc-histogram", axis, "-q")
+        assert result.exit_code == 0, result.output
+        pictures[axis] = (tmp_path / axis / "scan_qc.png").read_bytes()
+        sidecar = json.loads((tmp_path / axis / "scan_segment.json").read_text())
+        assert sidecar["final_options"]["qc_histogram"] == axis
+    assert pictures["linear"] != pictures["log"]
+
+    result = _cli("batch", scans, "-o", tmp_path / "batch", "-k", "2", "--qc-histogram", "log")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "batch" / "scan_qc.png").read_bytes() == pictures["log"]
+
+    pipeline = tmp_path / "log.toml"
+    pipeline.write_text('description = "log QC"\n[model]\nn_components = 2\n'
+                        '[outputs]\nqc_histogram = "log"\n')  # fmt: skip
+    result = _cli("run", scan, "-o", tmp_path / "piped", "-p", pipeline, "-q")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "piped" / "scan_qc.png").read_bytes() == pictures["log"]
+
+    pipeline.write_text(pipeline.read_text().replace('"log"', '"logarithmic"'))
+    result = _cli("run", scan, "-o", tmp_path / "bad", "-p", pipeline, "-q")
+    assert result.exit_code == 2 and "qc_histogram" in result.output
+    assert not (tmp_path / "bad").exists()
+    result = _cli("run", scan, "-o", tmp_path / "bad", "--qc-histogram", "cubic")
+    assert result.exit_code == 2 and not (tmp_path / "bad").exists()
