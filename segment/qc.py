@@ -463,7 +463,8 @@ def _legend_entries(histogram, means, variances, weights, names):
     n = histogram["n"] if histogram else 0
     entries = [(f"data (n={n})", ("fill", _BAR))]
     for k, (mean, var, weight) in enumerate(zip(means, variances, weights, strict=True)):
-        text = f"{k + 1} {names[k]}: mean={mean:.4g} sd={np.sqrt(max(var, 0.0)):.3g} w={weight:.2f}"
+        sd = np.sqrt(max(var, 0.0))
+        text = f"{k + 1} {names[k]}:  mean {mean:.4g}   sd {sd:.3g}   w {weight:.2f}"
         entries.append((text, ("class", tuple(int(c) for c in colours[k]))))
     entries.append(("mixture", ("dash", _BLACK)))
     return entries
