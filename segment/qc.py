@@ -29,9 +29,9 @@ _MARK_COLOUR = (255, 255, 0)
 # Layout in pixels.
 _MARGIN = 10
 _TITLE_H = 26
-_PANEL = 300  # each slice is fitted into a PANEL x PANEL box
+_PANEL = 256  # each slice is fitted into a PANEL x PANEL box
 _PANEL_TITLE_H = 18
-_PLOT_W = 380
+_PLOT_W = 340
 _PLOT_LEFT = 48  # room for the y tick labels
 _PLOT_BOTTOM = 40  # room for the x tick labels and the axis name
 _LEGEND_LINE = 16
@@ -361,9 +361,39 @@ def _grey_window(image: np.ndarray, mask: np.ndarray | None) -> tuple[float, flo
     values = values[np.isfinite(values)] if values.dtype.kind == "f" else values
     if values.size == 0:
         return 0.0, 1.0
-    step = max(1, values.size // _PERCENTILE_SAMPLE)
-    lo, hi = np.percentile(values[::step], [1.0, 99.0])
+    lo, hi = _percentiles(_value_counts(values) or values, [1.0, 99.0])
     return float(lo), (float(hi) if hi > lo else float(lo) + 1.0)
+
+
+def _value_counts(values: np.ndarray, max_range: int = 1 << 20):
+    """(distinct values, counts) of an integer array with a moderate range, else None.
+
+    Percentiles and histograms of integer scans are read from these counts: a ``bincount`` is
+    several times faster than partitioning or binning every voxel, with the same results.
+    """
+    if values.dtype.kind not in "iu" or values.size == 0:
+        return None
+    low, high = int(values.min()), int(values.max())
+    if high - low > max_range:
+        return None
+    counts = np.bincount((values.astype(np.int64) - low).ravel())
+    present = np.flatnonzero(counts)
+    return present + low, counts[present]
+
+
+def _percentiles(data, qs) -> np.ndarray:
+    """``np.percentile(values, qs)`` (linear interpolation) of an array, or of
+    ``(distinct values, counts)``; arrays of more than about ``_PERCENTILE_SAMPLE`` values
+    are read on a regular subsample."""
+    if isinstance(data, np.ndarray):
+        return np.percentile(data[:: max(1, data.size // _PERCENTILE_SAMPLE)], qs)
+    distinct, counts = data
+    ends = np.cumsum(counts)  # sorted position i holds distinct[searchsorted(ends, i, "right")]
+    position = (ends[-1] - 1) * np.asarray(qs, dtype=np.float64) / 100.0
+    below = np.floor(position)
+    at = distinct[np.searchsorted(ends, below, side="right")].astype(np.float64)
+    above = distinct[np.minimum(np.searchsorted(ends, below + 1, side="right"), len(ends) - 1)]
+    return at + (position - below) * (above - at)
 
 
 def _planes(image, labels, zooms, directions=None):
@@ -441,14 +471,20 @@ def _histogram(image, labels, mask, means, variances, weights) -> dict | None:
     values = np.asarray(image[selected])
     if values.size > 4_000_000:  # the histogram's shape needs no more: a regular subsample
         values = values[:: values.size // 2_000_000]
-    values = values.astype(np.float64)
-    values = values[np.isfinite(values)]
+    distinct = _value_counts(values)
+    if distinct is None:
+        values = values.astype(np.float64)
+        values = values[np.isfinite(values)]
     if values.size == 0:
         return None
-    lo, hi = np.percentile(values[:: max(1, values.size // _PERCENTILE_SAMPLE)], [0.1, 99.9])
+    lo, hi = _percentiles(distinct or values, [0.1, 99.9])
     if not hi > lo:
         lo, hi = lo - 0.5, hi + 0.5
-    counts, edges = np.histogram(values, bins=_N_BINS, range=(lo, hi))
+    if distinct is None:
+        counts, edges = np.histogram(values, bins=_N_BINS, range=(lo, hi))
+    else:  # the same bins as for every voxel: each distinct value weighted by its count
+        counts, edges = np.histogram(distinct[0], _N_BINS, range=(lo, hi), weights=distinct[1])
+        counts = counts.astype(np.int64)
     x = np.linspace(lo, hi, 512)
     var = np.maximum(variances, 1e-12)[:, None]
     density = np.exp(-0.5 * (x - means[:, None]) ** 2 / var) / np.sqrt(2.0 * np.pi * var)

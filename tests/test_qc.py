@@ -327,3 +327,17 @@ def test_qc_histogram_option_in_run_batch_and_pipelines(tmp_path, rng):
     assert not (tmp_path / "bad").exists()
     result = _cli("run", scan, "-o", tmp_path / "bad", "--qc-histogram", "cubic")
     assert result.exit_code == 2 and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32])
+def test_integer_scans_use_value_counts_with_numpys_results(rng, dtype):
+    from segment.qc import _percentiles, _value_counts
+
+    values = (rng.integers(0, 200, 10_001) - (0 if dtype == np.uint8 else 60)).astype(dtype)
+    counts = _value_counts(values)
+    qs = [0.1, 1.0, 50.0, 99.0, 99.9]
+    np.testing.assert_allclose(_percentiles(counts, qs), np.percentile(values, qs))
+    lo, hi = np.percentile(values, [0.1, 99.9])
+    weighted = np.histogram(counts[0], 100, range=(lo, hi), weights=counts[1])[0]
+    np.testing.assert_array_equal(weighted, np.histogram(values, 100, range=(lo, hi))[0])
+    assert _value_counts(values.astype(np.float32)) is None
