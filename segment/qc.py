@@ -19,10 +19,11 @@ __all__ = ["outline_overlay", "render_qc", "write_qc"]
 _OVERLAY_ALPHA = 1.0  # outlines are drawn opaque: exactly the legend's colours
 _N_BINS = 100
 _AXIS_NAMES = ("x", "y", "z")
-#: matplotlib's "tab10" colours (label k uses entry (k - 1) mod 10), as 0-255 RGB.
+#: matplotlib's "tab10" colours (label k uses entry (k - 1) mod 10), as 0-255 RGB, with its
+#: grey replaced by tab20's light red: a grey outline would vanish on the grey slices.
 _TAB10 = (
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    (140, 86, 75), (227, 119, 194), (255, 152, 150), (188, 189, 34), (23, 190, 207),
 )  # fmt: skip
 _WHITE, _BLACK, _BAR = (255, 255, 255), (0, 0, 0), (190, 190, 190)
 _MARK_COLOUR = (255, 255, 0)

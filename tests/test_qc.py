@@ -341,3 +341,11 @@ def test_integer_scans_use_value_counts_with_numpys_results(rng, dtype):
     weighted = np.histogram(counts[0], 100, range=(lo, hi), weights=counts[1])[0]
     np.testing.assert_array_equal(weighted, np.histogram(values, 100, range=(lo, hi))[0])
     assert _value_counts(values.astype(np.float32)) is None
+
+
+def test_every_label_colour_is_distinct_and_not_grey():
+    from segment.qc import _palette
+
+    colours = np.round(_palette(10)[1:, :3] * 255).astype(int)
+    assert len({tuple(c) for c in colours}) == 10
+    assert not any(c[0] == c[1] == c[2] for c in colours)  # greys are the slices' levels
