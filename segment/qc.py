@@ -1,8 +1,9 @@
 """Quality-control picture: label overlay and intensity histogram with the fitted mixture.
 
 Composed as a numpy RGB array (slices, outlines, histogram bars and curves), with the text drawn
-by Pillow's default font and the PNG written by Pillow.  No plotting library is imported: the
-picture costs tens of milliseconds and the same inputs give the same bytes.
+by Pillow's default font and the PNG written by Pillow as a palette image (128 grey levels plus
+the exact label colours).  No plotting library is imported: the picture costs tens of
+milliseconds besides importing Pillow, and the same inputs give the same bytes.
 """
 
 from __future__ import annotations
