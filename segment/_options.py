@@ -72,6 +72,8 @@ class Option:
     show_default : bool
     batch_help : str, optional
         Help text for ``segment batch`` / ``bids`` when it differs.
+    choices : tuple of str, optional
+        The values a ``"str"`` option takes (a click ``Choice``).
     """
 
     name: str
@@ -90,6 +92,7 @@ class Option:
     metavar: str | None = None
     show_default: bool = True
     batch_help: str | None = None
+    choices: tuple[str, ...] | None = None
 
     @property
     def param(self) -> str:
@@ -108,6 +111,8 @@ class Option:
         if self.kind == "bool":
             return isinstance(value, bool)
         if self.kind == "str":
+            if self.choices is not None:
+                return value in self.choices
             return isinstance(value, str) and value.strip() != ""
         if self.kind == "k" and isinstance(value, str):
             from ._validation import check_k_range  # numpy: only when a range is given
@@ -130,6 +135,8 @@ class Option:
         if self.kind == "bool":
             return "true or false"
         if self.kind == "str":
+            if self.choices is not None:
+                return " or ".join(repr(c) for c in self.choices)
             return "a non-empty string"
         what = "an integer" if self.kind in ("int", "k") else "a number"
         low, high = (f"{b:g}" if isinstance(b, float) else str(b) for b in (self.low, self.high))
@@ -205,6 +212,9 @@ OPTIONS: dict[str, Option] = {
         Option("qc", "bool", True, "Do not write the QC picture [default: write it].", "output",
                False, flags=("--no-qc/--qc",), dest="no_qc", section="outputs",
                show_default=False),
+        Option("qc_histogram", "str", "linear", "Counts axis of the QC histogram (log: small "
+               "classes stay visible).", "output", False, flags=("--qc-histogram",),
+               section="outputs", choices=("linear", "log")),
     )
 }  # fmt: skip
 

@@ -332,6 +332,7 @@ def segment_file(
     memory_limit: int | str | None = None,
     compresslevel: int | None = None,
     class_names: Sequence[str] | None = None,
+    qc_histogram: str = "linear",
     **options: Any,
 ) -> SegmentationResult:
     """Segment a scan file (or several co-registered channel files) and optionally save it.
@@ -353,6 +354,8 @@ def segment_file(
         Replace existing outputs; write the probability maps; write the QC picture.
     callback : callable, optional
         Progress callback, see :func:`segment_array`.
+    qc_histogram : {"linear", "log"}
+        Counts axis of the QC picture's histogram.
     command_line : list of str, optional
         Recorded in the sidecar (default ``sys.argv``).
     output_paths : OutputPaths, optional
@@ -441,7 +444,7 @@ def segment_file(
         result.save(
             out_dir, overwrite=overwrite, probseg=probseg, qc=qc, paths=output_paths,
             command_line=command_line, extra=extra, corrected=corrected,
-            compresslevel=compresslevel, class_names=class_names,
+            compresslevel=compresslevel, class_names=class_names, qc_histogram=qc_histogram,
         )  # fmt: skip
     return result
 

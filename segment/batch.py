@@ -111,6 +111,7 @@ def run_task(task: ScanTask) -> dict[str, Any]:
                 task.input, task.paths.sidecar.parent, output_paths=task.paths,
                 mask=None if mask.lower() == "none" else mask,
                 overwrite=task.overwrite, probseg=settings["probseg"], qc=settings["qc"],
+                qc_histogram=settings.get("qc_histogram", "linear"),
                 command_line=task.extra.get("command_line"), extra=_hash_mask(task.extra),
                 class_names=task.class_names(), **task.em_options,
             )  # fmt: skip

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import masking, naming, sidecar
 from ._validation import check_compresslevel, check_outputs_free
-from .exceptions import InputError
+from .exceptions import InputError, SegmentError
 from .volumes import StreamedPosterior, StreamedVolumes, Volumes
 
 if TYPE_CHECKING:
@@ -222,8 +222,11 @@ class SegmentationResult:
         corrected: bool = False,
         compresslevel: int | None = None,
         class_names: Sequence[str] | None = None,
+        qc_histogram: str = "linear",
     ) -> naming.OutputPaths:
         """Write the label map, probabilities, QC picture and JSON sidecar into ``out_dir``.
+
+        ``qc_histogram`` (``"linear"`` or ``"log"``) is the counts axis of the QC histogram.
 
         With partial-volume fractions (``pve=True``), also ``<stem>_pve`` (4-D, one volume per
         label), or in BIDS mode one ``..._label-<class>_probseg`` per class, named from
@@ -247,6 +250,8 @@ class SegmentationResult:
         """
         from . import io
 
+        if qc_histogram not in ("linear", "log"):
+            raise SegmentError(f"qc_histogram must be 'linear' or 'log', got {qc_histogram!r}")
         reference = self.reference or _array_reference(self.labels.shape)
         if paths is None:
             stem = prefix or (io.scan_stem(self.inputs[0]) if self.inputs else "segment")
@@ -279,6 +284,7 @@ class SegmentationResult:
                 level,
                 pve_paths,
                 names=naming.label_names(class_names, len(self.estimator.means_)),
+                log_histogram=qc_histogram == "log",
             )
             staged.commit()
         except BaseException as error:  # incl. KeyboardInterrupt: no half-written set of outputs
@@ -333,6 +339,7 @@ def _write_outputs(
     level,
     pve_paths=(),
     names=None,
+    log_histogram=False,
 ) -> None:
     """The writes of :meth:`SegmentationResult.save`, each to its temporary path from ``staged``."""
     from . import io
@@ -387,7 +394,7 @@ def _write_outputs(
             means=result.estimator.means_, covariances=result.estimator.covariances_,
             weights=result.estimator.weights_, mask=result.mask,
             title=result.inputs[0].name if result.inputs else "", zooms=reference.zooms,
-            names=names, affine=getattr(reference, "affine", None),
+            names=names, affine=getattr(reference, "affine", None), log_histogram=log_histogram,
         )  # fmt: skip
         result.timings["qc_s"] = time.perf_counter() - start
     written = {"dseg": paths.dseg, "probseg": paths.probseg if probseg else None,

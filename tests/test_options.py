@@ -26,7 +26,7 @@ from segment.pipelines import MODEL_KEYS, OUTPUT_KEYS, load_pipeline
 OTHER = {"n_components": 3, "mask": "auto", "max_iter": 40, "tol": 1e-3, "seed": 7,
          "variance_floor": 2.5, "chunk_size": 1000, "scheduler": "synchronous", "workers": 1,
          "mrf_beta": 0.3, "bias_field": True, "bias_smoothness": 30.0, "pve": True,
-         "probseg": False, "qc": False}  # fmt: skip
+         "probseg": False, "qc": False, "qc_histogram": "log"}  # fmt: skip
 
 
 def params(command: str) -> dict[str, click.Parameter]:
@@ -59,7 +59,8 @@ def test_every_option_is_a_click_option_with_the_table_default(command):
     ("name", "bad"),
     [("n_components", "0"), ("n_components", "auto:4-4"), ("max_iter", "0"), ("tol", "-1"),
      ("seed", "-1"), ("variance_floor", "0"), ("chunk_size", "0"), ("workers", "0"),
-     ("mrf_beta", "-0.1"), ("bias_smoothness", "0"), ("scheduler", "fast")],
+     ("mrf_beta", "-0.1"), ("bias_smoothness", "0"), ("scheduler", "fast"),
+     ("qc_histogram", "cubic")],
 )  # fmt: skip
 def test_the_cli_refuses_what_the_table_refuses(name, bad, tmp_path):
     option = OPTIONS[name]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from segment.qc import write_qc
+from segment.qc import render_qc, write_qc
 
 
 def _phantom(rng, shape):
@@ -108,13 +111,18 @@ def test_write_qc_draws_three_slices_whatever_the_volume(tmp_path, rng):
         assert small.size == big.size
 
 
-def test_write_qc_leaves_pyplot_backend_alone(tmp_path, rng):
-    import matplotlib
-
-    before = matplotlib.get_backend()
-    image, labels = _phantom(rng, (12, 14))
-    write_qc(tmp_path / "q.png", image, labels, **PARAMS)
-    assert matplotlib.get_backend() == before
+def test_write_qc_imports_no_plotting_library(tmp_path):
+    """The picture is composed with numpy and Pillow: matplotlib is never imported."""
+    code = (
+        "import sys, numpy as np; from segment.qc import write_qc; "
+        "labels = np.indices((12, 14, 10))[0] % 3; "
+        f"write_qc({str(tmp_path / 'q.png')!r}, labels * 100.0, labels, means=[[100.0], [200.0]], "
+        "covariances=[[[25.0]], [[25.0]]], weights=[0.5, 0.5]); "
+        "assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "q.png").stat().st_size > 0
 
 
 def test_outline_overlay_pixels_are_the_legend_colours():
@@ -163,3 +171,181 @@ def test_direction_marks_follow_the_affine():
     swapped = np.array([[0, 0, 1, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1.0]])
     assert _directions(swapped, 3) == [("P", "A"), ("I", "S"), ("L", "R")]
     assert _directions(None, 3)[0] == ("x-", "x+")
+
+
+def _two_classes(rng, shape=(20, 22, 18)):
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[3:17, 3:19, 3:15] = 1
+    labels[7:13, 7:15, 6:12] = 2
+    image = labels * 100.0 + rng.normal(0, 5, labels.shape)
+    fit = dict(means=[[100.0], [200.0]], covariances=[[[25.0]], [[25.0]]], weights=[0.8, 0.2])
+    return image, labels, fit
+
+
+def _crop(picture, box):
+    x0, y0, x1, y1 = box
+    return picture[y0:y1, x0:x1]
+
+
+def test_panel_pixels_that_are_not_grey_are_exactly_the_legend_swatches(rng):
+    image, labels, fit = _two_classes(rng)
+    picture, layout = render_qc(image, labels, **fit, affine=np.eye(4))
+    swatches = [tuple(_crop(picture, box)[2, 2]) for box in layout["swatches"]]
+    assert len(set(swatches)) == 2
+    assert swatches == [tuple(c) for c in np.round(_palette_rgb(2)).astype(int)]
+    covered = np.zeros(picture.shape[:2], dtype=bool)
+    for marks in layout["marks"]:  # direction letters (anti-aliased text) are not overlay
+        for _, (x0, y0, x1, y1) in marks:
+            covered[max(y0 - 2, 0) : y1 + 2, max(x0 - 2, 0) : x1 + 2] = True
+    for box in layout["panels"]:
+        panel = _crop(picture, box).reshape(-1, 3)
+        free = ~_crop(covered, box).ravel()
+        coloured = panel[free & ~((panel[:, 0] == panel[:, 1]) & (panel[:, 1] == panel[:, 2]))]
+        assert len(coloured) > 0
+        assert {tuple(c) for c in coloured} <= set(swatches)
+        for swatch in swatches:  # every class of this slice is outlined in its legend colour
+            assert np.all(coloured == swatch, axis=1).sum() >= 10
+
+
+def _palette_rgb(k):
+    from segment.qc import _palette
+
+    return _palette(k)[1:, :3] * 255
+
+
+def test_class_names_are_written_in_the_legend(rng):
+    image, labels, fit = _two_classes(rng)
+    plain, layout = render_qc(image, labels, **fit)
+    named, named_layout = render_qc(image, labels, **fit, names=["grey matter", "white matter"])
+    legend = layout["legend"]
+    assert named_layout["swatches"] == layout["swatches"]
+    assert not np.array_equal(_crop(plain, legend), _crop(named, named_layout["legend"]))
+    for box in layout["panels"]:  # only the legend changes
+        assert np.array_equal(_crop(plain, box), _crop(named, box))
+
+
+def test_orientation_letters_follow_the_affine(rng):
+    image, labels, fit = _two_classes(rng)
+    las, las_layout = render_qc(image, labels, **fit, affine=np.diag([-1.0, 1.0, 1.0, 1.0]))
+    ras, ras_layout = render_qc(image, labels, **fit, affine=np.eye(4))
+    # the z panel (axial): x runs left to right, y bottom to top
+    assert [m for m, _ in ras_layout["marks"][2]] == ["L", "R", "P", "A"]
+    assert [m for m, _ in las_layout["marks"][2]] == ["R", "L", "P", "A"]
+    assert [m for m, _ in ras_layout["marks"][0]] == ["P", "A", "I", "S"]
+    for letter, box in ras_layout["marks"][2]:
+        drawn = _crop(ras, box).astype(int)
+        yellow = (drawn[..., 0] > 200) & (drawn[..., 1] > 200) & (drawn[..., 2] < 80)
+        assert yellow.sum() >= 3, letter  # anti-aliased yellow text
+        if letter in "LR":  # L and R swap places when the x axis flips
+            assert not np.array_equal(drawn, _crop(las, box))
+    picture, layout = render_qc(image, labels, **fit)  # no affine: voxel axes
+    assert [m for m, _ in layout["marks"][2]] == ["x-", "x+", "y-", "y+"]
+
+
+def test_log_histogram_shows_a_small_class(rng):
+    labels = np.ones((30, 30, 30), dtype=np.uint8)
+    labels[:3, :3] = 2  # 1 % of the voxels
+    image = np.where(labels == 1, 100.0, 300.0) + rng.normal(0, 5, labels.shape)
+    fit = dict(means=[[100.0], [300.0]], covariances=[[[25.0]], [[25.0]]], weights=[0.99, 0.01])
+    linear, layout = render_qc(image, labels, **fit)
+    log, log_layout = render_qc(image, labels, **fit, log_histogram=True)
+    assert layout["plot"] == log_layout["plot"]
+    bars = [np.all(_crop(p, layout["plot"]) == 190, axis=-1).sum() for p in (linear, log)]
+    assert bars[1] > 2 * bars[0]  # the small class's bars are tall on a log axis
+    for box in layout["panels"]:
+        assert np.array_equal(_crop(linear, box), _crop(log, box))
+
+
+def test_two_dimensional_image_has_one_panel_without_direction_letters(rng):
+    image, labels = _phantom(rng, (40, 50))
+    picture, layout = render_qc(image, labels, **PARAMS, names=["a", "b", "c"])
+    assert len(layout["panels"]) == 1
+    assert layout["marks"] == [[]]
+    x0, y0, x1, y1 = layout["panels"][0]
+    assert (x1 - x0) / (y1 - y0) == pytest.approx(50 / 40, rel=0.02)  # square pixels
+    assert len(layout["swatches"]) == 3
+    assert picture.dtype == np.uint8 and picture.shape[-1] == 3
+
+
+def test_render_is_deterministic_and_matches_the_file(tmp_path, rng):
+    from PIL import Image
+
+    image, labels, fit = _two_classes(rng)
+    a, _ = render_qc(image, labels, **fit, log_histogram=True, title="t")
+    b, _ = render_qc(image, labels, **fit, log_histogram=True, title="t")
+    assert np.array_equal(a, b)
+    path = write_qc(tmp_path / "q.png", image, labels, **fit, log_histogram=True, title="t")
+    with Image.open(path) as png:
+        assert np.array_equal(np.asarray(png.convert("RGB")), a)
+
+
+def _nifti(rng, path):
+    import nibabel as nib
+
+    image, labels, _ = _two_classes(rng)
+    nib.Nifti1Image(image.astype(np.float32), np.eye(4)).to_filename(path)
+    return path
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from segment.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_qc_histogram_option_in_run_batch_and_pipelines(tmp_path, rng):
+    import json
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    scan = _nifti(rng, scans / "scan.nii.gz")
+    pictures = {}
+    for axis in ("linear", "log"):
+        result = _cli("run", scan, "-o", tmp_path / axis, "-k", "2", "--qc-histogram", axis, "-q")
+        assert result.exit_code == 0, result.output
+        pictures[axis] = (tmp_path / axis / "scan_qc.png").read_bytes()
+        sidecar = json.loads((tmp_path / axis / "scan_segment.json").read_text())
+        assert sidecar["final_options"]["qc_histogram"] == axis
+    assert pictures["linear"] != pictures["log"]
+
+    result = _cli("batch", scans, "-o", tmp_path / "batch", "-k", "2", "--qc-histogram", "log")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "batch" / "scan_qc.png").read_bytes() == pictures["log"]
+
+    pipeline = tmp_path / "log.toml"
+    pipeline.write_text('description = "log QC"\n[model]\nn_components = 2\n'
+                        '[outputs]\nqc_histogram = "log"\n')  # fmt: skip
+    result = _cli("run", scan, "-o", tmp_path / "piped", "-p", pipeline, "-q")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "piped" / "scan_qc.png").read_bytes() == pictures["log"]
+
+    pipeline.write_text(pipeline.read_text().replace('"log"', '"logarithmic"'))
+    result = _cli("run", scan, "-o", tmp_path / "bad", "-p", pipeline, "-q")
+    assert result.exit_code == 2 and "qc_histogram" in result.output
+    assert not (tmp_path / "bad").exists()
+    result = _cli("run", scan, "-o", tmp_path / "bad", "--qc-histogram", "cubic")
+    assert result.exit_code == 2 and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32])
+def test_integer_scans_use_value_counts_with_numpys_results(rng, dtype):
+    from segment.qc import _percentiles, _value_counts
+
+    values = (rng.integers(0, 200, 10_001) - (0 if dtype == np.uint8 else 60)).astype(dtype)
+    counts = _value_counts(values)
+    qs = [0.1, 1.0, 50.0, 99.0, 99.9]
+    np.testing.assert_allclose(_percentiles(counts, qs), np.percentile(values, qs))
+    lo, hi = np.percentile(values, [0.1, 99.9])
+    weighted = np.histogram(counts[0], 100, range=(lo, hi), weights=counts[1])[0]
+    np.testing.assert_array_equal(weighted, np.histogram(values, 100, range=(lo, hi))[0])
+    assert _value_counts(values.astype(np.float32)) is None
+
+
+def test_every_label_colour_is_distinct_and_not_grey():
+    from segment.qc import _palette
+
+    colours = np.round(_palette(10)[1:, :3] * 255).astype(int)
+    assert len({tuple(c) for c in colours}) == 10
+    assert not any(c[0] == c[1] == c[2] for c in colours)  # greys are the slices' levels

@@ -154,6 +154,7 @@ BAD_VALUES = {
     "compression_level": ["10", "-1"],
     "memory_limit": ["lots", "0", "-1GB"],
     "jobs": ["0", "x"],
+    "qc_histogram": ["cubic"],
 }
 #: Options whose values are paths or free text: any value is usable, or a file problem (1).
 NO_BAD_VALUE = {"out_dir", "patterns", "subjects", "sessions", "suffixes"}

@@ -26,6 +26,8 @@ def _click_type(option: Option):
         return click.IntRange(option.low, option.high)
     if option.kind == "float":
         return FiniteFloat(min=option.low, max=option.high, min_open=option.low_open)
+    if option.choices is not None:
+        return click.Choice(option.choices)
     return None
 
 
@@ -69,7 +71,7 @@ def model_options(func=None, *, batch: bool = False):
         *(table[name] for name in ("mrf_beta", "bias_field", "bias_smoothness", "pve")),
         click.option("--write-corrected", is_flag=True,
                      help="With --bias-field, also write <stem>_corrected (scan / bias field)."),
-        *(table[name] for name in ("probseg", "qc")),
+        *(table[name] for name in ("probseg", "qc", "qc_histogram")),
         click.option("--compression-level", type=click.IntRange(0, 9), default=1,
                      show_default=True, metavar="0-9",
                      help="gzip level of the .nii.gz outputs: 1 is fastest; 6 (gzip's default) "

@@ -63,6 +63,7 @@ def run(inputs: tuple[Path, ...], out_dir: Path, **kwargs) -> None:
             list(inputs), out_dir, mask=None if kwargs["mask"] == "none" else kwargs["mask"],
             overwrite=kwargs["overwrite"], probseg=not kwargs["no_probseg"],
             qc=not kwargs["no_qc"], callback=callback, corrected=kwargs["write_corrected"],
+            qc_histogram=kwargs["qc_histogram"],
             memory_limit=kwargs["memory_limit"], compresslevel=kwargs["compression_level"],
             command_line=["segment", *sys.argv[1:]], extra=extra, **model_kwargs(kwargs),
             class_names=list(pipeline.labels) if pipeline else None,
