@@ -2,7 +2,7 @@
 
 The image-level model (the grid, the MRF prior, the bias field, the memory budget) is
 :class:`segment.spatial.model.SpatialGaussianMixture`, which builds on this class;
-:meth:`GaussianMixtureEM.fit_image` is kept for existing scripts and delegates to it.
+:meth:`GaussianMixtureEM.fit_image` is a deprecated shim that delegates to it.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
         if self.uses_grid:
             raise SegmentError(
                 "mrf_beta > 0 and bias_field=True need the image grid: call "
-                "fit_image(image, mask, spacing=...) instead of fit(X)"
+                "SpatialGaussianMixture(...).fit_image(image, mask, spacing=...) instead of fit(X)"
             )
         self.__dict__.pop("spatial_model_", None)
         with recorded_warnings(self):

@@ -358,7 +358,7 @@ def test_bad_values_api(options, match):
 
 
 def test_fit_refuses_spatial_options_without_grid():
-    with pytest.raises(SegmentError, match=r"call fit_image"):
+    with pytest.raises(SegmentError, match=r"call SpatialGaussianMixture\(\.\.\.\)\.fit_image"):
         GaussianMixtureEM(2, mrf_beta=0.3).fit(np.arange(100.0))
 
 
@@ -417,7 +417,7 @@ def test_objective_with_bias_only_is_the_observed_log_likelihood(head):
 
 def test_mrf_posterior_is_the_documented_mean_field_fixed_point(head):
     image, truth, mask = head
-    fit = GaussianMixtureEM(
+    fit = SpatialGaussianMixture(
         3, mrf_beta=DEFAULT_MRF_BETA, bias_field=True, bias_smoothness=20.0
     ).fit_image(image, mask)
     assert fit.converged_ and "log-likelihood of the observed intensities" in fit.objective_
