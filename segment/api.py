@@ -111,9 +111,9 @@ class SegmentationResult:
     channels: list[np.ndarray] | None = None
     written: list[Path] = field(default_factory=list)
     """Files written by :meth:`save`."""
-    flat_fractions: np.ndarray | None = None
-    """With ``pve=True``: (n_voxels, K) float32 partial-volume fractions of the fitted voxels,
-    in :func:`segment.masking.flatten` order (see :mod:`segment.partial_volume`)."""
+    fraction_maps: Any = None
+    """With ``pve=True``: the K partial-volume fraction maps, computed a slab at a time when
+    written or read (a :class:`segment.partial_volume.FractionMaps`)."""
     pve_record: dict[str, Any] | None = None
     """With ``pve=True``: the refitted mixed-voxel model, for the sidecar."""
     model_selection: dict[str, Any] | None = None
@@ -182,16 +182,19 @@ class SegmentationResult:
 
         None unless the result was made with ``pve=True``.
         """
-        if self.flat_fractions is None:
-            return None
-        return masking.unflatten(self.flat_fractions, self.mask)
+        return None if self.fraction_maps is None else self.fraction_maps.stacked()
+
+    @property
+    def flat_fractions(self) -> np.ndarray | None:
+        """The fractions of the fitted voxels, (n_voxels, K) float32 in
+        :func:`segment.masking.flatten` order, or None (computed at each access)."""
+        return None if self.fraction_maps is None else self.fraction_maps.flat()
 
     def fraction_volumes(self) -> np.ndarray | None:
         """Volume of each class in mL from the fractions, (K,) float64, or None."""
-        if self.flat_fractions is None:
+        if self.fraction_maps is None:
             return None
-        sums = _column_sums_f64(self.flat_fractions)
-        return sums * self.voxel_volume_ml
+        return self.fraction_maps.column_sums() * self.voxel_volume_ml
 
     @property
     def soft_counts(self) -> np.ndarray:
@@ -324,9 +327,9 @@ class SegmentationResult:
         return paths
 
     def _pve_paths(self, paths: naming.OutputPaths, class_names) -> list[Path]:
-        if self.flat_fractions is None:
+        if self.fraction_maps is None:
             return []
-        n_classes = self.flat_fractions.shape[1]
+        n_classes = len(self.fraction_maps)
         return naming.pve_output_paths(paths, n_classes, list(class_names or []) or None)
 
     def _write_outputs(
@@ -351,7 +354,7 @@ class SegmentationResult:
         if dseg_tsv is not None:
             staged.path(dseg_tsv).write_text(naming.run_dseg_tsv(names))
 
-        fractions = _Volumes(self.flat_fractions, self.mask) if pve_paths else None
+        fractions = self.fraction_maps  # written a slab of all K maps at a time
         if len(pve_paths) == 1:  # one 4-D file, a volume per label
             io.write_probabilities(
                 fractions, reference, staged.path(pve_paths[0]), compresslevel=level
@@ -860,22 +863,13 @@ def _with_fractions(result: SegmentationResult, channels, pve: bool) -> Segmenta
     posterior = None
     if result.estimator.mrf_beta > 0:  # the MRF posterior of the pure classes as the prior
         posterior = result.flat_responsibilities
-        if posterior is None:
-            posterior = masking.flatten(result.responsibility_volumes().stacked(), result.mask)
-    result.flat_fractions, model, trace = partial_volume.estimate_fractions(
-        result.estimator, channels, result.mask, posterior
-    )
-    result.pve_record = partial_volume.model_record(model, trace)
+        if posterior is None:  # recomputed slab by slab with the fractions
+            posterior = result.responsibility_volumes().slabs
+    maps = partial_volume.FractionMaps(result.estimator, channels, result.mask, posterior)
+    result.fraction_maps = maps
+    result.pve_record = partial_volume.model_record(maps.model, maps.trace)
     result.timings["pve_s"] = time.perf_counter() - start
     return result
-
-
-def _column_sums_f64(values: np.ndarray, rows: int = 1 << 20) -> np.ndarray:
-    """Column sums of an (N, K) array in float64, a block of rows at a time."""
-    total = np.zeros(values.shape[1])
-    for start in range(0, len(values), rows):
-        total += values[start : start + rows].sum(0, dtype=np.float64)
-    return total
 
 
 def spatial_memory_estimate(
