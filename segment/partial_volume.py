@@ -1,11 +1,13 @@
 """Partial-volume fractions of a fitted segmentation: the glue between a fit and :mod:`_pve`.
 
 Takes the fitted :class:`~segment.GaussianMixtureEM`, the image channels and the mask, and
-returns the class fractions of every fitted voxel: the intensities are divided by the fitted
-bias field (when there is one), the mixed-voxel model of :mod:`segment._pve` is refitted from
-the plain mixture on a histogram of them (one channel) or a voxel sample (several), and the
-fractions are computed ``chunk_size`` voxels at a time, with the MRF posterior of the pure
-classes as the spatial prior when the MRF is on.
+gives the class fractions of every fitted voxel (:class:`FractionMaps`): the intensities are
+divided by the fitted bias field (when there is one), the mixed-voxel model of
+:mod:`segment._pve` is refitted from the plain mixture on a histogram of them (one channel) or
+a voxel sample (several), and the fractions are computed a slab of the last spatial axis at a
+time (``CHUNK`` voxels at a time within it), with the MRF posterior of the pure classes as the
+spatial prior when the MRF is on. No (N, K) array is held unless asked for
+(:meth:`FractionMaps.flat`): the maps are written, and the volumes summed, slab by slab.
 """
 
 from __future__ import annotations
