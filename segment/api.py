@@ -354,7 +354,7 @@ class SegmentationResult:
         if dseg_tsv is not None:
             staged.path(dseg_tsv).write_text(naming.run_dseg_tsv(names))
 
-        fractions = self.fraction_maps  # written a slab of all K maps at a time
+        fractions, start = self.fraction_maps, time.perf_counter()  # a slab of all K at a time
         if len(pve_paths) == 1:  # one 4-D file, a volume per label
             io.write_probabilities(
                 fractions, reference, staged.path(pve_paths[0]), compresslevel=level
@@ -362,6 +362,8 @@ class SegmentationResult:
         elif pve_paths:  # BIDS: a 3-D file per class
             for k, path in enumerate(pve_paths):
                 io.write_map(fractions[k], reference, staged.path(path), compresslevel=level)
+        if pve_paths:
+            self.timings["write_pve_s"] = time.perf_counter() - start
 
         bias_paths = bias_output_paths(paths, self._has_bias_field, corrected)
         for name, path in bias_paths.items():
