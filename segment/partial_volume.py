@@ -294,11 +294,12 @@ def slab_ranks(mask: np.ndarray, step: int):
     seen = np.zeros_like(line_start)  # voxels of each line in the slabs already done
     for start in range(0, mask.shape[-1], step):
         inside = np.asarray(mask[..., start : start + step])
-        within = np.cumsum(inside, axis=-1, dtype=np.int64)
-        within -= 1
-        within += (line_start + seen)[..., None]
-        seen += inside.sum(-1, dtype=np.int64)
-        yield start, inside, within[inside]
+        count = inside.sum(-1, dtype=np.int64)  # voxels of each line in this slab
+        first = np.cumsum(count.ravel()) - count.ravel()  # a line's first voxel in the slab
+        ranks = np.arange(int(count.sum()), dtype=np.int64)
+        ranks += np.repeat((line_start + seen).ravel() - first, count.ravel())
+        seen += count
+        yield start, inside, ranks
 
 
 def estimate_fractions(
