@@ -23,6 +23,9 @@ from .exceptions import SegmentError
 N_BINS = 1024
 #: Voxels sampled (evenly spaced) for the model fit with several channels.
 N_SAMPLE = 200_000
+#: Voxels (evenly spaced) in the histogram of one channel's intensities: all of them up to this
+#: many (a 1 mm brain), so that the model is fitted in the same pass as the range is found.
+N_HISTOGRAM = 2_000_000
 #: Voxels per chunk when computing the fractions (each holds (chunk, K - 1, 20) float64).
 CHUNK = 65_536
 
@@ -86,22 +89,24 @@ def fit_model(X: np.ndarray, estimator) -> tuple[_pve.PveModel, list[float]]:
     histogram = None
     if X.shape[1] == 1:
         edges = histogram_range(sample[:, 0], estimator.means_)
-        histogram = edges, np.histogram(X[:, 0], bins=N_BINS, range=edges)[0]
+        values = X[:: max(1, len(X) // N_HISTOGRAM), 0]
+        histogram = edges, np.histogram(values, bins=N_BINS, range=edges)[0]
     return fit_model_on(sample, histogram, estimator)
 
 
 class FractionMaps:
     """The K fraction maps of a fit, computed a slab of the last spatial axis at a time.
 
-    Built after the fit: two passes over slabs of the channels (divided by the bias field
-    slab, when there is one) gather what the model fit needs, with no (N, D) features: the
-    intensity range and the evenly spaced voxel sample of :func:`fit_model` (picked by their
-    rank in :func:`segment.masking.flatten` order), then, for one channel, the histogram on
-    the sample's percentile range. :meth:`slabs` then computes the fractions of each slab,
-    with the MRF posterior of the same planes as the spatial prior, and adds up their column
-    sums (the volumes) on the way. A voxel's fraction depends only on its own intensity, field
-    and posterior, and the model only on whole-image statistics, so the maps do not depend on
-    the slab size. Memory: the channels (memory maps for ``.nii`` inputs) and a few slabs of
+    Built after the fit: one pass over slabs of the channels (divided by the bias field slab,
+    when there is one) gathers what the model fit needs, with no (N, D) features: the
+    intensity range, the evenly spaced voxel samples of :func:`fit_model` (picked by their
+    rank in :func:`segment.masking.flatten` order) and, for one channel, the histogram of up
+    to :data:`N_HISTOGRAM` of them on the percentile range of the smaller sample.
+    :meth:`slabs` then computes the fractions of each slab, with the MRF posterior of the same
+    planes as the spatial prior, and adds up their column sums (the volumes) on the way. A
+    voxel's fraction depends only on its own intensity, field and posterior, and the model only
+    on whole-image statistics, so the maps do not depend on the slab size. Memory: the channels
+    (memory maps for ``.nii`` inputs), the samples (at most 2.2 M values) and a few slabs of
     all K maps.
 
     Parameters
@@ -170,27 +175,32 @@ class FractionMaps:
             yield inside, ranks, X
 
     def _fit(self):
-        """The model fitted as :func:`fit_model` fits it on the whole (N, D) features."""
-        step = self._default_step()
+        """The model fitted as :func:`fit_model` fits it on the whole (N, D) features.
+
+        One pass: the range, the voxel sample ``X[::every]`` and, for one channel, the
+        intensities ``X[::every_histogram]`` the histogram is made of.
+        """
         every = max(1, self.n_voxels // N_SAMPLE)
+        every_histogram = max(1, self.n_voxels // N_HISTOGRAM)
         low = np.full(len(self.channels), np.inf)
         high = np.full(len(self.channels), -np.inf)
-        picked, sample = [], []
-        for _, ranks, X in self._corrected_slabs(step):
+        picked, sample, values = [], [], []
+        for _, ranks, X in self._corrected_slabs(self._default_step()):
             if len(X):
                 low, high = np.minimum(low, X.min(0)), np.maximum(high, X.max(0))
             keep = ranks % every == 0
             picked.append(ranks[keep])
             sample.append(X[keep])
+            if len(self.channels) == 1:  # the histogram's counts do not depend on the order
+                values.append(X[ranks % every_histogram == 0, 0])
         order = np.argsort(np.concatenate(picked), kind="stable")
         sample = np.concatenate(sample)[order]  # = X[::every] of the whole features
         histogram = None
         if len(self.channels) == 1:
             edges = histogram_range(sample[:, 0], self.estimator.means_)
-            counts = np.zeros(N_BINS, np.int64)
-            for _, _, X in self._corrected_slabs(step):
-                counts += np.histogram(X[:, 0], bins=N_BINS, range=edges)[0]
-            histogram = edges, counts
+            values = np.concatenate(values)
+            histogram = edges, np.histogram(values, bins=N_BINS, range=edges)[0]
+            del values
         model, trace = fit_model_on(sample, histogram, self.estimator)
         table = None
         if len(self.channels) == 1 and self.n_voxels:
