@@ -454,3 +454,17 @@ def test_written_pve_map_is_streamed_and_equals_the_fractions(phantom_files, tmp
     np.testing.assert_allclose(
         record["volumes"]["volume_ml"], written[mask].sum(0) * voxel_ml, atol=5e-4
     )
+
+
+def test_two_channel_fractions_do_not_depend_on_the_slab_size(monkeypatch):
+    import segment.io
+
+    image, _, mask = pve_phantom(shape=(18, 20, 17), noise=0.03)
+    noise = np.random.default_rng(1).normal(0, 0.03, image.shape)
+    channels = np.stack([image, 1.3 - image + noise], axis=-1)
+    big = segment_array(channels, mask, channel_axis=-1, n_components=3, pve=True)
+    monkeypatch.setattr(segment.io, "SLAB_BYTES", 4 * 18 * 20 * 2)  # 2 planes per slab
+    small = segment_array(channels, mask, channel_axis=-1, n_components=3, pve=True)
+    np.testing.assert_allclose(small.fractions, big.fractions, atol=1e-6)
+    np.testing.assert_allclose(small.fraction_volumes(), big.fraction_volumes(), rtol=1e-9)
+    assert small.pve_record == big.pve_record
