@@ -272,12 +272,11 @@ def _with_fractions(result: SegmentationResult, channels, pve: bool) -> Segmenta
     posterior = None
     if result.estimator.mrf_beta > 0:  # the MRF posterior of the pure classes as the prior
         posterior = result.flat_responsibilities
-        if posterior is None:
-            posterior = masking.flatten(result.responsibility_volumes().stacked(), result.mask)
-    result.flat_fractions, model, trace = partial_volume.estimate_fractions(
-        result.estimator, channels, result.mask, posterior
-    )
-    result.pve_record = partial_volume.model_record(model, trace)
+        if posterior is None:  # recomputed slab by slab with the fractions
+            posterior = result.responsibility_volumes().slabs
+    maps = partial_volume.FractionMaps(result.estimator, channels, result.mask, posterior)
+    result.fraction_maps = maps
+    result.pve_record = partial_volume.model_record(maps.model, maps.trace)
     result.timings["pve_s"] = time.perf_counter() - start
     return result
 

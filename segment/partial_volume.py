@@ -1,11 +1,13 @@
 """Partial-volume fractions of a fitted segmentation: the glue between a fit and :mod:`_pve`.
 
 Takes the fitted :class:`~segment.GaussianMixtureEM`, the image channels and the mask, and
-returns the class fractions of every fitted voxel: the intensities are divided by the fitted
-bias field (when there is one), the mixed-voxel model of :mod:`segment._pve` is refitted from
-the plain mixture on a histogram of them (one channel) or a voxel sample (several), and the
-fractions are computed ``chunk_size`` voxels at a time, with the MRF posterior of the pure
-classes as the spatial prior when the MRF is on.
+gives the class fractions of every fitted voxel (:class:`FractionMaps`): the intensities are
+divided by the fitted bias field (when there is one), the mixed-voxel model of
+:mod:`segment._pve` is refitted from the plain mixture on a histogram of them (one channel) or
+a voxel sample (several), and the fractions are computed a slab of the last spatial axis at a
+time (``CHUNK`` voxels at a time within it), with the MRF posterior of the pure classes as the
+spatial prior when the MRF is on. No (N, K) array is held unless asked for
+(:meth:`FractionMaps.flat`): the maps are written, and the volumes summed, slab by slab.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from .exceptions import SegmentError
 N_BINS = 1024
 #: Voxels sampled (evenly spaced) for the model fit with several channels.
 N_SAMPLE = 200_000
+#: Voxels (evenly spaced) in the histogram of one channel's intensities: all of them up to this
+#: many (a 1 mm brain), so that the model is fitted in the same pass as the range is found.
+N_HISTOGRAM = 2_000_000
 #: Voxels per chunk when computing the fractions (each holds (chunk, K - 1, 20) float64).
 CHUNK = 65_536
 
@@ -52,23 +57,259 @@ def corrected_features(
     return X
 
 
-def fit_model(X: np.ndarray, estimator) -> tuple[_pve.PveModel, list[float]]:
-    """The mixed-voxel model fitted on ``X`` (N, D), from the estimator's plain mixture."""
+def histogram_range(values: np.ndarray, means: np.ndarray) -> tuple[float, float]:
+    """The histogram's range: the 0.01-99.99 percentiles of ``values``, widened to ``means``."""
+    low, high = np.percentile(values, [0.01, 99.99])
+    return float(min(low, np.min(means))), float(max(high, np.max(means)))
+
+
+def fit_model_on(
+    sample: np.ndarray, histogram: tuple | None, estimator
+) -> tuple[_pve.PveModel, list[float]]:
+    """The mixed-voxel model from the estimator's plain mixture, fitted on data summaries.
+
+    ``sample`` (n, D) is an evenly spaced voxel sample; ``histogram`` is None (several
+    channels: the fit is on the sample) or ``((low, high), counts)`` of the one channel's
+    intensities in :data:`N_BINS` bins (the fit is on the bin centres).
+    """
     initial = _pve.initial_model(estimator.means_, estimator.covariances_, estimator.weights_)
-    floor = np.broadcast_to(np.asarray(estimator.variance_floor_, np.float64), (X.shape[1],))
+    floor = np.broadcast_to(np.asarray(estimator.variance_floor_, np.float64), (sample.shape[1],))
+    if histogram is None:
+        return _pve.fit_pve_model(sample.astype(np.float64), None, initial, floor)
+    (low, high), counts = histogram
+    edges = np.linspace(low, high, N_BINS + 1)
+    samples, weights = (0.5 * (edges[:-1] + edges[1:]))[:, None], counts.astype(np.float64)
+    keep = weights > 0
+    return _pve.fit_pve_model(samples[keep], weights[keep], initial, floor)
+
+
+def fit_model(X: np.ndarray, estimator) -> tuple[_pve.PveModel, list[float]]:
+    """The mixed-voxel model fitted on the whole features ``X`` (N, D) (dense reference)."""
+    sample = X[:: max(1, len(X) // N_SAMPLE)]
+    histogram = None
     if X.shape[1] == 1:
-        step = max(1, len(X) // N_SAMPLE)
-        low, high = np.percentile(X[::step, 0], [0.01, 99.99])
-        low, high = (
-            float(min(low, estimator.means_.min())),
-            float(max(high, estimator.means_.max())),
-        )
-        samples, weights = _pve.histogram_samples(X[:, 0], N_BINS, low, high)
-        keep = weights > 0
-        samples, weights = samples[keep], weights[keep]
-    else:
-        samples, weights = X[:: max(1, len(X) // N_SAMPLE)].astype(np.float64), None
-    return _pve.fit_pve_model(samples, weights, initial, floor)
+        edges = histogram_range(sample[:, 0], estimator.means_)
+        values = X[:: max(1, len(X) // N_HISTOGRAM), 0]
+        histogram = edges, np.histogram(values, bins=N_BINS, range=edges)[0]
+    return fit_model_on(sample, histogram, estimator)
+
+
+class FractionMaps:
+    """The K fraction maps of a fit, computed a slab of the last spatial axis at a time.
+
+    Built after the fit: one pass over slabs of the channels (divided by the bias field slab,
+    when there is one) gathers what the model fit needs, with no (N, D) features: the
+    intensity range, the evenly spaced voxel samples of :func:`fit_model` (picked by their
+    rank in :func:`segment.masking.flatten` order) and, for one channel, the histogram of up
+    to :data:`N_HISTOGRAM` of them on the percentile range of the smaller sample.
+    :meth:`slabs` then computes the fractions of each slab, with the MRF posterior of the same
+    planes as the spatial prior, and adds up their column sums (the volumes) on the way. A
+    voxel's fraction depends only on its own intensity, field and posterior, and the model only
+    on whole-image statistics, so the maps do not depend on the slab size. Memory: the channels
+    (memory maps for ``.nii`` inputs), the samples (at most 2.2 M values) and a few slabs of
+    all K maps.
+
+    Parameters
+    ----------
+    estimator : fitted GaussianMixtureEM (``bias_field_last_axis_slabs`` when a field was fitted)
+    channels : list of D arrays of the spatial shape S
+    mask : bool array of shape S, the fitted voxels
+    posterior : None, (N, K) array or callable
+        MRF posterior of the pure classes, used as the spatial prior: None (no prior), the
+        fitted voxels' probabilities in :func:`segment.masking.flatten` order, or a callable
+        ``slabs(step)`` yielding, for each slab of the last axis, the K posterior maps of
+        those planes, each of shape ``(*S[:-1], n)`` (as ``_StreamedPosterior.slabs``).
+
+    Attributes
+    ----------
+    model : PveModel
+    trace : list of float
+        Mean log-likelihood per voxel of the model fit.
+    """
+
+    def __init__(self, estimator, channels, mask, posterior=None):
+        self.estimator, self.channels, self.mask = estimator, list(channels), np.asarray(mask)
+        self.posterior = posterior
+        self.n_voxels = int(self.mask.sum())
+        self._sums: np.ndarray | None = None
+        self.model, self.trace, self.table = self._fit()
+
+    def __len__(self) -> int:
+        return self.model.n_classes
+
+    # -- passes over the data ------------------------------------------------------------
+    def _default_step(self) -> int:
+        from .io import slab_step
+
+        return slab_step(self.mask.shape, np.float32)
+
+    def _field_slabs(self, step: int):
+        """The bias field of each slab, ``(*S[:-1], n, D)`` float32, or None without a field."""
+        n_last = self.mask.shape[-1]
+        if getattr(self.estimator, "bias_field_shape_", None) is None:
+            for _ in range(0, n_last, step):
+                yield None
+        elif len(self.channels) == 1:
+            for (planes,) in self.estimator.bias_field_last_axis_slabs(step):
+                yield planes[..., None]
+        else:  # several channels: the field is computed whole (no per-channel slab access)
+            field = self.estimator.bias_field_
+            for start in range(0, n_last, step):
+                yield field[..., start : start + step, :]
+
+    def _corrected_slabs(self, step: int):
+        """``(inside, ranks, X)`` per slab of ``step`` planes of the last axis.
+
+        ``inside`` is the slab's mask, ``ranks`` (n,) the rows of its voxels in
+        :func:`segment.masking.flatten` order and ``X`` (n, D) float32 their intensities
+        divided by the field, both in the slab's C order.
+        """
+        for (start, inside, ranks), field in zip(
+            slab_ranks(self.mask, step), self._field_slabs(step)
+        ):
+            X = np.empty((len(ranks), len(self.channels)), np.float32)
+            for d, channel in enumerate(self.channels):
+                X[:, d] = np.asarray(channel[..., start : start + step])[inside]
+            if field is not None:
+                X /= field[inside]
+            yield inside, ranks, X
+
+    def _fit(self):
+        """The model fitted as :func:`fit_model` fits it on the whole (N, D) features.
+
+        One pass: the range, the voxel sample ``X[::every]`` and, for one channel, the
+        intensities ``X[::every_histogram]`` the histogram is made of.
+        """
+        every = max(1, self.n_voxels // N_SAMPLE)
+        every_histogram = max(1, self.n_voxels // N_HISTOGRAM)
+        low = np.full(len(self.channels), np.inf)
+        high = np.full(len(self.channels), -np.inf)
+        picked, sample, values = [], [], []
+        for _, ranks, X in self._corrected_slabs(self._default_step()):
+            if len(X):
+                low, high = np.minimum(low, X.min(0)), np.maximum(high, X.max(0))
+            keep = ranks % every == 0
+            picked.append(ranks[keep])
+            sample.append(X[keep])
+            if len(self.channels) == 1:  # the histogram's counts do not depend on the order
+                values.append(X[ranks % every_histogram == 0, 0])
+        order = np.argsort(np.concatenate(picked), kind="stable")
+        sample = np.concatenate(sample)[order]  # = X[::every] of the whole features
+        histogram = None
+        if len(self.channels) == 1:
+            edges = histogram_range(sample[:, 0], self.estimator.means_)
+            values = np.concatenate(values)
+            histogram = edges, np.histogram(values, bins=N_BINS, range=edges)[0]
+            del values
+        model, trace = fit_model_on(sample, histogram, self.estimator)
+        table = None
+        if len(self.channels) == 1 and self.n_voxels:
+            table = _pve.tabulate(model, float(low[0]), float(high[0]))
+        return model, trace, table
+
+    def _fractions(self, X: np.ndarray, posterior: np.ndarray | None) -> np.ndarray:
+        """Fractions of ``X`` (n, D), ``CHUNK`` voxels at a time, (n, K) float32."""
+        out = np.empty((len(X), len(self)), np.float32)
+        for start in range(0, len(X), CHUNK):
+            part = slice(start, start + CHUNK)
+            prior = None if posterior is None else _pve.mrf_log_prior(posterior[part])
+            if self.table is not None:
+                out[part] = _pve.fractions_from_table(X[part, 0], self.table, prior)
+            else:
+                out[part] = _pve.fractions(X[part].astype(np.float64), self.model, prior)
+        return out
+
+    def _posterior_slabs(self, step: int):
+        """The posterior's (n, K) rows of each slab in the slab's C order (None: no prior)."""
+        if callable(self.posterior):
+            for (_, inside, _), maps in zip(slab_ranks(self.mask, step), self.posterior(step)):
+                yield np.stack([np.asarray(m)[inside] for m in maps], 1)
+        else:
+            for _, _, ranks in slab_ranks(self.mask, step):
+                yield None if self.posterior is None else self.posterior[ranks]
+
+    def flat_slabs(self, step: int):
+        """``(inside, ranks, fractions)`` per slab: (n,) rows, (n, K) float32 fractions."""
+        sums = np.zeros(len(self))
+        for (inside, ranks, X), posterior in zip(
+            self._corrected_slabs(step), self._posterior_slabs(step)
+        ):
+            fractions = self._fractions(X, posterior)
+            sums += fractions.sum(0, dtype=np.float64)
+            yield inside, ranks, fractions
+        self._sums = sums
+
+    def slabs(self, step: int):
+        """Yield the K maps' slabs, for ``start = 0, step, ...`` along the last axis.
+
+        Each slab is a list of K float32 arrays of shape ``(*S[:-1], n)``, n <= step, zeros
+        outside the mask (the form :func:`segment.io.write_probabilities` streams). A whole
+        pass also sets the column sums behind :meth:`column_sums`.
+        """
+        for inside, _, fractions in self.flat_slabs(step):
+            maps = np.zeros((len(self),) + inside.shape, np.float32)
+            for k in range(len(self)):
+                maps[k][inside] = fractions[:, k]
+            yield list(maps)
+
+    def column_sums(self) -> np.ndarray:
+        """Sum of each class's fractions over the fitted voxels, (K,) float64 (one pass if new)."""
+        if self._sums is None:
+            for _ in self.flat_slabs(self._default_step()):
+                pass
+        return self._sums
+
+    def flat(self) -> np.ndarray:
+        """All fractions, (N, K) float32 in :func:`segment.masking.flatten` order."""
+        out = np.empty((self.n_voxels, len(self)), np.float32)
+        for _, ranks, fractions in self.flat_slabs(self._default_step()):
+            out[ranks] = fractions
+        return out
+
+    def stacked(self) -> np.ndarray:
+        """All K maps as one (*S, K) float32 array, zeros outside the mask."""
+        out = np.zeros(self.mask.shape + (len(self),), np.float32)
+        step = self._default_step()
+        for index, maps in enumerate(self.slabs(step)):  # a whole pass: the sums are kept
+            out[..., index * step : (index + 1) * step, :] = np.stack(maps, -1)
+        return out
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        """Map ``k`` alone, of shape S (a whole pass; :meth:`slabs` gives all K in one)."""
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        out = np.zeros(self.mask.shape, np.float32)
+        step = self._default_step()
+        for index, maps in enumerate(self.slabs(step)):
+            out[..., index * step : (index + 1) * step] = maps[k]
+        return out
+
+
+def slab_ranks(mask: np.ndarray, step: int):
+    """``(start, inside, ranks)`` per slab of ``step`` planes of the last axis of ``mask``.
+
+    ``inside`` is ``mask[..., start:start + step]``; ``ranks`` (n,) int64 are the rows of its
+    voxels, in the slab's C order, in :func:`segment.masking.flatten` order of the whole mask
+    (the C order of ``mask.nonzero()``): the voxels of the earlier lines along the last axis,
+    plus those of the same line before the voxel.
+
+    Examples
+    --------
+    >>> mask = np.array([[True, False, True], [True, True, False]])
+    >>> [ranks.tolist() for _, _, ranks in slab_ranks(mask, 2)]
+    [[0, 2, 3], [1]]
+    """
+    per_line = mask.sum(-1, dtype=np.int64)
+    line_start = np.cumsum(per_line.ravel()).reshape(per_line.shape) - per_line
+    seen = np.zeros_like(line_start)  # voxels of each line in the slabs already done
+    for start in range(0, mask.shape[-1], step):
+        inside = np.asarray(mask[..., start : start + step])
+        count = inside.sum(-1, dtype=np.int64)  # voxels of each line in this slab
+        first = np.cumsum(count.ravel()) - count.ravel()  # a line's first voxel in the slab
+        ranks = np.arange(int(count.sum()), dtype=np.int64)
+        ranks += np.repeat((line_start + seen).ravel() - first, count.ravel())
+        seen += count
+        yield start, inside, ranks
 
 
 def estimate_fractions(
@@ -77,11 +318,11 @@ def estimate_fractions(
     mask: np.ndarray,
     posterior: np.ndarray | None = None,
 ) -> tuple[np.ndarray, _pve.PveModel, list[float]]:
-    """Class fractions of the fitted voxels.
+    """Class fractions of the fitted voxels, all at once (see :class:`FractionMaps`).
 
     Parameters
     ----------
-    estimator : fitted GaussianMixtureEM (with ``bias_field_`` when a field was fitted)
+    estimator : fitted GaussianMixtureEM (with a bias field when one was fitted)
     channels : list of D arrays of the spatial shape
     mask : bool array of the spatial shape, the fitted voxels
     posterior : (N, K) array, optional
@@ -96,20 +337,8 @@ def estimate_fractions(
     trace : list of float
         Mean log-likelihood per voxel of the model fit.
     """
-    X = corrected_features(channels, mask, estimator.bias_field_)
-    model, trace = fit_model(X, estimator)
-    out = np.empty((len(X), model.n_classes), np.float32)
-    table = None
-    if X.shape[1] == 1 and len(X):  # one channel: a lookup table over the data's range
-        table = _pve.tabulate(model, float(X.min()), float(X.max()))
-    for start in range(0, len(X), CHUNK):
-        part = slice(start, start + CHUNK)
-        prior = None if posterior is None else _pve.mrf_log_prior(posterior[part])
-        if table is not None:
-            out[part] = _pve.fractions_from_table(X[part, 0], table, prior)
-        else:
-            out[part] = _pve.fractions(X[part].astype(np.float64), model, prior)
-    return out, model, trace
+    maps = FractionMaps(estimator, channels, mask, posterior)
+    return maps.flat(), maps.model, maps.trace
 
 
 def model_record(model: _pve.PveModel, trace: list[float]) -> dict[str, Any]:

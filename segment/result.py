@@ -81,9 +81,9 @@ class SegmentationResult:
     channels: list[np.ndarray] | None = None
     written: list[Path] = field(default_factory=list)
     """Files written by :meth:`save`."""
-    flat_fractions: np.ndarray | None = None
-    """With ``pve=True``: (n_voxels, K) float32 partial-volume fractions of the fitted voxels,
-    in :func:`segment.masking.flatten` order (see :mod:`segment.partial_volume`)."""
+    fraction_maps: Any = None
+    """With ``pve=True``: the K partial-volume fraction maps, computed a slab at a time when
+    written or read (a :class:`segment.partial_volume.FractionMaps`)."""
     pve_record: dict[str, Any] | None = None
     """With ``pve=True``: the refitted mixed-voxel model, for the sidecar."""
     model_selection: dict[str, Any] | None = None
@@ -152,16 +152,19 @@ class SegmentationResult:
 
         None unless the result was made with ``pve=True``.
         """
-        if self.flat_fractions is None:
-            return None
-        return masking.unflatten(self.flat_fractions, self.mask)
+        return None if self.fraction_maps is None else self.fraction_maps.stacked()
+
+    @property
+    def flat_fractions(self) -> np.ndarray | None:
+        """The fractions of the fitted voxels, (n_voxels, K) float32 in
+        :func:`segment.masking.flatten` order, or None (computed at each access)."""
+        return None if self.fraction_maps is None else self.fraction_maps.flat()
 
     def fraction_volumes(self) -> np.ndarray | None:
         """Volume of each class in mL from the fractions, (K,) float64, or None."""
-        if self.flat_fractions is None:
+        if self.fraction_maps is None:
             return None
-        sums = _column_sums_f64(self.flat_fractions)
-        return sums * self.voxel_volume_ml
+        return self.fraction_maps.column_sums() * self.voxel_volume_ml
 
     @property
     def soft_counts(self) -> np.ndarray:
@@ -301,9 +304,9 @@ class SegmentationResult:
         return paths
 
     def _pve_paths(self, paths: naming.OutputPaths, class_names) -> list[Path]:
-        if self.flat_fractions is None:
+        if self.fraction_maps is None:
             return []
-        n_classes = self.flat_fractions.shape[1]
+        n_classes = len(self.fraction_maps)
         return naming.pve_output_paths(paths, n_classes, list(class_names or []) or None)
 
 
@@ -349,12 +352,14 @@ def _write_outputs(
     if dseg_tsv is not None:
         staged.path(dseg_tsv).write_text(naming.run_dseg_tsv(names))
 
-    fractions = Volumes(result.flat_fractions, result.mask) if pve_paths else None
+    fractions, start = result.fraction_maps, time.perf_counter()  # a slab of all K at a time
     if len(pve_paths) == 1:  # one 4-D file, a volume per label
         io.write_probabilities(fractions, reference, staged.path(pve_paths[0]), compresslevel=level)
     elif pve_paths:  # BIDS: a 3-D file per class
         for k, path in enumerate(pve_paths):
             io.write_map(fractions[k], reference, staged.path(path), compresslevel=level)
+    if pve_paths:
+        result.timings["write_pve_s"] = time.perf_counter() - start
 
     bias_paths = bias_output_paths(paths, result._has_bias_field, corrected)
     for name, path in bias_paths.items():
@@ -440,11 +445,3 @@ def ensure_out_dir(out_dir: str | Path) -> Path:
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise InputError(out_dir, "the output folder is not writable")
     return out_dir
-
-
-def _column_sums_f64(values: np.ndarray, rows: int = 1 << 20) -> np.ndarray:
-    """Column sums of an (N, K) array in float64, a block of rows at a time."""
-    total = np.zeros(values.shape[1])
-    for start in range(0, len(values), rows):
-        total += values[start : start + rows].sum(0, dtype=np.float64)
-    return total

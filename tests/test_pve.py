@@ -132,7 +132,11 @@ def test_estimate_fractions_uses_the_bias_corrected_intensities():
         def __getattr__(self, name):
             return getattr(result.estimator, name)
 
-        bias_field_ = np.full(image.shape + (1,), 2.0, np.float32)
+        bias_field_shape_ = image.shape + (1,)
+
+        def bias_field_last_axis_slabs(self, step):
+            for start in range(0, image.shape[-1], step):
+                yield [np.full(image[..., start : start + step].shape, 2.0, np.float32)]
 
     doubled, _, _ = estimate_fractions(Scaled(), [image * 2], mask)
     np.testing.assert_allclose(doubled, result.flat_fractions, atol=1e-5)
@@ -375,3 +379,92 @@ def test_lookup_table_matches_the_direct_fractions(rng):
         direct = _pve.fractions(X, model, log_prior)
         looked_up = _pve.fractions_from_table(X[:, 0], table, log_prior)
         np.testing.assert_allclose(looked_up, direct, atol=2e-4)
+
+
+# ------------------------------------------------------------------------------ streaming
+@pytest.mark.parametrize("step", [1, 3, 5, 17])
+def test_slab_ranks_are_the_flatten_order(rng, step):
+    from segment import masking
+    from segment.partial_volume import slab_ranks
+
+    mask = rng.random((7, 8, 9)) < 0.4
+    values = np.arange(mask.size).reshape(mask.shape)
+    flat = masking.flatten(values, mask)[:, 0]
+    for start, inside, ranks in slab_ranks(mask, step):
+        np.testing.assert_array_equal(flat[ranks], values[..., start : start + step][inside])
+    assert sum(len(r) for *_, r in slab_ranks(mask, step)) == mask.sum()
+
+
+def _dense_fractions(result, image, posterior=None):
+    """The fractions computed the simple way, on the whole (N, 1) features at once."""
+    from segment import partial_volume
+
+    field = result.bias_field if result.estimator.bias_field_shape_ is not None else None
+    X = partial_volume.corrected_features([image], result.mask, field)
+    model, _ = partial_volume.fit_model(X, result.estimator)
+    table = _pve.tabulate(model, float(X.min()), float(X.max()))
+    prior = None if posterior is None else _pve.mrf_log_prior(posterior)
+    return _pve.fractions_from_table(X[:, 0], table, prior)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"bias_field": True}, {"mrf_beta": 0.2}, {"mrf_beta": 0.2, "bias_field": True}],
+    ids=["bias", "mrf", "mrf-bias"],
+)
+def test_fractions_do_not_depend_on_the_slab_size(options, monkeypatch):
+    """Tiny slabs (and a posterior too big to keep) give the fractions and volumes of big ones."""
+    import segment.io
+    from segment.spatial.model import bounding_box
+
+    image, _, mask = pve_phantom(shape=(20, 22, 19), noise=0.03, field=0.1)
+    options = dict(n_components=3, pve=True, **options)
+    big = segment_array(image, mask, **options)
+    big_fractions, big_volumes = big.fractions, big.fraction_volumes()
+    monkeypatch.setattr(segment.io, "SLAB_BYTES", 4 * 2 * 60 * 3)  # 1 plane, then 2, unequal
+    limit = None
+    if options.get("mrf_beta"):  # the MRF posterior streamed too: recomputed per slab
+        box = int(np.prod([s.stop - s.start for s in bounding_box(mask)]))
+        limit = box * 3 * 4 * 3 - 1
+    small = segment_array(image, mask, memory_limit=limit, **options)
+    if limit is not None:
+        assert small.flat_responsibilities is None and big.flat_responsibilities is not None
+    np.testing.assert_allclose(small.fraction_volumes(), big_volumes, rtol=1e-9)
+    np.testing.assert_allclose(small.fractions, big_fractions, atol=1e-6)
+    assert small.pve_record == big.pve_record
+    # and both are the fractions computed on the whole features at once
+    posterior = big.flat_responsibilities if options.get("mrf_beta") else None
+    dense = _dense_fractions(big, image, posterior)
+    np.testing.assert_allclose(big.flat_fractions, dense, atol=1e-6)
+    np.testing.assert_allclose(big_volumes, dense.sum(0, dtype=np.float64) * 1e-3, rtol=1e-6)
+
+
+def test_written_pve_map_is_streamed_and_equals_the_fractions(phantom_files, tmp_path, monkeypatch):
+    import segment.io
+
+    paths, _ = phantom_files
+    monkeypatch.setattr(segment.io, "SLAB_BYTES", 24 * 26 * 4 * 3)  # 3 planes per slab
+    result = segment_file(paths["scan"], tmp_path / "out", mask=paths["mask"], n_components=3,
+                          pve=True, mrf_beta=0.2)  # fmt: skip
+    written = nib.load(tmp_path / "out" / "scan_pve.nii.gz").get_fdata()
+    np.testing.assert_allclose(written, result.fractions, atol=1e-7)
+    record = json.loads((tmp_path / "out" / "scan_segment.json").read_text())
+    voxel_ml = 1.5 * 1.2 / 1000
+    mask = nib.load(paths["mask"]).get_fdata() > 0
+    np.testing.assert_allclose(
+        record["volumes"]["volume_ml"], written[mask].sum(0) * voxel_ml, atol=5e-4
+    )
+
+
+def test_two_channel_fractions_do_not_depend_on_the_slab_size(monkeypatch):
+    import segment.io
+
+    image, _, mask = pve_phantom(shape=(18, 20, 17), noise=0.03)
+    noise = np.random.default_rng(1).normal(0, 0.03, image.shape)
+    channels = np.stack([image, 1.3 - image + noise], axis=-1)
+    big = segment_array(channels, mask, channel_axis=-1, n_components=3, pve=True)
+    monkeypatch.setattr(segment.io, "SLAB_BYTES", 4 * 18 * 20 * 2)  # 2 planes per slab
+    small = segment_array(channels, mask, channel_axis=-1, n_components=3, pve=True)
+    np.testing.assert_allclose(small.fractions, big.fractions, atol=1e-6)
+    np.testing.assert_allclose(small.fraction_volumes(), big.fraction_volumes(), rtol=1e-9)
+    assert small.pve_record == big.pve_record
