@@ -102,6 +102,53 @@ def test_smoothed_field_recovers_a_constant_offset_and_has_zero_mean(rng):
     assert np.abs(weak).max() < 1e-3
 
 
+def test_field_weights_cap_the_cleanest_classes():
+    """``tissue_cv = 0`` gives ``snr^2``; a positive one caps it below ``1 / cv^2``, in order."""
+    _, means, covariances = _params([30.0, 100.0, 200.0], [20.0, 10.0, 2.0])
+    snr2 = bias.signal_to_noise(means, covariances)
+    np.testing.assert_array_equal(bias.field_weights(means, covariances), snr2)
+    capped = bias.field_weights(means, covariances, 0.1)[:, 0]
+    assert capped[0] == 0.0  # snr 1.5 < MIN_SNR: still no vote
+    assert 0 < capped[1] < capped[2] < 100.0
+    np.testing.assert_allclose(capped[1:], 1 / (1 / snr2[1:, 0] + 0.01))
+    # the clean class outvotes the other 100 to 1 with snr^2, about 2 to 1 capped
+    assert snr2[2, 0] / snr2[1, 0] == pytest.approx(100.0)
+    assert capped[2] / capped[1] < 2.1
+
+
+def test_capped_weights_keep_a_clean_class_anatomy_out_of_the_field():
+    """A clean class 5 % brighter on one side (anatomy) and a true 10 % step on the other
+    axis: both weightings find the step; the capped one copies much less of the anatomy."""
+    shape, cells = (32, 32, 6), (2, 2, 2)
+    x, y = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    classes = ((x + y) % 2)[..., None] * np.ones(shape, int)  # interleaved, every cell has both
+    log_true = np.where(x >= 16, np.log(1.1), 0.0)[..., None]
+    anatomy = np.where((classes == 1) & (y[..., None] >= 16), np.log(1.05), 0.0)
+    means = np.array([100.0, 200.0])
+    image = (means[classes] * np.exp(log_true + anatomy))[..., None]
+    weights, m, covariances = _params(means, [10.0, 4.0])  # snr^2 100 and 2,500
+    coarse_shape = bias.coarse_shape(shape, cells)
+    zero = np.zeros((1, *coarse_shape))
+    _, sums = bias.combine_em_blocks(
+        [_em_block(image, np.ones(shape, bool), (0, 0, 0), zero, cells, weights, m, covariances)],
+        coarse_shape,
+    )
+
+    def components(tissue_cv):
+        residuals = bias.residual_sums(sums, m, covariances, tissue_cv)
+        field = bias.smooth_log_field(residuals, 1, (1.0, 1.0, 1.0), prior=0.0)[0]
+        step = field[10:, :, :].mean() - field[:6, :, :].mean()  # along x: the true field
+        copied = field[:, 10:, :].mean() - field[:, :6, :].mean()  # along y: the anatomy
+        return step, copied
+
+    step_snr, copied_snr = components(0.0)
+    step_cap, copied_cap = components(bias.TISSUE_CV)
+    assert step_snr == pytest.approx(np.log(1.1), rel=0.1)
+    assert step_cap == pytest.approx(np.log(1.1), rel=0.1)
+    assert copied_snr > 0.8 * np.log(1.05)  # snr^2 weights: the field is the clean class's
+    assert copied_cap < 0.75 * copied_snr
+
+
 def test_class_agreement_separates_a_field_from_anatomy(rng):
     shape, cells = (48, 48, 8), (4, 4, 4)
     coords = np.indices(shape)[0] / shape[0]

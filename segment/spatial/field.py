@@ -47,6 +47,9 @@ class BiasField:
         The sub-grid steps of :meth:`sample` (None before it).
     sums : array or None
         The per-cell sums of the last :meth:`statistics`.
+    tissue_cv : float
+        The anatomical spread that caps each class's weight in :meth:`update`
+        (:func:`bias.field_weights`; 0: the weights are ``snr^2``).
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class BiasField:
         self.sampling: tuple[int, ...] | None = None
         self.sums: np.ndarray | None = None
         self.n_sampled = 0.0
+        self.tissue_cv = 0.0
 
     def sample(self, image: np.ndarray, mask: np.ndarray, chunk_size: int | None, ckw: dict):
         """Fit on every ``s``-th voxel along each axis from now on.
@@ -100,7 +104,7 @@ class BiasField:
 
     def update(self, params: tuple, covariances: np.ndarray) -> None:
         """The new field from the last E-step's sums and the new means and covariances."""
-        residuals = bias.residual_sums(self.sums, params[1], covariances)
+        residuals = bias.residual_sums(self.sums, params[1], covariances, self.tissue_cv)
         self.coarse = bias.smooth_log_field(residuals, self.coarse.shape[0], self.sigma)
 
     def problem(

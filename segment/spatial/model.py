@@ -185,19 +185,26 @@ class SpatialGaussianMixture(GaussianMixtureEM):
         Each iteration is one pass over the sub-grid (:meth:`BiasField.statistics`: the E-step
         of the corrected intensities and the per-class cell sums of their log intensities),
         then the M-step and, from the same sums and the new means, the field
-        (:meth:`BiasField.update`). The field is then kept only when the classes agree on it
-        and no class lost most of its voxels to it (:meth:`BiasField.problem`); otherwise the
-        plain mixture stands and a :class:`DataWarning` says why (``bias_status_``). Returns
-        the class parameters (weights, means, precisions_chol).
+        (:meth:`BiasField.update`), in two stages of class weights (see below). The field is
+        then kept only when the classes agree on it and no class lost most of its voxels to it
+        (:meth:`BiasField.problem`); otherwise the plain mixture stands and a
+        :class:`DataWarning` says why (``bias_status_``). Returns the class parameters
+        (weights, means, precisions_chol).
         """
         field.sample(image, mask, self.chunk_size, ckw)
         plain_weights = self.weights_.copy()
         plain_fit = {name: getattr(self, name) for name in _FIT_ATTRIBUTES}
         self._announce("bias field EM")
-        iteration, trace, params, covariances, change, _ = self._em_iterations(
-            field.statistics(params), params, self.variance_floor_, field.statistics,
-            field.update,
-        )  # fmt: skip
+        iteration, trace, stats = 0, [], field.statistics(params)
+        # Two stages: snr^2 class weights lock onto a strong field from the plain start; then
+        # weights capped by each class's anatomical spread (bias.TISSUE_CV) keep the field from
+        # copying white matter's own anatomy (benchmarks/README.md, "capped class weights").
+        for tissue_cv in (0.0, bias.TISSUE_CV):
+            field.tissue_cv = tissue_cv
+            more, more_trace, params, covariances, change, stats = self._em_iterations(
+                stats, params, self.variance_floor_, field.statistics, field.update
+            )
+            iteration, trace = iteration + more, trace + more_trace
         field.release()
         scale = float(mask.sum()) / field.n_sampled
         self._finish(self.n_iter_ + iteration,
