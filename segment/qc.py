@@ -77,13 +77,13 @@ def write_qc(
     """
     from PIL import Image
 
-    picture, _ = _draw(
+    picture, _ = render_qc(
         image, labels, means=means, covariances=covariances, weights=weights, mask=mask,
         title=title, zooms=zooms, names=names, affine=affine, log_histogram=log_histogram,
     )  # fmt: skip
     path = Path(path)
     with atomic_write(path) as tmp:
-        indexed = _indexed(picture)
+        indexed = _indexed(picture)  # the same indices again: render_qc's colours are indexed
         if indexed is None:
             png = Image.fromarray(picture, mode="RGB")
         else:
@@ -159,29 +159,6 @@ def render_qc(
     ``n * weights[k] * N(x | means[k, 0], covariances[k, 0, 0]) * bin_width``, in its label
     colour, and their sum (the mixture) dashed black.
     """
-    raw, layout = _draw(
-        image, labels, means=means, covariances=covariances, weights=weights, mask=mask,
-        title=title, zooms=zooms, names=names, affine=affine, log_histogram=log_histogram,
-    )  # fmt: skip
-    indexed = _indexed(raw)
-    return (raw if indexed is None else indexed[1][indexed[0]]), layout
-
-
-def _draw(
-    image: np.ndarray,
-    labels: np.ndarray,
-    *,
-    means,
-    covariances,
-    weights,
-    mask: np.ndarray | None = None,
-    title: str = "",
-    zooms: tuple[float, ...] | None = None,
-    names: list[str] | None = None,
-    affine: np.ndarray | None = None,
-    log_histogram: bool = False,
-) -> tuple[np.ndarray, dict]:
-    """:func:`render_qc` before its colours are indexed (text anti-aliased in grey levels)."""
     from PIL import Image, ImageDraw, ImageFont
 
     from segment.naming import label_names
@@ -248,7 +225,9 @@ def _draw(
                   stroke_fill=BLACK)  # fmt: skip
     layout = {"panels": panel_boxes, "marks": mark_boxes, "plot": plot, "legend": legend_box,
               "swatches": swatches}  # fmt: skip
-    return np.asarray(picture), layout
+    raw = np.asarray(picture)
+    indexed = _indexed(raw)  # text anti-aliased in grey levels: indexed exactly as it is written
+    return (raw if indexed is None else indexed[1][indexed[0]]), layout
 
 
 def _indexed(picture: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
