@@ -311,7 +311,8 @@ def test_qc_histogram_option_in_run_batch_and_pipelines(tmp_path, rng):
         assert sidecar["final_options"]["qc_histogram"] == axis
     assert pictures["linear"] != pictures["log"]
 
-    result = _cli("batch", scans, "-o", tmp_path / "batch", "-k", "2", "--qc-histogram", "log")
+    batch = ("batch", scans, "-o", tmp_path / "batch", "-k", "2", "--qc-histogram", "log")
+    result = _cli(*batch, "--scheduler", "synchronous")  # in this process: no cluster to start
     assert result.exit_code == 0, result.output
     assert (tmp_path / "batch" / "scan_qc.png").read_bytes() == pictures["log"]
 
