@@ -245,20 +245,24 @@ def _numpy_mean_field_rows(previous, corrected, mask, offsets, offset_weights, m
         labels = (values.argmax(axis=1) + 1).astype(np.uint8)
         where = np.nonzero(inside)  # (row index within rows, m)
         j, m = where[0] + j0, where[1]
-        if final_out.size > 1:
-            if mode == FINAL:
-                final_out[i, j, m] = values
-            elif mode == FINAL_REVERSED:
-                final_out[m, j, i] = values
-            else:
-                final_out[:, i - i0, j, m] = values.T
-        if labels_out.size > 1:
-            if mode == FINAL:
-                labels_out[i, j, m] = labels
-            elif mode == FINAL_REVERSED:
-                labels_out[m, j, i] = labels
-            else:
-                labels_out[i - i0, j, m] = labels
+        _scatter(final_out, mode, i, i0, j, m, values)
+        _scatter(labels_out, mode, i, i0, j, m, labels)
+
+
+def _scatter(out: np.ndarray, mode: int, i: int, i0: int, j, m, values: np.ndarray) -> None:
+    """Write the values of voxels ``(i, j, m)`` (plane ``i``, rows ``j``, columns ``m``) into
+    ``out`` as the final ``mode`` indexes it; an ``out`` of size 1 is not written.
+
+    ``values`` is (n, K) for the posterior, (n,) for the labels (``out`` has no K axis).
+    """
+    if out.size <= 1:
+        return
+    if mode == FINAL:
+        out[i, j, m] = values
+    elif mode == FINAL_REVERSED:
+        out[m, j, i] = values
+    else:  # FINAL_BY_COMPONENT: the posterior's K axis first
+        out[..., i - i0, j, m] = values.T
 
 
 def _offset_groups(offsets, offset_weights):

@@ -387,7 +387,7 @@ def segment_file(
     if not paths:
         raise SegmentError("no input file given")
     if out_dir is not None:
-        kind = "nifti" if paths[0].name.lower().endswith((".nii", ".nii.gz")) else "image"
+        kind = "nifti" if naming.is_nifti(paths[0]) else "image"
         if output_paths is None:
             output_paths = naming.plain_output_paths(paths[0], out_dir, kind=kind)
         wanted = [output_paths.dseg, output_paths.sidecar]

@@ -28,6 +28,7 @@ from segment.evaluate_fractions import (  # noqa: F401 - as before the split
     format_fraction_table,
 )
 from segment.exceptions import InputError, SegmentError
+from segment.naming import is_nifti
 
 __all__ = [
     "evaluate_labels",
@@ -39,8 +40,6 @@ __all__ = [
     "evaluate_fraction_files",
     "format_fraction_table",
 ]
-
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,10 +304,6 @@ def evaluate_labels(
 # --------------------------------------------------------------------------------------------
 # files
 # --------------------------------------------------------------------------------------------
-def _is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(_NIFTI_SUFFIXES)
-
-
 def _load_label_file(path: Path) -> tuple[np.ndarray, np.ndarray | None, tuple | None]:
     """Load a label map: ``(data, affine or None, zooms in mm or None)``."""
     if not path.exists():
@@ -317,7 +312,7 @@ def _load_label_file(path: Path) -> tuple[np.ndarray, np.ndarray | None, tuple |
 
     check_regular_file(path)  # a folder, FIFO or device is named as such
     try:
-        if _is_nifti(path):
+        if is_nifti(path):
             from .io import read_nifti
 
             img, data = read_nifti(path)  # sizes and gzip CRC checked before anything is kept

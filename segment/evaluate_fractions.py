@@ -11,13 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from .exceptions import InputError
+from .naming import is_nifti
 
 __all__ = ["FRACTION_TOLERANCE", "evaluate_fractions", "evaluate_fraction_files",
            "format_fraction_table"]  # fmt: skip
-
-
-def _is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith((".nii", ".nii.gz"))
 
 
 #: Values this far outside [0, 1] are rounding, not an error (float32 maps).
@@ -78,7 +75,7 @@ def _load_fraction_file(path: Path) -> tuple[np.ndarray, np.ndarray | None, floa
     if not path.is_file():
         raise InputError(path, "no such file; check the path")
     try:
-        if _is_nifti(path):
+        if is_nifti(path):
             import nibabel as nib
 
             img = nib.load(path)

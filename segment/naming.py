@@ -21,6 +21,7 @@ from segment.io import scan_stem
 
 __all__ = [
     "KINDS",
+    "is_nifti",
     "OutputPaths",
     "plain_output_paths",
     "BIDS_ENTITIES",
@@ -45,6 +46,11 @@ _EXTENSIONS = {
     "nifti": {"dseg": ".nii.gz", "probseg": ".nii.gz"},
     "image": {"dseg": ".png", "probseg": ".tif"},
 }
+
+
+def is_nifti(path: str | Path) -> bool:
+    """True when ``path`` names a NIfTI file (``.nii`` or ``.nii.gz``, any case)."""
+    return Path(path).name.lower().endswith((".nii", ".nii.gz"))
 
 
 @dataclass(frozen=True)

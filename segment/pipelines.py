@@ -135,7 +135,8 @@ class Pipeline:
         ``"auto"``, ``"none"``, ``"bids"``, a mask template or an absolute mask path; ``None``
         when the file does not say.
     outputs : dict
-        ``[outputs]`` keys given in the file (``probseg``, ``qc``).
+        ``[outputs]`` keys given in the file: ``probseg`` and ``qc`` (bool), ``qc_histogram``
+        (``"linear"`` or ``"log"``).
     labels : tuple of str
         Class names in ascending mean intensity (may be empty).
     sha256 : str
@@ -147,12 +148,12 @@ class Pipeline:
     description: str
     options: dict[str, Any] = field(default_factory=dict)
     mask: str | None = None
-    outputs: dict[str, bool] = field(default_factory=dict)
+    outputs: dict[str, bool | str] = field(default_factory=dict)
     labels: tuple[str, ...] = ()
     sha256: str = ""
 
     def settings(self) -> dict[str, Any]:
-        """The settings this pipeline sets (model keys, ``mask``, ``probseg``, ``qc``)."""
+        """The settings this pipeline sets (model keys, ``mask`` and the ``[outputs]`` keys)."""
         settings = dict(self.options)
         if self.mask is not None:
             settings["mask"] = self.mask

@@ -112,7 +112,7 @@ class SegmentationResult:
         shape = getattr(self.estimator, "bias_field_shape_", None)
         return (
             shape is not None and shape[-1] == 1 and len(reference.shape) == 3
-            and Path(path).name.lower().endswith((".nii", ".nii.gz"))
+            and naming.is_nifti(path)
         )  # fmt: skip
 
     @property

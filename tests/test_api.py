@@ -577,8 +577,9 @@ def test_compresslevel_is_validated_and_reaches_batch_outputs(tmp_path, make_nif
         folder = tmp_path / f"in{level}"
         folder.mkdir()
         make_nifti(tissues, folder / "scan.nii.gz")
+        # an in-process cluster: the level travels in the scan's task all the same
         result = run_batch(folder, tmp_path / f"batch{level}", settings={"n_components": 3},
-                           compresslevel=level)  # fmt: skip
+                           compresslevel=level, scheduler="threads")  # fmt: skip
         assert [row["status"] for row in result.rows] == ["ok"]
         sizes[level] = (tmp_path / f"batch{level}" / "scan_probseg.nii.gz").stat().st_size
     assert sizes[0] > 2 * sizes[9]

@@ -126,13 +126,14 @@ def test_write_qc_imports_no_plotting_library(tmp_path):
 
 
 def test_outline_overlay_pixels_are_the_legend_colours():
-    from segment.qc import _palette, outline_overlay
+    from segment.qc import outline_overlay
+    from segment.qc_plot import label_palette
 
     labels = np.zeros((12, 14), dtype=np.intp)
     labels[2:10, 2:7] = 1
     labels[2:10, 7:12] = 2
     grey = np.linspace(0.0, 1.0, labels.size).reshape(labels.shape)
-    palette = _palette(2)
+    palette = label_palette(2)
     rgb = outline_overlay(grey, labels, (0.0, 1.0), palette)
     colours = np.round(palette[:, :3] * 255).astype(np.uint8)
     for k in (1, 2):
@@ -148,7 +149,7 @@ def test_outline_overlay_pixels_are_the_legend_colours():
 def test_written_png_shows_the_exact_legend_colours_names_and_directions(tmp_path, rng):
     import skimage.io
 
-    from segment.qc import _palette
+    from segment.qc_plot import label_palette
 
     labels = np.zeros((20, 22, 18), dtype=np.uint8)
     labels[3:17, 3:19, 3:15] = 1
@@ -160,7 +161,7 @@ def test_written_png_shows_the_exact_legend_colours_names_and_directions(tmp_pat
         affine=np.diag([-1.0, 1.0, 1.0, 1.0]),
     )  # fmt: skip
     pixels = skimage.io.imread(path)[..., :3].reshape(-1, 3)
-    for colour in np.round(_palette(2)[1:, :3] * 255).astype(np.uint8):
+    for colour in np.round(label_palette(2)[1:, :3] * 255).astype(np.uint8):
         assert np.all(pixels == colour, axis=1).sum() >= 20
 
 
@@ -208,9 +209,9 @@ def test_panel_pixels_that_are_not_grey_are_exactly_the_legend_swatches(rng):
 
 
 def _palette_rgb(k):
-    from segment.qc import _palette
+    from segment.qc_plot import label_palette
 
-    return _palette(k)[1:, :3] * 255
+    return label_palette(k)[1:, :3] * 255
 
 
 def test_class_names_are_written_in_the_legend(rng):
@@ -310,7 +311,8 @@ def test_qc_histogram_option_in_run_batch_and_pipelines(tmp_path, rng):
         assert sidecar["final_options"]["qc_histogram"] == axis
     assert pictures["linear"] != pictures["log"]
 
-    result = _cli("batch", scans, "-o", tmp_path / "batch", "-k", "2", "--qc-histogram", "log")
+    batch = ("batch", scans, "-o", tmp_path / "batch", "-k", "2", "--qc-histogram", "log")
+    result = _cli(*batch, "--scheduler", "synchronous")  # in this process: no cluster to start
     assert result.exit_code == 0, result.output
     assert (tmp_path / "batch" / "scan_qc.png").read_bytes() == pictures["log"]
 
@@ -331,21 +333,21 @@ def test_qc_histogram_option_in_run_batch_and_pipelines(tmp_path, rng):
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32])
 def test_integer_scans_use_value_counts_with_numpys_results(rng, dtype):
-    from segment.qc import _percentiles, _value_counts
+    from segment.qc_plot import percentiles, value_counts
 
     values = (rng.integers(0, 200, 10_001) - (0 if dtype == np.uint8 else 60)).astype(dtype)
-    counts = _value_counts(values)
+    counts = value_counts(values)
     qs = [0.1, 1.0, 50.0, 99.0, 99.9]
-    np.testing.assert_allclose(_percentiles(counts, qs), np.percentile(values, qs))
+    np.testing.assert_allclose(percentiles(counts, qs), np.percentile(values, qs))
     lo, hi = np.percentile(values, [0.1, 99.9])
     weighted = np.histogram(counts[0], 100, range=(lo, hi), weights=counts[1])[0]
     np.testing.assert_array_equal(weighted, np.histogram(values, 100, range=(lo, hi))[0])
-    assert _value_counts(values.astype(np.float32)) is None
+    assert value_counts(values.astype(np.float32)) is None
 
 
 def test_every_label_colour_is_distinct_and_not_grey():
-    from segment.qc import _palette
+    from segment.qc_plot import label_palette
 
-    colours = np.round(_palette(10)[1:, :3] * 255).astype(int)
+    colours = np.round(label_palette(10)[1:, :3] * 255).astype(int)
     assert len({tuple(c) for c in colours}) == 10
     assert not any(c[0] == c[1] == c[2] for c in colours)  # greys are the slices' levels

@@ -706,6 +706,7 @@ def test_batch_memory_limit_applies_per_scan(tmp_path):
     write_head(scans / "a.nii.gz")
     out = tmp_path / "out"
     args = ["batch", str(scans), "-o", str(out), "-k", "3", "--mrf", "-q"]
+    args += ["--scheduler", "synchronous"]  # scans in this process: no cluster to start
     refused = CliRunner().invoke(cli, [*args, "--memory-limit", "100kB"])
     assert refused.exit_code == 1
     summary = (out / "batch_summary.tsv").read_text()

@@ -11,6 +11,12 @@ import click
 from .common import CONTEXT_SETTINGS, check_memory_limit, handle_errors
 from .options import apply_pipeline, check_model_options, model_options
 
+#: ``--memory-limit`` of ``batch`` and ``bids`` (``run`` has its own help text).
+_memory_limit_option = click.option(
+    "--memory-limit", default=None, metavar="SIZE", callback=check_memory_limit,
+    help="Memory to aim for per scan, as for `segment run` [default: 3GB].",
+)  # fmt: skip
+
 
 def _batch_progress(quiet: bool):
     """``on_result`` callback: a one-line bar on a terminal, else one log line per scan."""
@@ -87,8 +93,7 @@ def _clock(seconds: float) -> str:
     multiple=True,
     help="BIDS: only this suffix, e.g. T1w (repeatable) [default: all anat NIfTI].",
 )
-@click.option("--memory-limit", default=None, metavar="SIZE", callback=check_memory_limit,
-              help="Memory to aim for per scan, as for `segment run` [default: 3GB].")  # fmt: skip
+@_memory_limit_option
 @model_options(batch=True)
 @handle_errors
 def batch(input_dir: Path, out_dir: Path | None, **kwargs) -> None:
@@ -177,8 +182,7 @@ class _BadBidsInput(click.ClickException):
     show_default=True,
     help="Skip scans whose outputs are complete and made with the same options.",
 )
-@click.option("--memory-limit", default=None, metavar="SIZE", callback=check_memory_limit,
-              help="Memory to aim for per scan, as for `segment run` [default: 3GB].")  # fmt: skip
+@_memory_limit_option
 @model_options(batch=True)
 @handle_errors
 def bids(bids_dir: Path, output_dir: Path, analysis_level: str, more_labels, **kwargs) -> None:
