@@ -87,13 +87,15 @@ def draw_text(canvas: np.ndarray, x: int, y: int, text: str, colour, stroke=None
     """
     if not text:
         return
-    mask = np.pad(text_mask(text), 1)  # room for the stroke: the mask starts at (x - 1, y - 1)
+    glyphs = text_mask(text)
+    mask = np.zeros((GLYPH_H + 2, glyphs.shape[1] + 2), dtype=bool)  # starts at (x - 1, y - 1)
+    mask[1:-1, 1:-1] = glyphs
     layers = [(mask, colour)]
     if stroke is not None:
-        border = mask.copy()
-        for dy in (-1, 0, 1):
-            for dx in (-1, 0, 1):
-                border |= np.roll(np.roll(mask, dy, axis=0), dx, axis=1)
+        border = np.zeros_like(mask)
+        for dy in (0, 1, 2):
+            for dx in (0, 1, 2):
+                border[dy : dy + GLYPH_H, dx : dx + glyphs.shape[1]] |= glyphs
         layers.insert(0, (border, stroke))
     top, left = y - 1, x - 1
     y0, x0 = max(top, 0), max(left, 0)

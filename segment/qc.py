@@ -75,12 +75,12 @@ def write_qc(
     Path
         ``path``.
     """
-    picture, _ = render_qc(
+    picture, _ = _draw(
         image, labels, means=means, covariances=covariances, weights=weights, mask=mask,
         title=title, zooms=zooms, names=names, affine=affine, log_histogram=log_histogram,
     )  # fmt: skip
     path = Path(path)
-    indexed = _indexed(picture)  # the same indices again: render_qc's colours are indexed
+    indexed = _indexed(picture)  # the indices of render_qc's colours
     data = png_bytes(picture if indexed is None else indexed[0],
                      None if indexed is None else indexed[1], _PNG_LEVEL)  # fmt: skip
     with atomic_write(path) as tmp:
@@ -154,6 +154,19 @@ def render_qc(
     ``n * weights[k] * N(x | means[k, 0], covariances[k, 0, 0]) * bin_width``, in its label
     colour, and their sum (the mixture) dashed black.
     """
+    canvas, layout = _draw(
+        image, labels, means=means, covariances=covariances, weights=weights, mask=mask,
+        title=title, zooms=zooms, names=names, affine=affine, log_histogram=log_histogram,
+    )  # fmt: skip
+    indexed = _indexed(canvas)  # 128 grey levels: the picture exactly as it is written
+    return (canvas if indexed is None else indexed[1][indexed[0]]), layout
+
+
+def _draw(
+    image, labels, *, means, covariances, weights, mask, title, zooms, names, affine,
+    log_histogram,
+) -> tuple[np.ndarray, dict]:  # fmt: skip
+    """:func:`render_qc`'s picture before its grey levels are reduced to 128, and its layout."""
     from segment.naming import label_names
 
     image, labels, mask = _check_arrays(image, labels, mask)
@@ -210,8 +223,7 @@ def render_qc(
         draw_text(canvas, x, y, text, colour, stroke)
     layout = {"panels": panel_boxes, "marks": mark_boxes, "plot": plot, "legend": legend_box,
               "swatches": swatches}  # fmt: skip
-    indexed = _indexed(canvas)  # 128 grey levels: the picture exactly as it is written
-    return (canvas if indexed is None else indexed[1][indexed[0]]), layout
+    return canvas, layout
 
 
 def _indexed(picture: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
