@@ -1,6 +1,6 @@
 """The ``segment`` command line: the click group; each command is in :mod:`segment.commands`.
 
-Heavy imports (dask, nibabel, scipy, Pillow) happen inside the commands so ``--help`` is instant.
+Heavy imports (dask, nibabel, scipy) happen inside the commands so ``--help`` is instant.
 Library errors become one-line messages: exit 1 for data errors, 2 for usage errors; a
 traceback only with ``--debug``.
 """

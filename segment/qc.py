@@ -1,9 +1,10 @@
 """Quality-control picture: label overlay and intensity histogram with the fitted mixture.
 
-Composed as a numpy RGB array (slices, outlines, histogram bars and curves), with the text drawn
-by Pillow's default font and the PNG written by Pillow as a palette image (128 grey levels plus
-the exact label colours).  No plotting library is imported: the picture costs tens of
-milliseconds besides importing Pillow, and the same inputs give the same bytes.  The histogram,
+Composed as a numpy RGB array (slices, outlines, histogram bars and curves), with the text
+blitted from a small bitmap font (:mod:`segment._font`) and the PNG written by the standard
+library (:mod:`segment._png`) as a palette image (128 grey levels plus the exact label colours).
+No plotting or imaging library is imported: the picture costs a few tens of milliseconds, and
+the same inputs give the same bytes.  The histogram,
 its legend and the colours are drawn by :mod:`segment.qc_plot`; this module lays out the
 slices and writes the file.
 """
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from segment._font import draw_text, text_size
+from segment._png import png_bytes
 from segment.io import atomic_write
 from segment.qc_plot import (
     BLACK,
@@ -24,9 +27,7 @@ from segment.qc_plot import (
     fitted_histogram,
     label_palette,
     legend_entries,
-    load_font,
     percentiles,
-    text_size,
     value_counts,
 )
 
@@ -41,7 +42,6 @@ _PANEL = 256  # each slice is fitted into a PANEL x PANEL box
 _PLOT_W = 340
 _PLOT_LEFT = 48  # room for the y tick labels
 _PLOT_BOTTOM = 40  # room for the x tick labels and the axis name
-_MARK_SIZE = 13  # font size of the direction letters
 #: zlib level of the PNG: 1 is about twice as fast as 6 for files about 10 % larger.
 _PNG_LEVEL = 1
 
@@ -75,21 +75,16 @@ def write_qc(
     Path
         ``path``.
     """
-    from PIL import Image
-
-    picture, _ = render_qc(
+    picture, _ = _draw(
         image, labels, means=means, covariances=covariances, weights=weights, mask=mask,
         title=title, zooms=zooms, names=names, affine=affine, log_histogram=log_histogram,
     )  # fmt: skip
     path = Path(path)
+    indexed = _indexed(picture)  # the indices of render_qc's colours
+    data = png_bytes(picture if indexed is None else indexed[0],
+                     None if indexed is None else indexed[1], _PNG_LEVEL)  # fmt: skip
     with atomic_write(path) as tmp:
-        indexed = _indexed(picture)  # the same indices again: render_qc's colours are indexed
-        if indexed is None:
-            png = Image.fromarray(picture, mode="RGB")
-        else:
-            png = Image.fromarray(indexed[0], mode="P")
-            png.putpalette(indexed[1].ravel().tolist())
-        png.save(tmp, format="PNG", compress_level=_PNG_LEVEL)
+        Path(tmp).write_bytes(data)
     return path
 
 
@@ -159,8 +154,19 @@ def render_qc(
     ``n * weights[k] * N(x | means[k, 0], covariances[k, 0, 0]) * bin_width``, in its label
     colour, and their sum (the mixture) dashed black.
     """
-    from PIL import Image, ImageDraw, ImageFont
+    canvas, layout = _draw(
+        image, labels, means=means, covariances=covariances, weights=weights, mask=mask,
+        title=title, zooms=zooms, names=names, affine=affine, log_histogram=log_histogram,
+    )  # fmt: skip
+    indexed = _indexed(canvas)  # 128 grey levels: the picture exactly as it is written
+    return (canvas if indexed is None else indexed[1][indexed[0]]), layout
 
+
+def _draw(
+    image, labels, *, means, covariances, weights, mask, title, zooms, names, affine,
+    log_histogram,
+) -> tuple[np.ndarray, dict]:  # fmt: skip
+    """:func:`render_qc`'s picture before its grey levels are reduced to 128, and its layout."""
     from segment.naming import label_names
 
     image, labels, mask = _check_arrays(image, labels, mask)
@@ -175,8 +181,7 @@ def render_qc(
 
     histogram = fitted_histogram(image, labels, mask, means, variances, weights)
     legend = legend_entries(histogram, means, variances, weights, names)
-    font = load_font(11)
-    legend_w = max(text_size(text, font)[0] for text, _ in legend) + 30
+    legend_w = max(text_size(text)[0] for text, _ in legend) + 30
     top = _MARGIN + (_TITLE_H if title else 0)
     panels_top = top + PANEL_TITLE_H
     height = max(panels_top + _PANEL, top + len(legend) * LEGEND_LINE) + _MARGIN
@@ -185,7 +190,7 @@ def render_qc(
     legend_box = (plot[2] + 2 * _MARGIN, top, plot[2] + 2 * _MARGIN + legend_w, height)
     canvas = np.full((height, legend_box[2] + _MARGIN, 3), 255, dtype=np.uint8)
 
-    texts = []  # (x, y, text, colour, stroke, size): drawn by Pillow once the arrays are in place
+    texts = []  # (x, y, text, colour, stroke colour or None): drawn once the arrays are in place
     panel_boxes, mark_boxes = [], []
     for i, (name, grey, lab, pixel_aspect, origin, marks) in enumerate(planes):
         grey, lab = _fit_to_box(grey, lab, pixel_aspect, _PANEL)
@@ -198,36 +203,27 @@ def render_qc(
         canvas[y0 : y0 + h, x0 : x0 + w] = rgb
         box = (x0, y0, x0 + w, y0 + h)
         panel_boxes.append(box)
-        tw = text_size(name, font)[0]
-        texts.append((x0 + (w - tw) // 2, y0 - PANEL_TITLE_H + 2, name, BLACK, 0, 11))
+        tw = text_size(name)[0]
+        texts.append((x0 + (w - tw) // 2, y0 - PANEL_TITLE_H + 2, name, BLACK, None))
         placed = []
         for where, letter in zip(("left", "right", "bottom", "top"), marks, strict=False):
             if letter:
-                size = text_size(letter, load_font(_MARK_SIZE))
+                size = text_size(letter)
                 xy = _mark_position(box, where, size)
-                texts.append((*xy, letter, _MARK_COLOUR, 1, _MARK_SIZE))
+                texts.append((*xy, letter, _MARK_COLOUR, BLACK))  # outlined: read on any grey
                 placed.append((letter, (xy[0], xy[1], xy[0] + size[0], xy[1] + size[1])))
         mark_boxes.append(placed)
 
-    draw_histogram(canvas, plot, histogram, colours, log_histogram, texts, font)
-    swatches = draw_legend(canvas, legend_box, legend, texts, font)
+    draw_histogram(canvas, plot, histogram, colours, log_histogram, texts)
+    swatches = draw_legend(canvas, legend_box, legend, texts)
     if title:
-        tw = text_size(title, load_font(14))[0]
-        texts.append(((canvas.shape[1] - tw) // 2, _MARGIN, title, BLACK, 0, 14))
-
-    picture = Image.fromarray(canvas, mode="RGB")
-    draw = ImageDraw.Draw(picture)
-    for x, y, text, colour, stroke, size in texts:
-        font = load_font(size)
-        draw.fontmode = "1" if stroke else "L"  # letters on the slices: exact colours
-        stroke = stroke if isinstance(font, ImageFont.FreeTypeFont) else 0  # bitmap: no stroke
-        draw.text((x, y), text, fill=colour, font=font, stroke_width=stroke,
-                  stroke_fill=BLACK)  # fmt: skip
+        tw = text_size(title)[0]
+        texts.append(((canvas.shape[1] - tw) // 2, _MARGIN + 4, title, BLACK, None))
+    for x, y, text, colour, stroke in texts:
+        draw_text(canvas, x, y, text, colour, stroke)
     layout = {"panels": panel_boxes, "marks": mark_boxes, "plot": plot, "legend": legend_box,
               "swatches": swatches}  # fmt: skip
-    raw = np.asarray(picture)
-    indexed = _indexed(raw)  # text anti-aliased in grey levels: indexed exactly as it is written
-    return (raw if indexed is None else indexed[1][indexed[0]]), layout
+    return canvas, layout
 
 
 def _indexed(picture: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:

@@ -2,19 +2,19 @@
 with the fitted mixture's curves, and its legend, all drawn into a numpy RGB canvas.
 
 :mod:`segment.qc` lays the picture out and calls these; texts are not drawn here but appended
-to a list of ``(x, y, text, colour, stroke, size)`` that the caller draws with Pillow once the
-arrays are in place.
+to a list of ``(x, y, text, colour, stroke)`` that the caller draws (:mod:`segment._font`) once
+the arrays are in place.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
+
+from segment._font import text_size
 
 __all__ = [
     "BLACK", "LEGEND_LINE", "PANEL_TITLE_H", "draw_histogram", "draw_legend", "fitted_histogram",
-    "label_palette", "legend_entries", "load_font", "percentiles", "text_size", "value_counts",
+    "label_palette", "legend_entries", "percentiles", "value_counts",
 ]  # fmt: skip
 
 _OVERLAY_ALPHA = 1.0  # outlines are drawn opaque: exactly the legend's colours
@@ -44,23 +44,6 @@ def label_palette(n_components: int) -> np.ndarray:
         palette[k + 1, :3] = np.array(_TAB10[k % 10]) / 255.0
         palette[k + 1, 3] = _OVERLAY_ALPHA
     return palette
-
-
-@lru_cache(maxsize=4)
-def load_font(size: int):
-    """Pillow's default font at ``size`` px (its bitmap font on Pillow without FreeType)."""
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, ImportError, OSError):  # Pillow < 10.1 or no FreeType: fixed size
-        return ImageFont.load_default()
-
-
-def text_size(text: str, font) -> tuple[int, int]:
-    """(width, height) in pixels of ``text`` drawn at the origin, anchor left-ascender."""
-    _, _, right, bottom = font.getbbox(text)
-    return int(right), int(bottom)
 
 
 def value_counts(values: np.ndarray, max_range: int = 1 << 20):
@@ -186,17 +169,17 @@ def _polyline(canvas, xs, ys, colour, clip, *, visible=None, dash: int = 0) -> N
         canvas[cy[inside], cx[inside]] = colour
 
 
-def draw_histogram(canvas, plot, histogram, colours, log, texts, font) -> None:
+def draw_histogram(canvas, plot, histogram, colours, log, texts) -> None:
     """Bars, fitted curves, frame and ticks of the histogram into ``canvas``; texts appended."""
     x0, y0, x1, y1 = plot
     texts.append((x0, y0 - PANEL_TITLE_H + 2,
-                   "voxels per bin (log)" if log else "voxels per bin", BLACK, 0, 11))  # fmt: skip
+                   "voxels per bin (log)" if log else "voxels per bin", BLACK, None))  # fmt: skip
     name = "intensity (channel 1)"
-    tw = text_size(name, font)[0]
-    texts.append(((x0 + x1 - tw) // 2, y1 + 22, name, BLACK, 0, 11))
+    tw = text_size(name)[0]
+    texts.append(((x0 + x1 - tw) // 2, y1 + 22, name, BLACK, None))
     if histogram is None:
-        tw = text_size("no labelled voxels", font)[0]
-        texts.append(((x0 + x1 - tw) // 2, (y0 + y1) // 2, "no labelled voxels", BLACK, 0, 11))
+        tw = text_size("no labelled voxels")[0]
+        texts.append(((x0 + x1 - tw) // 2, (y0 + y1) // 2, "no labelled voxels", BLACK, None))
     else:
         counts, edges, x = histogram["counts"], histogram["edges"], histogram["x"]
         lo, hi = float(edges[0]), float(edges[-1])
@@ -224,8 +207,8 @@ def draw_histogram(canvas, plot, histogram, colours, log, texts, font) -> None:
         for tick in _nice_ticks(lo, hi):
             col = int(round(float(to_x(tick))))
             canvas[y1 : y1 + 4, col] = BLACK
-            w, _ = text_size(_tick_label(tick), font)
-            texts.append((col - w // 2, y1 + 5, _tick_label(tick), BLACK, 0, 11))
+            w, _ = text_size(_tick_label(tick))
+            texts.append((col - w // 2, y1 + 5, _tick_label(tick), BLACK, None))
         if log:
             y_ticks = 10.0 ** np.arange(0, int(np.floor(np.log10(y_hi))) + 1)
         else:
@@ -233,13 +216,13 @@ def draw_histogram(canvas, plot, histogram, colours, log, texts, font) -> None:
         for tick in y_ticks:
             row = int(round(float(to_y(tick))))
             canvas[row, x0 - 4 : x0] = BLACK
-            w, h = text_size(_tick_label(tick), font)
-            texts.append((x0 - 6 - w, row - h // 2 - 1, _tick_label(tick), BLACK, 0, 11))
+            w, h = text_size(_tick_label(tick))
+            texts.append((x0 - 6 - w, row - h // 2 - 1, _tick_label(tick), BLACK, None))
     canvas[y0, x0:x1] = canvas[y1 - 1, x0:x1] = BLACK
     canvas[y0:y1, x0] = canvas[y0:y1, x1 - 1] = BLACK
 
 
-def draw_legend(canvas, box, entries, texts, font) -> list[tuple[int, int, int, int]]:
+def draw_legend(canvas, box, entries, texts) -> list[tuple[int, int, int, int]]:
     """Swatches into ``canvas`` and texts appended; returns the class swatches' boxes."""
     x0, y0 = box[0], box[1]
     swatches = []
@@ -252,5 +235,5 @@ def draw_legend(canvas, box, entries, texts, font) -> list[tuple[int, int, int, 
             canvas[y + 3 : y + 13, x0 : x0 + 18] = colour
             if kind == "class":
                 swatches.append((x0, y + 3, x0 + 18, y + 13))
-        texts.append((x0 + 24, y, text, BLACK, 0, 11))
+        texts.append((x0 + 24, y, text, BLACK, None))
     return swatches

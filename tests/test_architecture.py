@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("batch", ("segment.batch", "segment.resume", "segment.discovery", "segment.summary")),
     ("api", ("segment.api", "segment.result", "segment.volumes", "segment.scan_masks",
              "segment.evaluate", "segment.evaluate_fractions", "segment.qc", "segment.qc_plot",
-             "segment.pipelines", "segment.samples")),
+             "segment._font", "segment._png", "segment.pipelines", "segment.samples")),
     ("image model", ("segment.mixture", "segment.spatial", "segment._spatial", "segment._sweeps",
                      "segment.partial_volume", "segment._pve", "segment._estimator")),
     ("EM engine", ("segment._em", "segment._initialise", "segment._chunked", "segment._kmeans",
