@@ -68,9 +68,6 @@ class PosteriorGrid:
         self.mask = np.ascontiguousarray(mask.transpose(self.reverse))
         self.kernel = np.ascontiguousarray(kernel.transpose(self.reverse))
         self.params, self.grid_log_bias, self.n_threads = params, log_bias, max(1, n_threads)
-        # each slab's log bias field, kept from the first sweep for the next ones (the field is
-        # fixed while the posterior settles); dropped before the final probabilities are made
-        self._slab_log_bias: dict[int, np.ndarray] | None = {}
         n_components = params[1].shape[0]
         self.state = np.zeros(self.mask.shape + (n_components + 1,), np.uint8)
         n_planes = self.mask.shape[0]
@@ -83,25 +80,6 @@ class PosteriorGrid:
     def log_bias(self, shape: tuple[int, ...], offset: tuple[int, ...]) -> np.ndarray:
         """The log bias field on a block of :attr:`state`'s (reversed) axes."""
         return self.grid_log_bias(shape, offset, reverse=True)
-
-    def _sweep_log_bias(self, r0: int, r1: int) -> np.ndarray:
-        """:meth:`log_bias` of the planes ``r0:r1`` of a sweep's slab, computed once.
-
-        The same float32 values in every sweep, so keeping them changes nothing but the time:
-        the field is evaluated once instead of once a sweep. They take 4 D bytes a grid voxel,
-        the bias field that :func:`segment.api.spatial_memory_estimate` already counts, and
-        are dropped before the final sweep's K float32 maps are made.
-        """
-        shape, offset = self.mask[r0:r1].shape, (r0,) + (0,) * (self.mask.ndim - 1)
-        if self._slab_log_bias is None:
-            return self.log_bias(shape, offset)
-        if r0 not in self._slab_log_bias:
-            self._slab_log_bias[r0] = self.log_bias(shape, offset)
-        return self._slab_log_bias[r0]
-
-    def release(self) -> None:
-        """Drop the log bias field kept by the sweeps (later sweeps compute it again)."""
-        self._slab_log_bias = None
 
     def sweep(self, beta: float, skip_settled: bool = False) -> float:
         """One sweep in place; returns the mean change of the posterior per fitted voxel.
@@ -136,7 +114,6 @@ class PosteriorGrid:
 
     def probabilities(self, beta: float) -> np.ndarray:
         """One more sweep, as float32 probabilities (*spatial, K) (zeros outside the mask)."""
-        self.release()
         out = np.zeros(self.mask.shape[::-1] + (self.n_components,), np.float32)
         self._final_sweep(beta, probabilities=out)
         return out
@@ -147,7 +124,6 @@ class PosteriorGrid:
         The same sweep, keeping only the argmax of each voxel's float32 probabilities and the
         sums: no (*spatial, K) float array.
         """
-        self.release()
         labels = np.zeros(self.mask.shape[::-1], np.uint8)
         return labels, self._final_sweep(beta, labels=labels)
 
@@ -185,7 +161,6 @@ class PosteriorGrid:
         may be given (zeros, or views of larger arrays), to be written into. These planes are
         a slab of :attr:`state`, whose threads share its rows.
         """
-        self.release()
         K = self.n_components
         n_planes, n_rows = self.mask.shape[:2]
         reversed_shape = (stop - start,) + self.mask.shape[1:]
@@ -211,11 +186,12 @@ class PosteriorGrid:
 
     def _block(self, previous, lo, hi, beta, final, halo, skip_settled=False):
         r0, r1 = lo + halo[0], hi - halo[1]  # the computed planes
+        offset = (r0,) + (0,) * (self.mask.ndim - 1)
         return _spatial.mean_field_sweep(
             previous,
             self.image[r0:r1],
             self.mask[lo:hi],
-            self._sweep_log_bias(r0, r1),
+            self.log_bias(self.mask[r0:r1].shape, offset),
             *self.params,
             beta,
             self.kernel,

@@ -173,38 +173,6 @@ def test_in_place_sweeps_skip_settled_voxels_and_ignore_the_slabs(head):
         np.testing.assert_array_equal(other.probabilities(0.5), grids[0].probabilities(0.5))
 
 
-def test_sweeps_evaluate_the_field_once_and_give_the_same_posterior(head):
-    """The log field kept from the first sweep gives the state of one evaluated every sweep."""
-    from segment import _sweeps
-
-    image, _, mask = head
-    fit = GaussianMixtureEM(3).fit(image[mask])
-    params = (fit.weights_, fit.means_, fit.precisions_cholesky_)
-    kernel = _spatial.neighbour_kernel((1.0, 1.2, 1.5))
-    calls = []
-
-    def field(shape, offset, reverse=False):  # a smooth field along the grid's first axis
-        calls.append(offset)
-        planes = 0.2 * np.sin(0.3 * (np.arange(shape[0]) + offset[0]))
-        return np.broadcast_to(planes.reshape((-1,) + (1,) * len(shape)), shape + (1,)).astype(
-            np.float32
-        )
-
-    kept, fresh = (
-        _sweeps.PosteriorGrid(image[..., None], mask, params, kernel, field, 4, 2) for _ in "ab"
-    )
-    fresh.release()  # evaluated at every sweep
-    for grid in (kept, fresh):
-        calls.clear()
-        grid.sweep(0.0)
-        for _ in range(3):
-            grid.sweep(0.5)
-        assert len(calls) == len(grid.slabs) * (1 if grid is kept else 4)
-    np.testing.assert_array_equal(kept.state, fresh.state)
-    np.testing.assert_array_equal(kept.probabilities(0.5), fresh.probabilities(0.5))
-    assert kept._slab_log_bias is None  # dropped before the K float32 maps
-
-
 def test_vectorised_exp_of_the_sweep_kernel():
     """The sweep's float32 exponential (numpy twin of ``exp_sweep`` in ``_estep.c``)."""
     from segment import _kernels
