@@ -101,15 +101,15 @@ class FractionMaps:
     when there is one) gathers what the model fit needs: the intensity range, the evenly
     spaced voxel samples of :func:`fit_model` (picked by their rank in
     :func:`segment.masking.flatten` order) and, for one channel, the histogram of up to
-    :data:`N_HISTOGRAM` of them on the percentile range of the smaller sample; it keeps the
-    corrected intensities, (N, D) float32, so that the field is evaluated once.
+    :data:`N_HISTOGRAM` of them on the percentile range of the smaller sample; when the
+    (N, K) posterior is held, it keeps the corrected intensities, (N, D) float32, so that the
+    field is evaluated once.
     :meth:`slabs` then computes the fractions of each slab, with the MRF posterior of the same
     planes as the spatial prior, and adds up their column sums (the volumes) on the way. A
     voxel's fraction depends only on its own intensity, field and posterior, and the model only
     on whole-image statistics, so the maps do not depend on the slab size. Memory: the channels
-    (memory maps for ``.nii`` inputs), the corrected intensities (as large as the fit's own
-    features, which are freed by then), the samples (at most 2.2 M values) and a few slabs of
-    all K maps.
+    (memory maps for ``.nii`` inputs), the corrected intensities only beside a held (N, K)
+    posterior, the samples (at most 2.2 M values) and a few slabs of all K maps.
 
     Parameters
     ----------
@@ -187,11 +187,15 @@ class FractionMaps:
         low = np.full(len(self.channels), np.inf)
         high = np.full(len(self.channels), -np.inf)
         picked, sample, values = [], [], []
-        # kept for the fractions' pass: N x D float32, no larger than the fit's own features,
-        # and it spares evaluating the bias field and gathering the channels a second time
-        self._features = np.empty((self.n_voxels, len(self.channels)), np.float32)
+        # the corrected intensities (N x D float32) are kept for the fractions' pass, sparing a
+        # second evaluation of the field, when the (N x K) posterior is held anyway: then they
+        # are no larger than it and the peak memory does not move
+        D, K = len(self.channels), len(self.estimator.means_)
+        held = isinstance(self.posterior, np.ndarray) and D <= K
+        self._features = np.empty((self.n_voxels, D), np.float32) if held else None
         for _, ranks, X in self._corrected_slabs(self._default_step()):
-            self._features[ranks] = X
+            if held:
+                self._features[ranks] = X
             if len(X):
                 low, high = np.minimum(low, X.min(0)), np.maximum(high, X.max(0))
             keep = ranks % every == 0
@@ -229,18 +233,21 @@ class FractionMaps:
     def flat_slabs(self, step: int):
         """``(inside, ranks, fractions)`` per slab: (n,) rows, (n, K) float32 fractions.
 
-        The slab's intensities are the rows ``ranks`` of the features kept by the model fit;
-        its posterior rows (the spatial prior) are those of the kept (N, K) posterior, or the
-        mask's voxels of the posterior maps of the same planes.
+        The slab's intensities are the rows ``ranks`` of the features kept by the model fit
+        (or the channels divided by the field, again); its posterior rows (the spatial prior)
+        are those of the kept (N, K) posterior, or the mask's voxels of the posterior maps of
+        the same planes.
         """
         sums = np.zeros(len(self))
         maps = self.posterior(step) if callable(self.posterior) else None
+        corrected = self._corrected_slabs(step) if self._features is None else None
         for _, inside, ranks in slab_ranks(self.mask, step):
             if maps is not None:
                 posterior = np.stack([np.asarray(m)[inside] for m in next(maps)], 1)
             else:
                 posterior = None if self.posterior is None else self.posterior[ranks]
-            fractions = self._fractions(self._features[ranks], posterior)
+            X = self._features[ranks] if corrected is None else next(corrected)[2]
+            fractions = self._fractions(X, posterior)
             sums += fractions.sum(0, dtype=np.float64)
             yield inside, ranks, fractions
         self._sums = sums
