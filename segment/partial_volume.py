@@ -98,16 +98,18 @@ class FractionMaps:
     """The K fraction maps of a fit, computed a slab of the last spatial axis at a time.
 
     Built after the fit: one pass over slabs of the channels (divided by the bias field slab,
-    when there is one) gathers what the model fit needs, with no (N, D) features: the
-    intensity range, the evenly spaced voxel samples of :func:`fit_model` (picked by their
-    rank in :func:`segment.masking.flatten` order) and, for one channel, the histogram of up
-    to :data:`N_HISTOGRAM` of them on the percentile range of the smaller sample.
+    when there is one) gathers what the model fit needs: the intensity range, the evenly
+    spaced voxel samples of :func:`fit_model` (picked by their rank in
+    :func:`segment.masking.flatten` order) and, for one channel, the histogram of up to
+    :data:`N_HISTOGRAM` of them on the percentile range of the smaller sample; when the
+    (N, K) posterior is held, it keeps the corrected intensities, (N, D) float32, so that the
+    field is evaluated once.
     :meth:`slabs` then computes the fractions of each slab, with the MRF posterior of the same
     planes as the spatial prior, and adds up their column sums (the volumes) on the way. A
     voxel's fraction depends only on its own intensity, field and posterior, and the model only
     on whole-image statistics, so the maps do not depend on the slab size. Memory: the channels
-    (memory maps for ``.nii`` inputs), the samples (at most 2.2 M values) and a few slabs of
-    all K maps.
+    (memory maps for ``.nii`` inputs), the corrected intensities only beside a held (N, K)
+    posterior, the samples (at most 2.2 M values) and a few slabs of all K maps.
 
     Parameters
     ----------
@@ -185,7 +187,15 @@ class FractionMaps:
         low = np.full(len(self.channels), np.inf)
         high = np.full(len(self.channels), -np.inf)
         picked, sample, values = [], [], []
+        # the corrected intensities (N x D float32) are kept for the fractions' pass, sparing a
+        # second evaluation of the field, when the (N x K) posterior is held anyway: then they
+        # are no larger than it and the peak memory does not move
+        D, K = len(self.channels), len(self.estimator.means_)
+        held = isinstance(self.posterior, np.ndarray) and D <= K
+        self._features = np.empty((self.n_voxels, D), np.float32) if held else None
         for _, ranks, X in self._corrected_slabs(self._default_step()):
+            if held:
+                self._features[ranks] = X
             if len(X):
                 low, high = np.minimum(low, X.min(0)), np.maximum(high, X.max(0))
             keep = ranks % every == 0
@@ -212,28 +222,31 @@ class FractionMaps:
         out = np.empty((len(X), len(self)), np.float32)
         for start in range(0, len(X), CHUNK):
             part = slice(start, start + CHUNK)
-            prior = None if posterior is None else _pve.mrf_log_prior(posterior[part])
+            rows = None if posterior is None else posterior[part]
             if self.table is not None:
-                out[part] = _pve.fractions_from_table(X[part, 0], self.table, prior)
+                out[part] = _pve.fractions_from_table_mrf(X[part, 0], self.table, rows)
             else:
+                prior = None if rows is None else _pve.mrf_log_prior(rows)
                 out[part] = _pve.fractions(X[part].astype(np.float64), self.model, prior)
         return out
 
-    def _posterior_slabs(self, step: int):
-        """The posterior's (n, K) rows of each slab in the slab's C order (None: no prior)."""
-        if callable(self.posterior):
-            for (_, inside, _), maps in zip(slab_ranks(self.mask, step), self.posterior(step)):
-                yield np.stack([np.asarray(m)[inside] for m in maps], 1)
-        else:
-            for _, _, ranks in slab_ranks(self.mask, step):
-                yield None if self.posterior is None else self.posterior[ranks]
-
     def flat_slabs(self, step: int):
-        """``(inside, ranks, fractions)`` per slab: (n,) rows, (n, K) float32 fractions."""
+        """``(inside, ranks, fractions)`` per slab: (n,) rows, (n, K) float32 fractions.
+
+        The slab's intensities are the rows ``ranks`` of the features kept by the model fit
+        (or the channels divided by the field, again); its posterior rows (the spatial prior)
+        are those of the kept (N, K) posterior, or the mask's voxels of the posterior maps of
+        the same planes.
+        """
         sums = np.zeros(len(self))
-        for (inside, ranks, X), posterior in zip(
-            self._corrected_slabs(step), self._posterior_slabs(step)
-        ):
+        maps = self.posterior(step) if callable(self.posterior) else None
+        corrected = self._corrected_slabs(step) if self._features is None else None
+        for _, inside, ranks in slab_ranks(self.mask, step):
+            if maps is not None:
+                posterior = np.stack([np.asarray(m)[inside] for m in next(maps)], 1)
+            else:
+                posterior = None if self.posterior is None else self.posterior[ranks]
+            X = self._features[ranks] if corrected is None else next(corrected)[2]
             fractions = self._fractions(X, posterior)
             sums += fractions.sum(0, dtype=np.float64)
             yield inside, ranks, fractions

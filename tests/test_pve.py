@@ -381,6 +381,22 @@ def test_lookup_table_matches_the_direct_fractions(rng):
         np.testing.assert_allclose(looked_up, direct, atol=2e-4)
 
 
+def test_class_by_class_lookup_with_the_mrf_prior_is_the_log_prior_lookup(rng):
+    """The fast lookup (prior after the exp, (C, N) layout) gives the reference's numbers."""
+    model = _model()
+    x = rng.uniform(-0.2, 1.5, 5000)  # beyond the table on both sides: clipped
+    posterior = rng.dirichlet(np.ones(3), 5000)
+    posterior[:50] = np.eye(3)[rng.integers(0, 3, 50)]  # classes the neighbourhood rules out
+    table = _pve.tabulate(model, 0.1, 1.2)
+    for q in (None, posterior, posterior.astype(np.float32)):
+        log_prior = None if q is None else _pve.mrf_log_prior(q)
+        reference = _pve.fractions_from_table(x, table, log_prior)
+        fast = _pve.fractions_from_table_mrf(x, table, q)
+        assert fast.dtype == np.float32 and fast.shape == (5000, 3) and fast.flags.c_contiguous
+        np.testing.assert_allclose(fast, reference, atol=1e-6)
+        np.testing.assert_allclose(fast.sum(1), 1.0, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------ streaming
 @pytest.mark.parametrize("step", [1, 3, 5, 17])
 def test_slab_ranks_are_the_flatten_order(rng, step):
