@@ -7,6 +7,7 @@ order, so the result does not depend on the scheduler.
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -247,6 +248,41 @@ def _block_offsets(array: da.Array, n_spatial: int) -> dict[tuple[int, ...], tup
         index: tuple(int(starts[axis][i]) for axis, i in enumerate(index))
         for index in np.ndindex(*array.numblocks[:n_spatial])
     }
+
+
+def grid_blocks(
+    arrays: Sequence[np.ndarray], spatial_chunks: tuple[int, ...]
+) -> list[tuple[tuple[int, ...], list[np.ndarray]]]:
+    """The blocks :func:`as_grid_array` cuts, as numpy views: ``(offset, [block of each array])``.
+
+    In the order :func:`map_reduce_grid` visits them (C order of the block indices), so that
+    :func:`reduce_grid_blocks` gives the same parts to the same ``combine``.
+    """
+    shape = arrays[0].shape[: len(spatial_chunks)]
+    starts = [range(0, size, step) for size, step in zip(shape, spatial_chunks)]
+    blocks = []
+    for offset in itertools.product(*starts):
+        picks = tuple(slice(o, o + c) for o, c in zip(offset, spatial_chunks))
+        blocks.append((offset, [a[picks] for a in arrays]))
+    return blocks
+
+
+def reduce_grid_blocks(
+    func: Callable,
+    combine: Callable,
+    blocks: Sequence[tuple[tuple[int, ...], list[np.ndarray]]],
+    args: tuple = (),
+    with_offset: bool = False,
+) -> Any:
+    """:func:`map_reduce_grid` on in-memory :func:`grid_blocks`, in a plain loop.
+
+    The same parts in the same order reach the same ``combine``, so the result is the one the
+    scheduler gives, without a graph per pass: the bias field's EM runs one pass an iteration
+    over a sub-grid of about 100,000 voxels, where a Dask pass costs more than the numpy work.
+    """
+    return combine(
+        [func(*arrays, *((offset,) if with_offset else ()), *args) for offset, arrays in blocks]
+    )
 
 
 def map_reduce_grid(

@@ -126,3 +126,10 @@ def test_grid_reduction_sees_each_block_once_with_its_offset(chunk_size):
     )
     index = np.indices(grid.shape)[0]
     np.testing.assert_allclose(total, [grid.sum(), (grid * index).sum(), grid.size], rtol=1e-12)
+    # the in-memory loop over the same blocks gives the same parts in the same order
+    blocks = _chunked.grid_blocks([grid], chunks)
+    assert len(blocks) == array.numblocks[0]
+    looped = _chunked.reduce_grid_blocks(
+        block, lambda parts: np.sum(parts, axis=0), blocks, with_offset=True
+    )
+    np.testing.assert_array_equal(looped, total)

@@ -81,11 +81,15 @@ class BiasField:
         picks = tuple(slice(None, None, s) for s in self.sampling)
         sub_mask = mask[picks]
         chunks = _chunked.grid_chunks(sub_mask.shape, chunk_size)
-        x_grid = _chunked.as_grid_array(image[picks], chunks)
-        mask_grid = _chunked.as_grid_array(sub_mask, chunks)
+        self._grids = self._blocks = None
         if is_distributed(ckw):
-            x_grid, mask_grid = ckw["scheduler"].persist([x_grid, mask_grid])
-        self._grids, self._ckw = (x_grid, mask_grid), ckw
+            x_grid = _chunked.as_grid_array(image[picks], chunks)
+            mask_grid = _chunked.as_grid_array(sub_mask, chunks)
+            self._grids = tuple(ckw["scheduler"].persist([x_grid, mask_grid]))
+        else:  # small and in memory: a plain loop over the same blocks (reduce_grid_blocks)
+            sub_image = np.ascontiguousarray(image[picks])
+            self._blocks = _chunked.grid_blocks([sub_image, sub_mask], chunks)
+        self._ckw = ckw
         self.n_sampled = float(sub_mask.sum())
 
     def statistics(self, params: tuple):
@@ -94,11 +98,16 @@ class BiasField:
         Keeps the per-cell sums of the log intensities (:func:`bias.em_block`) for
         :meth:`update` and :meth:`problem`.
         """
-        n_spatial = len(self.shape)
+        combine = functools.partial(bias.combine_em_blocks, shape=self.shape)
+        args = (self.coarse, self.cells, self.sampling, *params)
+        if self._blocks is not None:
+            stats, self.sums = _chunked.reduce_grid_blocks(
+                bias.em_block, combine, self._blocks, args, with_offset=True
+            )
+            return stats
         stats, self.sums = _chunked.map_reduce_grid(
-            bias.em_block, functools.partial(bias.combine_em_blocks, shape=self.shape),
-            list(self._grids), n_spatial, (self.coarse, self.cells, self.sampling, *params),
-            self._ckw, with_offset=True,
+            bias.em_block, combine, list(self._grids), len(self.shape), args, self._ckw,
+            with_offset=True,
         )  # fmt: skip
         return stats
 
@@ -148,7 +157,7 @@ class BiasField:
 
     def release(self) -> None:
         """Drop the sub-grid (the fitted field stays)."""
-        self._grids = self._ckw = None
+        self._grids = self._blocks = self._ckw = None
 
     def log_bias(self, shape: tuple[int, ...], offset: tuple[int, ...], reverse: bool = False):
         """``log b`` on a block of the grid, (*shape, D) float32 (:func:`bias.log_bias_block`)."""
