@@ -347,8 +347,9 @@ def tabulate(model: PveModel, low: float, high: float, n: int = 4096) -> Fractio
     """Tabulate the class likelihoods and mixing shares of a one-channel model on [low, high]."""
     x = np.linspace(low, high, n)
     pure, mixed = log_class_likelihoods(x[:, None], model)
-    with np.errstate(divide="ignore"):
-        log_weights = np.log(model.weights)
+    # a class of weight 0 gets a finite log weight: the table's slopes (differences of adjacent
+    # rows) would be -inf - -inf = NaN
+    log_weights = np.log(np.maximum(model.weights, np.finfo(np.float64).tiny))
     top = mixed.max(2, keepdims=True)
     terms = np.exp(mixed - top)
     mixed_sum = terms.sum(2)

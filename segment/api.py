@@ -122,6 +122,18 @@ def segment_array(
     >>> np.unique(result.labels[:, :15]), np.unique(result.labels[:, 15:])
     (array([1], dtype=uint8), array([2], dtype=uint8))
     """
+    if options.get("pve"):  # fractions are computed from the channels when read: a private copy
+        array, channel_axis = [np.array(c) for c in _as_channels(array, channel_axis)], None
+    return _segment_array(
+        array, mask, channel_axis=channel_axis, spacing=spacing, callback=callback,
+        memory_limit=memory_limit, **options,
+    )  # fmt: skip
+
+
+def _segment_array(
+    array, mask, *, channel_axis=None, spacing=None, callback=None, memory_limit=None, **options
+):
+    """:func:`segment_array` on channels that nobody else changes (files read by the package)."""
     if _validation.check_k_range(options.get("n_components", 6)) is not None:
         return _segment_array_auto(
             array, mask, channel_axis=channel_axis, spacing=spacing, callback=callback,
@@ -253,7 +265,7 @@ def _segment_array_auto(array, mask, *, channel_axis, spacing, callback, memory_
     selection = select_n_components(X, k_values, **options)
     del X
     selection_s = time.perf_counter() - start
-    result = segment_array(
+    result = _segment_array(
         array, mask, channel_axis=channel_axis, spacing=spacing, callback=callback,
         memory_limit=memory_limit, **{**options, "n_components": selection["n_components"]},
     )  # fmt: skip
@@ -417,7 +429,7 @@ def segment_file(
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DataWarning)
-            result = segment_array(
+            result = _segment_array(
                 [s.data for s in scans], mask_array, spacing=scans[0].zooms, callback=callback,
                 memory_limit=memory_limit, **options,
             )  # fmt: skip

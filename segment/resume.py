@@ -186,6 +186,9 @@ def _existing_state(task: ScanTask) -> tuple[str, Any]:
     if not all(p.exists() for p in expected):
         return "incomplete", ""
     old = record.get("final_options")
+    drawn = (old if isinstance(old, dict) else {}).get("qc_histogram", "linear")
+    if task.settings["qc"] and drawn != task.settings.get("qc_histogram", "linear"):
+        return "incomplete", ""  # only the picture differs: redo the scan, its QC redrawn
     new = json.loads(json.dumps(resume_key(task.extra["final_options"])))
     if isinstance(old, dict):  # options added since (e.g. pve) were at their default then
         old = json.loads(json.dumps(resume_key(old)))
@@ -204,10 +207,16 @@ def _existing_state(task: ScanTask) -> tuple[str, Any]:
         changed = _mask_change(record["mask_file"], task.extra.get("mask_file"))
         if changed:
             return "different", changed
-    model = record.get("model", {})
+    model, volumes = record.get("model", {}), record.get("volumes") or {}
+    volume_columns = {
+        f"volume_ml_{k}": v for k, v in enumerate(volumes.get("volume_ml") or [], start=1)
+    }
     return "complete", {"K": model.get("n_components"), "iterations": model.get("n_iter"),
                         "converged": model.get("converged"),
-                        "log_likelihood": model.get("log_likelihood")}  # fmt: skip
+                        "log_likelihood": model.get("log_likelihood"),
+                        "dseg": str(task.paths.dseg),
+                        "volume_estimate": volumes.get("estimate", ""),
+                        **volume_columns}  # fmt: skip
 
 
 def _same_input(path: Path, record: dict) -> bool:

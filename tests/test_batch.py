@@ -682,3 +682,38 @@ def test_bids_masks_from_the_derivatives(bids_dataset):
     assert failed["status"] == "failed" and "several brain masks fit" in failed["error"]
     assert "sub-03_space-MNI152NLin6Asym_desc-brain_mask.nii.gz" in failed["error"]
     assert "sub-03_space-MNIPediatricAsym_desc-brain_mask.nii.gz" in failed["error"]
+
+
+def test_resume_keeps_volumes_and_redraws_a_qc_of_another_scale(tmp_path):
+    """A skipped scan's summary row has the volumes its sidecar recorded; a rerun asking for
+    the other QC histogram scale redoes the scan instead of keeping the old picture."""
+    root = tmp_path / "scans"
+    write_head(root / "s0.nii.gz", 0)
+    out = tmp_path / "out"
+    settings = {"n_components": 3, "max_iter": 30, "qc": True}
+    first = run_batch(root, out, settings=settings, scheduler="synchronous")
+    again = run_batch(root, out, settings=settings, scheduler="synchronous")
+    assert again.rows[0]["status"] == "skipped"
+    for column in ("volume_estimate", "volume_ml_1", "volume_ml_2", "volume_ml_3", "dseg"):
+        assert again.rows[0][column] == first.rows[0][column] != "", column
+    picture = (out / "s0_qc.png").read_bytes()
+    log = run_batch(
+        root, out, settings={**settings, "qc_histogram": "log"}, scheduler="synchronous"
+    )
+    assert log.rows[0]["status"] == "ok"
+    assert (out / "s0_qc.png").read_bytes() != picture
+    sidecar = json.loads((out / "s0_segment.json").read_text())
+    assert sidecar["final_options"]["qc_histogram"] == "log"
+
+
+@pytest.mark.parametrize("command", ["batch", "bids"])
+def test_write_corrected_is_refused_by_batch_not_ignored(tmp_path, command):
+    (tmp_path / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.9.0"}')
+    if command == "bids":
+        args = [command, str(tmp_path), str(tmp_path / "out"), "participant"]
+    else:
+        args = [command, str(tmp_path), "-o", str(tmp_path / "out")]
+    result = CliRunner().invoke(cli, args + ["--bias-field", "--write-corrected"])
+    assert result.exit_code == 2, result.output
+    assert "--write-corrected is only written by `segment run`" in result.output
+    assert not (tmp_path / "out").exists()

@@ -484,3 +484,32 @@ def test_two_channel_fractions_do_not_depend_on_the_slab_size(monkeypatch):
     np.testing.assert_allclose(small.fractions, big.fractions, atol=1e-6)
     np.testing.assert_allclose(small.fraction_volumes(), big.fraction_volumes(), rtol=1e-9)
     assert small.pve_record == big.pve_record
+
+
+def test_segment_array_fractions_do_not_follow_later_changes_of_the_input():
+    """The fractions are computed when read: from a private copy, not the caller's array."""
+    image, _, mask = pve_phantom(shape=(16, 18, 15), noise=0.03, field=0.0)
+    result = segment_array(image, mask, n_components=3, pve=True)
+    fractions, volumes = result.fractions.copy(), result.fraction_volumes()
+    image *= 0.5
+    image[mask] += 100.0
+    np.testing.assert_array_equal(result.fractions, fractions)
+    np.testing.assert_allclose(result.fraction_volumes(), volumes, rtol=1e-12)
+
+
+def test_a_class_of_weight_zero_gives_finite_table_fractions():
+    """A mixed class of weight 0: the table lookups stay finite and match the exact model."""
+    model = _pve.PveModel(
+        means=np.array([[0.0], [1.0], [2.0]]),
+        covariances=np.full((3, 1, 1), 0.01),
+        weights=np.array([0.4, 0.3, 0.3, 0.0, 0.0]),
+    )
+    x = np.linspace(-0.5, 2.5, 301)
+    table = _pve.tabulate(model, float(x.min()), float(x.max()))
+    posterior = np.full((x.size, 3), 1 / 3, np.float32)
+    exact = _pve.fractions(x[:, None], model)
+    looked_up = _pve.fractions_from_table(x, table)
+    with_prior = _pve.fractions_from_table_mrf(x, table, posterior)
+    assert np.isfinite(looked_up).all() and np.isfinite(with_prior).all()
+    np.testing.assert_allclose(looked_up, exact, atol=1e-3)
+    np.testing.assert_allclose(with_prior.sum(1), 1.0, atol=1e-5)

@@ -125,6 +125,7 @@ def batch(input_dir: Path, out_dir: Path | None, **kwargs) -> None:
         raise click.UsageError("--subject, --session and --suffix need --bids.")
     pipeline, extra = apply_pipeline(kwargs)
     check_model_options(kwargs, extra)
+    _refuse_write_corrected(kwargs)
     try:
         MaskSpec.parse(kwargs["mask"], bids=kwargs["bids"])
     except SegmentError as error:
@@ -132,6 +133,15 @@ def batch(input_dir: Path, out_dir: Path | None, **kwargs) -> None:
             f"the mask of pipeline {pipeline.name}")  # fmt: skip
         raise click.BadParameter(str(error), param_hint=where) from None
     _run_batch(input_dir, out_dir, kwargs, pipeline, extra)
+
+
+def _refuse_write_corrected(kwargs) -> None:
+    # not written by batch yet: refused rather than silently ignored
+    if kwargs.get("write_corrected"):
+        raise click.UsageError(
+            "--write-corrected is only written by `segment run` for now; run it on the scans "
+            "whose corrected image you need"
+        )
 
 
 def _run_batch(input_dir, out_dir, kwargs, pipeline, extra, **where) -> None:
@@ -211,6 +221,7 @@ def bids(bids_dir: Path, output_dir: Path, analysis_level: str, more_labels, **k
         raise _BadBidsInput(str(error)) from None
     pipeline, extra = apply_pipeline(kwargs)
     check_model_options(kwargs, extra)
+    _refuse_write_corrected(kwargs)
     try:
         MaskSpec.parse(kwargs["mask"], bids=True)
     except SegmentError as error:
