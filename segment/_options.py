@@ -201,6 +201,11 @@ OPTIONS: dict[str, Option] = {
         Option("bias_smoothness", "float", 40.0, "Bias field smoothness as a length in mm "
                "(smaller: faster variations).", "model", True, 0, low_open=True,
                flags=("--bias-smoothness",), estimator_param="bias_smoothness", metavar="MM"),
+        Option("pv_fit", "bool", False, "Fit each class's Gaussian under a partial-volume "
+               "model (mixed voxels between classes adjacent in intensity), so that labels "
+               "follow the largest tissue fraction [default: off; on in the MRI presets].",
+               "model", True, flags=("--pv-fit/--no-pv-fit",), estimator_param="pv_fit",
+               show_default=False),
         Option("pve", "bool", False, "Also write partial-volume fractions, <stem>_pve (one "
                "volume per class, in [0,1], summing to 1 in the mask), from a mixed-voxel model "
                "of classes adjacent in intensity; volumes in the sidecar then come from them. "

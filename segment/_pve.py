@@ -304,6 +304,13 @@ def fit_pve_model(
     """
     X = np.asarray(X, np.float64)
     w = np.ones(len(X)) if sample_weight is None else np.asarray(sample_weight, np.float64)
+    if X.shape[1] == 1:
+        return _fit_pve_model_1d(X[:, 0], w, initial, variance_floor, max_iter, tol)
+    return _fit_pve_model_general(X, w, initial, variance_floor, max_iter, tol)
+
+
+def _fit_pve_model_general(X, w, initial: PveModel, variance_floor, max_iter: int, tol: float):
+    """:func:`fit_pve_model` on (N, D) features with weights ``w`` (N,), for any D."""
     model, trace = initial, []
     for _ in range(max_iter):
         pure, mixed, log_likelihood = class_posteriors(X, model)
@@ -311,6 +318,97 @@ def fit_pve_model(
         if len(trace) > 1 and abs(trace[-1] - trace[-2]) < tol:
             break
         model = pve_m_step(X, w, pure, mixed, variance_floor, model.n_steps)
+    return model, trace
+
+
+def tissue_moments(model: PveModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One Gaussian per tissue: the moments of the voxels whose largest fraction it holds.
+
+    Under the mixed-voxel model a tissue's voxels (those whose largest fraction is that
+    tissue, the crisp truth of a fuzzy anatomical model) are its pure voxels and the half of
+    each adjacent mixel where its fraction exceeds 1/2. Their intensity distribution is a
+    mixture of Gaussians; its weight, mean and covariance are returned. On a real T1 this is
+    close to the Gaussian of each tissue's true voxels, where the maximum-likelihood K-Gaussian
+    fit is not (a broad class swallows the mixels and moves the other boundaries).
+
+    Parameters
+    ----------
+    model : PveModel
+        Classes ascending in intensity.
+
+    Returns
+    -------
+    weights : (K,) array, summing to 1
+    means : (K, D) array
+    covariances : (K, D, D) array
+    """
+    K, f = model.n_classes, fraction_grid(model.n_steps)
+    mu, cov = np.asarray(model.means, np.float64), np.asarray(model.covariances, np.float64)
+    w = np.asarray(model.weights, np.float64)
+    # every Gaussian of the model: K pure ones, then each pair's grid of mixels
+    owner, weight, means, covs = list(range(K)), list(w[:K]), list(mu), list(cov)
+    for k in range(K - 1):
+        for fj in f:
+            owner.append(k if fj > 0.5 else k + 1)  # the grid has no f = 1/2
+            weight.append(w[K + k] / len(f))
+            means.append(fj * mu[k] + (1 - fj) * mu[k + 1])
+            covs.append(fj * cov[k] + (1 - fj) * cov[k + 1])
+    owner, weight = np.asarray(owner), np.asarray(weight)
+    means, covs = np.asarray(means), np.asarray(covs)
+    totals = np.bincount(owner, weight, minlength=K)
+    safe = np.maximum(totals, np.finfo(float).tiny)
+    tissue_means = (
+        np.stack([weight[owner == k] @ means[owner == k] for k in range(K)]) / safe[:, None]
+    )
+    second = (
+        np.stack(
+            [
+                np.einsum("c,cde->de", weight[owner == k], covs[owner == k])
+                + np.einsum("c,cd,ce->de", weight[owner == k], means[owner == k], means[owner == k])
+                for k in range(K)
+            ]
+        )
+        / safe[:, None, None]
+    )
+    tissue_covs = second - np.einsum("kd,ke->kde", tissue_means, tissue_means)
+    return totals / totals.sum(), tissue_means, tissue_covs
+
+
+def _fit_pve_model_1d(x, w, initial: PveModel, variance_floor, max_iter: int, tol: float):
+    """:func:`fit_pve_model` for one channel, ``x`` (N,): the same steps on one (N, C) array
+    of all 2K - 1 + (K - 1) n_steps Gaussians, a few times faster on a histogram."""
+    K, n_steps = initial.n_classes, initial.n_steps
+    f = fraction_grid(n_steps)
+    floor = float(np.asarray(variance_floor, np.float64).ravel()[0])
+    mu, var = initial.means[:, 0].astype(np.float64), initial.covariances[:, 0, 0].astype(float)
+    weights = np.asarray(initial.weights, np.float64)
+    total = w.sum()
+    trace: list[float] = []
+    for _ in range(max_iter):
+        means = np.concatenate([mu, (f * mu[:-1, None] + (1 - f) * mu[1:, None]).ravel()])
+        variances = np.concatenate([var, (f * var[:-1, None] + (1 - f) * var[1:, None]).ravel()])
+        log_prior = np.log(np.concatenate([weights[:K], np.repeat(weights[K:] / n_steps, n_steps)]))
+        log_p = (x[:, None] - means) ** 2
+        log_p /= variances
+        log_p += LOG_2PI + np.log(variances)
+        log_p *= -0.5
+        log_p += log_prior
+        top = log_p.max(1, keepdims=True)
+        np.exp(log_p - top, out=log_p)
+        norm = log_p.sum(1, keepdims=True)
+        trace.append(float(w @ (np.log(norm[:, 0]) + top[:, 0]) / total))
+        if len(trace) > 1 and abs(trace[-1] - trace[-2]) < tol:
+            break
+        log_p *= w[:, None] / norm  # now the weighted posteriors
+        r = log_p[:, :K]
+        nk = r.sum(0) + 1e-10
+        weights = np.concatenate(
+            [r.sum(0), log_p[:, K:].reshape(len(x), K - 1, n_steps).sum((0, 2))]
+        )
+        weights /= total
+        mu = (x @ r) / nk
+        var = np.maximum(((x[:, None] - mu) ** 2 * r).sum(0) / nk, floor)
+    model = PveModel(mu[:, None], var[:, None, None], weights, n_steps)
     return model, trace
 
 

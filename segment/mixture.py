@@ -24,6 +24,9 @@ __all__ = ["GaussianMixtureEM", "check_parameters", "recorded_warnings"]
 RELATIVE_VARIANCE_FLOOR = 1e-3
 #: A component whose responsibilities add up to less than one voxel is re-seeded.
 MIN_COMPONENT_VOXELS = 1.0
+#: Voxels (evenly spaced) the partial-volume tissue fit of ``pv_fit`` runs on: about this many
+#: (a 256-bin histogram of them, for one channel).
+PV_FIT_SAMPLE = 200_000
 #: Attributes of the spatial model that :meth:`GaussianMixtureEM.fit_image` reads from it.
 _SPATIAL_ATTRIBUTES = (
     "bias_field_", "bias_field_shape_", "bias_field_slabs", "bias_field_last_axis_slabs",
@@ -75,6 +78,10 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
     mrf_beta, bias_field, bias_smoothness, posterior_memory_limit
         The spatial model's parameters, used by :meth:`fit_image` only: see
         :class:`segment.SpatialGaussianMixture`, which new code should use for images.
+    pv_fit : bool, default False
+        After EM, fit a mixed-voxel model (:func:`segment.partial_volume.fit_tissues`) and
+        replace each Gaussian by the moments of the voxels whose largest tissue fraction is
+        that class, so labels follow partial-volume boundaries (``pv_model_``, ``pv_trace_``).
     callback : callable, optional
         Called after each iteration as ``callback(iteration, log_likelihood, change_per_voxel)``.
         When it also has a ``phase(name)`` method, that is called as each phase starts
@@ -149,6 +156,7 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
         bias_smoothness: float = 40.0,
         callback: Callable[[int, float, float], None] | None = None,
         posterior_memory_limit: float | None = None,
+        pv_fit: bool = False,
     ):
         self.n_components = n_components
         self.max_iter = max_iter
@@ -169,6 +177,7 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
         self.bias_smoothness = bias_smoothness
         self.callback = callback
         self.posterior_memory_limit = posterior_memory_limit
+        self.pv_fit = pv_fit
 
     # ------------------------------------------------------------------ fitting
     def fit(self, X: Any, y: None = None, sample_weight: Any = None) -> GaussianMixtureEM:
@@ -200,7 +209,10 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
         X = _validation.check_features(X)
         sample_weight = _validation.check_sample_weight(sample_weight, X.shape[0])
         with compute_kwargs(self.scheduler, self.n_workers) as ckw:
-            self._fit_mixture(X, sample_weight, ckw)
+            data = self._fit_mixture(X, sample_weight, ckw)
+            if self.pv_fit:
+                params = self._fit_tissues(*_tissue_sample(data, X, sample_weight))
+                self.soft_counts_ = self._statistics(data, params, ckw)["nk"]
         if self.sort_components:
             self._sort_components()
         return self
@@ -211,6 +223,7 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
         ``quiet``: no :class:`ConvergenceWarning` (a later EM continues from this one).
         """
         n_features = X.shape[1]
+        self.pv_model_ = self.pv_trace_ = None  # set by _fit_tissues
         floor = _validation.check_variance_floor(self.variance_floor, n_features)
         init = _validation.check_initial_parameters(
             self.means_init, self.covariances_init, self.weights_init,
@@ -229,6 +242,20 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
             self._run_em(data, weights, means, covariances, floor, ckw)
         return data
 
+    def _fit_tissues(self, values: np.ndarray, counts: np.ndarray | None) -> tuple:
+        """Replace the Gaussians by the mixed-voxel model's tissue Gaussians (``pv_fit``);
+        ``values`` (n, D) and ``counts`` (n,) or None as :func:`_tissue_sample`."""
+        from . import partial_volume
+
+        self._announce("partial-volume tissue fit")
+        model, trace, (weights, means, covariances) = partial_volume.fit_tissues(
+            values, counts, self.weights_, self.means_, self.covariances_, self.variance_floor_
+        )
+        self.pv_model_, self.pv_trace_ = model, trace
+        self.weights_, self.means_, self.covariances_ = weights, means, covariances
+        self.precisions_cholesky_ = _em.precision_cholesky(covariances)
+        return self.weights_, self.means_, self.precisions_cholesky_
+
     def fit_image(
         self,
         image: Any,
@@ -239,22 +266,7 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
     ) -> GaussianMixtureEM:
         """Deprecated: fit a :class:`~segment.SpatialGaussianMixture` with these parameters
         (kept as ``spatial_model_``) and copy its fitted attributes here."""
-        # The one import from the layer above (test_architecture.ALLOWED_UPWARD): a shim.
-        from .spatial.model import SpatialGaussianMixture
-
-        message = "GaussianMixtureEM.fit_image is deprecated: use segment.SpatialGaussianMixture"
-        warnings.warn(f"{message}(...).fit_image (same parameters)", DeprecationWarning, 2)
-        model = SpatialGaussianMixture(**self.get_params(deep=False))
-        try:
-            model.fit_image(image, mask, spacing=spacing, channel_axis=channel_axis)
-        finally:
-            self.warnings_ = getattr(model, "warnings_", [])
-        self.__dict__.update(
-            (name, value) for name, value in vars(model).items()
-            if name.endswith("_") and not name.startswith("_")
-        )  # fmt: skip
-        self.spatial_model_ = model
-        return self
+        return _fit_image_shim(self, image, mask, spacing, channel_axis)
 
     def __getattr__(self, name: str) -> Any:
         # only reached when the normal lookup fails: the spatial attributes after fit_image
@@ -360,19 +372,15 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
             warnings.warn(
                 f"EM did not converge in max_iter={self.max_iter} iterations: the last change "
                 f"was {change:.3g} nats per voxel (stopping needs |change| < tol={self.tol}); "
-                "raise max_iter, loosen tol "
-                "or raise variance_floor",
+                "raise max_iter, loosen tol or raise variance_floor",
                 ConvergenceWarning,
                 stacklevel=4,
             )
 
     def _sort_components(self) -> np.ndarray:
         order = np.argsort(self.means_[:, 0], kind="stable")
-        self.weights_ = self.weights_[order]
-        self.means_ = self.means_[order]
-        self.covariances_ = self.covariances_[order]
-        self.precisions_cholesky_ = self.precisions_cholesky_[order]
-        self.soft_counts_ = self.soft_counts_[order]
+        for name in ("weights_", "means_", "covariances_", "precisions_cholesky_", "soft_counts_"):
+            setattr(self, name, getattr(self, name)[order])
         return order
 
 
@@ -409,12 +417,48 @@ def check_parameters(estimator: GaussianMixtureEM) -> None:
         )
     _validation.check_positive("mrf_beta", estimator.mrf_beta, allow_zero=True)
     _validation.check_positive("bias_smoothness", estimator.bias_smoothness)
+    if estimator.pv_fit not in (True, False):
+        raise SegmentError(f"pv_fit must be True or False, got {estimator.pv_fit!r}")
+    if estimator.pv_fit and estimator.n_components < 2:
+        raise SegmentError(
+            f"pv_fit needs at least 2 classes to mix, got n_components={estimator.n_components}"
+        )
     if estimator.bias_field not in (True, False):
         raise SegmentError(f"bias_field must be True or False, got {estimator.bias_field!r}")
     try:
         check_scheduler(estimator.scheduler)
     except ValueError as error:
         raise SegmentError(str(error)) from None
+
+
+def _fit_image_shim(estimator: GaussianMixtureEM, image, mask, spacing, channel_axis):
+    """The deprecated :meth:`GaussianMixtureEM.fit_image`."""
+    # The one import from the layer above (test_architecture.ALLOWED_UPWARD): a shim.
+    from .spatial.model import SpatialGaussianMixture
+
+    message = "GaussianMixtureEM.fit_image is deprecated: use segment.SpatialGaussianMixture"
+    warnings.warn(f"{message}(...).fit_image (same parameters)", DeprecationWarning, 3)
+    model = SpatialGaussianMixture(**estimator.get_params(deep=False))
+    try:
+        model.fit_image(image, mask, spacing=spacing, channel_axis=channel_axis)
+    finally:
+        estimator.warnings_ = getattr(model, "warnings_", [])
+    estimator.__dict__.update(
+        (name, value) for name, value in vars(model).items()
+        if name.endswith("_") and not name.startswith("_")
+    )  # fmt: skip
+    estimator.spatial_model_ = model
+    return estimator
+
+
+def _tissue_sample(data: _initialise.FitData, X, sample_weight) -> tuple:
+    """``(values, counts)`` for the tissue fit of ``pv_fit``: the distinct values and their
+    counts when the fit used them, else about ``PV_FIT_SAMPLE`` evenly spaced rows of ``X``."""
+    if data.path == "distinct-values":
+        return np.asarray(data.X), np.asarray(data.sample_weight)
+    every = max(1, X.shape[0] // PV_FIT_SAMPLE)
+    weights = None if sample_weight is None else np.asarray(sample_weight[::every])
+    return np.asarray(X[::every]), weights
 
 
 def _reseed_empty(nk, weights, means, covariances):

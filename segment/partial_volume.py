@@ -28,6 +28,13 @@ N_SAMPLE = 200_000
 N_HISTOGRAM = 2_000_000
 #: Voxels per chunk when computing the fractions (each holds (chunk, K - 1, 20) float64).
 CHUNK = 65_536
+#: EM iterations and tolerance (mean log-likelihood per voxel) of the tissue fit of ``pv_fit``:
+#: on a real T1 the mixels hold a third of the brain and the pure classes settle slowly (about
+#: 900 iterations on the ICBM152 template; the fit runs on the histogram, a few ms each).
+TISSUE_FIT_MAX_ITER = 2000
+TISSUE_FIT_TOL = 1e-7
+#: Histogram bins of the tissue fit (one channel).
+TISSUE_FIT_BINS = 256
 
 
 def check_pve(pve: Any, n_components: int) -> bool:
@@ -81,6 +88,87 @@ def fit_model_on(
     samples, weights = (0.5 * (edges[:-1] + edges[1:]))[:, None], counts.astype(np.float64)
     keep = weights > 0
     return _pve.fit_pve_model(samples[keep], weights[keep], initial, floor)
+
+
+def summarise(
+    values: np.ndarray, counts: np.ndarray | None, n_bins: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Samples and weights for a model fit: a histogram of one channel, or the rows themselves.
+
+    Parameters
+    ----------
+    values : (n, D) array
+        Intensities (an evenly spaced sample of the fitted voxels when they are many).
+    counts : (n,) array or None
+        Voxels each row stands for (None: one each).
+    n_bins : int
+
+    Returns
+    -------
+    samples : (m, D) float64
+        Occupied bin centres on the 0.01-99.99 percentile range (one channel), or ``values``.
+    weights : (m,) float64 or None
+        Voxels in each bin (None: one each).
+    """
+    values = np.asarray(values, np.float64)
+    counts = None if counts is None else np.asarray(counts, np.float64)
+    if values.shape[1] != 1 or len(values) <= n_bins:
+        return values, counts
+    if counts is None:
+        low, high = np.percentile(values[:, 0], [0.01, 99.99])
+    else:  # the same percentiles of the voxels the rows stand for
+        order = np.argsort(values[:, 0], kind="stable")
+        cumulative = np.cumsum(counts[order]) / counts.sum()
+        low, high = values[order, 0][np.searchsorted(cumulative, [1e-4, 1 - 1e-4])]
+    high = high if high > low else low + 1.0
+    binned, edges = np.histogram(values[:, 0], bins=n_bins, range=(low, high), weights=counts)
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    keep = binned > 0
+    return centres[keep, None], binned[keep].astype(np.float64)
+
+
+def fit_tissues(
+    values: np.ndarray,
+    counts: np.ndarray | None,
+    weights: np.ndarray,
+    means: np.ndarray,
+    covariances: np.ndarray,
+    variance_floor: np.ndarray,
+) -> tuple[_pve.PveModel, list[float], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The mixed-voxel model fitted from a mixture, and one Gaussian per tissue from it.
+
+    Parameters
+    ----------
+    values : (n, D) array
+        Intensities of the fitted voxels (divided by the bias field), or an evenly spaced
+        sample of them.
+    counts : (n,) array or None
+        Voxels each row stands for (None: one each).
+    weights, means, covariances : (K,), (K, D), (K, D, D) arrays
+        The fitted mixture, the starting point, in any order.
+    variance_floor : (D,) array
+
+    Returns
+    -------
+    model : PveModel
+        Classes in ascending order of the first channel's mean.
+    trace : list of float
+        Mean log-likelihood per voxel of the model fit.
+    tissues : (weights, means, covariances)
+        :func:`segment._pve.tissue_moments` of ``model``, in the order of the input mixture.
+    """
+    order = np.argsort(np.asarray(means)[:, 0], kind="stable")
+    initial = _pve.initial_model(
+        np.asarray(means)[order], np.asarray(covariances)[order], np.asarray(weights)[order]
+    )
+    samples, counts = summarise(values, counts, TISSUE_FIT_BINS)
+    floor = np.broadcast_to(np.asarray(variance_floor, np.float64), (samples.shape[1],))
+    model, trace = _pve.fit_pve_model(
+        samples, counts, initial, floor, max_iter=TISSUE_FIT_MAX_ITER, tol=TISSUE_FIT_TOL
+    )
+    inverse = np.argsort(order)
+    tissues = tuple(a[inverse] for a in _pve.tissue_moments(model))
+    return model, trace, tissues
 
 
 def fit_model(X: np.ndarray, estimator) -> tuple[_pve.PveModel, list[float]]:
@@ -211,7 +299,11 @@ class FractionMaps:
             values = np.concatenate(values)
             histogram = edges, np.histogram(values, bins=N_BINS, range=edges)[0]
             del values
-        model, trace = fit_model_on(sample, histogram, self.estimator)
+        fitted = getattr(self.estimator, "pv_model_", None)
+        if fitted is not None and np.all(np.diff(self.estimator.means_[:, 0]) >= 0):
+            model, trace = fitted, self.estimator.pv_trace_  # fitted with pv_fit: the same model
+        else:
+            model, trace = fit_model_on(sample, histogram, self.estimator)
         table = None
         if len(self.channels) == 1 and self.n_voxels:
             table = _pve.tabulate(model, float(low[0]), float(high[0]))

@@ -190,8 +190,11 @@ class SegmentationResult:
 
     def sidecar(self, outputs: dict[str, str] | None = None, command_line=None) -> dict:
         """The JSON sidecar record (see :mod:`segment.sidecar`)."""
+        from . import partial_volume
+
         soft = self.soft_counts
-        return sidecar.build_sidecar(
+        pv_model = getattr(self.estimator, "pv_model_", None)
+        record = sidecar.build_sidecar(
             estimator=self.estimator,
             labels=self.labels,
             soft_counts=soft,
@@ -210,6 +213,11 @@ class SegmentationResult:
             partial_volume=self.pve_record,
             model_selection=self.model_selection,
         )
+        if pv_model is not None:  # pv_fit: the mixed-voxel model the class Gaussians came from
+            record["model"]["pv_fit"] = partial_volume.model_record(
+                pv_model, self.estimator.pv_trace_
+            )
+        return record
 
     def save(
         self,

@@ -25,7 +25,7 @@ from segment.pipelines import MODEL_KEYS, OUTPUT_KEYS, load_pipeline
 #: A valid value other than the default for each option (the table's ranges allow it).
 OTHER = {"n_components": 3, "mask": "auto", "max_iter": 40, "tol": 1e-3, "seed": 7,
          "variance_floor": 2.5, "chunk_size": 1000, "scheduler": "synchronous", "workers": 1,
-         "mrf_beta": 0.3, "bias_field": True, "bias_smoothness": 30.0, "pve": True,
+         "mrf_beta": 0.3, "bias_field": True, "bias_smoothness": 30.0, "pv_fit": True, "pve": True,
          "probseg": False, "qc": False, "qc_histogram": "log"}  # fmt: skip
 
 

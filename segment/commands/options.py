@@ -68,7 +68,8 @@ def model_options(func=None, *, batch: bool = False):
         click.option("--mrf/--no-mrf", "mrf", default=False,
                      help="Spatial Potts (MRF) prior over the 26 neighbours, strength "
                           f"{DEFAULT_MRF_BETA} unless --mrf-beta is given [default: off]."),
-        *(table[name] for name in ("mrf_beta", "bias_field", "bias_smoothness", "pve")),
+        *(table[name] for name in ("mrf_beta", "bias_field", "bias_smoothness", "pv_fit",
+                                   "pve")),
         click.option("--write-corrected", is_flag=True,
                      help="With --bias-field, also write <stem>_corrected (scan / bias field)."),
         *(table[name] for name in ("probseg", "qc", "qc_histogram")),
@@ -115,16 +116,18 @@ def apply_pipeline(kwargs: dict):
     for key, param in _SETTING_PARAMS.items():
         kwargs[param] = not settings[key] if OPTIONS[key].inverted else settings[key]
     kwargs["mrf_beta"] = settings["mrf_beta"]
-    if (
-        settings["pve"]
-        and isinstance(settings["n_components"], int)
-        and (settings["n_components"] < 2)
-    ):
-        where = "--pve" if sources["pve"] == "command line" else f"pipeline {pipeline.name}: pve"
-        raise click.UsageError(
-            f"{where} needs at least 2 classes to mix, got -k {settings['n_components']}; "
-            "raise -k or leave out --pve"
-        )
+    for name in ("pv_fit", "pve"):
+        if (
+            settings[name]
+            and isinstance(settings["n_components"], int)
+            and (settings["n_components"] < 2)
+        ):
+            flag = "--" + name.replace("_", "-")
+            where = flag if sources[name] == "command line" else f"pipeline {pipeline.name}: {name}"
+            raise click.UsageError(
+                f"{where} needs at least 2 classes to mix, got -k {settings['n_components']}; "
+                f"raise -k or leave out {flag}"
+            )
     return pipeline, {
         "pipeline": pipeline.record() if pipeline else None,
         "final_options": settings,

@@ -27,7 +27,7 @@ from .. import _em, _validation
 from .._scheduler import compute_kwargs
 from .._sweeps import PosteriorGrid
 from ..exceptions import DataWarning, SegmentError
-from ..mixture import GaussianMixtureEM, recorded_warnings
+from ..mixture import PV_FIT_SAMPLE, GaussianMixtureEM, recorded_warnings
 from . import bias
 from .field import BiasField
 from .mrf import MRFPrior
@@ -175,6 +175,8 @@ class SpatialGaussianMixture(GaussianMixtureEM):
             self.bias_status_ = None
             if self.bias_field:
                 params = self._fit_bias_field(field, image, mask, params, data, ckw)
+            if self.pv_fit:
+                params = self._fit_tissues(*self._tissue_sample(image, mask, field, data))
             del data
         self.bias_coefficients_, self.bias_cells_ = field.coarse, field.cells
         self._posterior_under_prior(image, mask, params, field, spacing)
@@ -227,6 +229,28 @@ class SpatialGaussianMixture(GaussianMixtureEM):
         )
         field.reset()
         return self.weights_, self.means_, _em.precision_cholesky(self.covariances_)
+
+    def _tissue_sample(self, image, mask, field: BiasField, data) -> tuple:
+        """``(values, counts)`` for :meth:`_fit_tissues`: the fitted voxels' intensities.
+
+        Without an applied field, the plain fit's distinct values and counts when it has them;
+        otherwise the mask's voxels on a regular sub-grid (every ``s``-th voxel along each
+        axis, at least ``PV_FIT_SAMPLE`` of them when the mask has that many), divided by the
+        field, in C order.
+        """
+        corrected = self.bias_field and self.bias_status_ == "applied"
+        if not corrected and data.path == "distinct-values":
+            return np.asarray(data.X), np.asarray(data.sample_weight)
+        step = max(1, int((mask.sum() / PV_FIT_SAMPLE) ** (1 / mask.ndim)))
+        scale = (step,) * mask.ndim
+        picks = tuple(slice(None, None, step) for _ in scale)
+        sub_mask = mask[picks]
+        values = np.asarray(image[picks])[sub_mask].astype(np.float32)  # (n, D)
+        if corrected:
+            log_b = bias.log_bias_block(sub_mask.shape, (0,) * mask.ndim, field.coarse,
+                                        field.cells, scale)  # fmt: skip
+            values /= np.exp(log_b[sub_mask])
+        return values, None
 
     def _posterior_under_prior(self, image, mask, params, field: BiasField, spacing) -> None:
         """The mixture's responsibilities under the final field, then the MRF posterior."""
