@@ -445,7 +445,7 @@ def _execute(tasks: list[ScanTask], *, scheduler: str | None, jobs: int | None):
         for future in as_completed(futures, loop=client.loop):
             task = futures.pop(future)
             try:
-                row = future.result()
+                result = future.result()
             except Exception as error:  # noqa: BLE001 - e.g. a worker killed (out of memory)
                 if _scheduler_lost(client, error):
                     raise SegmentError(
@@ -454,11 +454,12 @@ def _execute(tasks: list[ScanTask], *, scheduler: str | None, jobs: int | None):
                         "others have no sidecar (incomplete, never half-written): rerun the "
                         "same command to finish the batch"
                     ) from None
-                row = row(task.rel, "failed", error=f"{type(error).__name__}: {error} "
-                           "(the worker running this scan died; out of memory?)")  # fmt: skip
+                result = row(task.rel, "failed", error=f"{type(error).__name__}: {error} "
+                              "(raised outside the scan's own error handling: the worker "
+                              "died, out of memory?, or its environment is broken)")  # fmt: skip
             future.release()
             done += 1
-            yield row
+            yield result
 
 
 def _scheduler_lost(client, error: BaseException) -> bool:

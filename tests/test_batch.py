@@ -275,6 +275,34 @@ def test_distributed_cluster_gives_the_same_outputs(tmp_path):
     np.testing.assert_allclose(prob_a, prob_b, atol=1e-6)
 
 
+def test_an_error_outside_the_scan_fails_that_scan_alone(tmp_path, monkeypatch):
+    """An exception the scan's own handling never sees (a worker whose imports fail) is a
+    ``failed`` row for that scan; the others finish."""
+    import segment.batch
+
+    original = segment.batch.run_task
+
+    def run_task(task):
+        if task.rel.startswith("b"):
+            raise ModuleNotFoundError("No module named 'scipy.linalg'")
+        return original(task)
+
+    monkeypatch.setattr(segment.batch, "run_task", run_task)
+    root = tmp_path / "scans"
+    write_head(root / "a.nii.gz", 1)
+    write_head(root / "b.nii.gz", 2)
+    result = CliRunner().invoke(
+        cli, ["batch", str(root), "-o", str(tmp_path / "o"), "-k", "3", *FAST,
+              "--scheduler", "threads", "--jobs", "2"],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    rows = {row["input"]: row for row in read_summary(tmp_path / "o" / "batch_summary.tsv")}
+    assert rows["a.nii.gz"]["status"] == "ok"
+    assert rows["b.nii.gz"]["status"] == "failed"
+    assert "ModuleNotFoundError" in rows["b.nii.gz"]["error"]
+    assert (tmp_path / "o" / "a_dseg.nii.gz").exists()
+
+
 def test_unreachable_scheduler(tmp_path, monkeypatch):
     monkeypatch.setattr("segment.batch.CONNECT_TIMEOUT", "0.5s")
     root = tmp_path / "scans"
