@@ -387,7 +387,10 @@ def _fit_pve_model_1d(x, w, initial: PveModel, variance_floor, max_iter: int, to
     for _ in range(max_iter):
         means = np.concatenate([mu, (f * mu[:-1, None] + (1 - f) * mu[1:, None]).ravel()])
         variances = np.concatenate([var, (f * var[:-1, None] + (1 - f) * var[1:, None]).ravel()])
-        log_prior = np.log(np.concatenate([weights[:K], np.repeat(weights[K:] / n_steps, n_steps)]))
+        with np.errstate(divide="ignore"):  # a class whose weight fell to 0 stays at 0
+            log_prior = np.log(
+                np.concatenate([weights[:K], np.repeat(weights[K:] / n_steps, n_steps)])
+            )
         log_p = (x[:, None] - means) ** 2
         log_p /= variances
         log_p += LOG_2PI + np.log(variances)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -144,3 +145,29 @@ def test_cli_pv_fit_records_the_model_and_reuses_it_for_pve(phantom_file, tmp_pa
     assert means == sorted(means)
     usage = CliRunner().invoke(cli, ["run", str(path), "-k", "1", "--pv-fit", "-o", str(out)])
     assert usage.exit_code == 2 and "--pv-fit needs at least 2 classes" in usage.output
+
+
+def test_a_class_widened_over_the_mixed_voxels_does_not_trap_the_fit():
+    """Recorded from the brain preset at 30 mm on the noise-free partial-volume phantom with a
+    40 % field (benchmarks/realistic.py pv-n0-f40): the histogram of the corrected intensities
+    and the mixture EM handed over, whose CSF class spans the CSF/GM mixels (sd 0.24). From
+    that start alone the model keeps the broad class; the second start finds the phantom's
+    pure intensities (0.3 / 0.65 / 1.0) and its mixels."""
+    with np.load(Path(__file__).parent / "data" / "pv_fit_trap.npz") as z:
+        case = {name: z[name].astype(np.float64) for name in z.files}
+    samples, counts = case["centres"][:, None], case["counts"]
+    order = np.argsort(case["means"][:, 0])
+    trapped, _ = _pve.fit_pve_model(
+        samples, counts,
+        _pve.initial_model(case["means"][order], case["covariances"][order],
+                           case["weights"][order]),
+        case["floor"], max_iter=2000, tol=1e-7,
+    )  # fmt: skip
+    assert np.sqrt(trapped.covariances[0, 0, 0]) > 0.1
+    model, _, (_, means, covariances) = fit_tissues(
+        samples, counts, case["weights"], case["means"], case["covariances"], case["floor"]
+    )
+    np.testing.assert_allclose(model.means[:, 0], [0.3, 0.65, 1.0], atol=0.01)
+    assert np.sqrt(model.covariances[:, 0, 0]).max() < 0.03
+    assert model.weights[3] > 0.02  # the CSF/GM mixels are found
+    assert np.sqrt(covariances[:, 0, 0]).max() < 0.1
