@@ -2,8 +2,9 @@
 
 The per-voxel loops that EM repeats are compiled C in one extension module,
 ``segment._estep``: the E-step statistics of a chunk (see :func:`segment._em.chunk_statistics`),
-the moments and histogram of one channel, and the MRF's mean-field sweep
-(:func:`mean_field_rows`). They release the GIL, so threads run chunks side by side.
+the moments and histogram of one channel, the MRF's mean-field sweep
+(:func:`mean_field_rows`), and the bias field's interpolation (:func:`interpolate_field`).
+They release the GIL, so threads run chunks side by side.
 
 The extension is optional. When it was not built (no C compiler at install time) or when the
 environment variable ``SEGMENT_NO_COMPILED=1`` is set, every kernel runs on its numpy twin,
@@ -20,6 +21,7 @@ compiled               numpy twin
 ``moments_1d``         :func:`moments_1d` here (numpy)
 ``histogram_1d``       :func:`histogram_1d` here (numpy)
 ``mean_field_rows``    :func:`_numpy_mean_field_rows` here (neighbour sums + the E-step)
+``interpolate_field``  :func:`_numpy_interpolate_field` here (np.tensordot)
 =====================  ==============================================================
 """
 
@@ -358,3 +360,64 @@ def _exp_sweep(shifted: np.ndarray) -> np.ndarray:
         poly = coefficient + g * poly
     scale = ((n.astype(np.int32) + 127) << 23).view(np.float32)
     return np.where(t > np.float32(NEGLIGIBLE), poly * scale, np.float32(0.0))
+
+
+# --------------------------------------------------------------------------------------------
+# The bias field's interpolation
+# --------------------------------------------------------------------------------------------
+def interpolate_field(
+    coarse: np.ndarray,
+    lows: list[np.ndarray],
+    weights: list[np.ndarray],
+    reverse: bool = False,
+) -> np.ndarray:
+    """Separable linear interpolation of a coarse grid at the voxels of a block (compiled or numpy).
+
+    Parameters
+    ----------
+    coarse : (c_0, ..., c_{n-1}, D) float64
+        The values at the cell centres, ``n`` = 2 or 3 spatial axes, at least 2 cells each.
+    lows : n arrays (m_a,) of int
+        Per axis, the lower of the two cells each voxel lies between, in ``[0, c_a - 2]``.
+    weights : n arrays (m_a, 2) float64
+        Per axis, the weights of the lower and the upper cell.
+    reverse : bool
+        Return the block's axes in reverse order.
+
+    Returns
+    -------
+    (m_0, ..., m_{n-1}, D) float32, or (m_{n-1}, ..., m_0, D) with ``reverse``
+        The axes contracted in order (axis 0 first), in float64, then rounded to float32.
+    """
+    coarse = np.ascontiguousarray(coarse, dtype=np.float64)
+    lows = [np.ascontiguousarray(low, dtype=np.int64) for low in lows]
+    weights = [np.ascontiguousarray(w, dtype=np.float64) for w in weights]
+    if compiled is None:
+        return _numpy_interpolate_field(coarse, lows, weights, reverse)
+    shape = tuple(len(low) for low in lows)
+    if len(shape) == 2:  # a first axis of one voxel, on two equal cells: v * 1 + v * 0 = v
+        coarse = np.stack([coarse, coarse])
+        lows = [np.zeros(1, np.int64), *lows]
+        weights = [np.array([[1.0, 0.0]]), *weights]
+    full = tuple(len(low) for low in lows)
+    out = np.empty((full[::-1] if reverse else full) + coarse.shape[-1:], np.float32)
+    compiled.interpolate_field(coarse, lows[0], weights[0], lows[1], weights[1], lows[2],
+                               weights[2], out, reverse)  # fmt: skip
+    out_shape = (shape[::-1] if reverse else shape) + coarse.shape[-1:]
+    return out.reshape(out_shape)
+
+
+def _numpy_interpolate_field(coarse, lows, weights, reverse):
+    """:func:`interpolate_field` in numpy: each axis contracted with a dense (m_a, c_a) matrix
+    by ``np.tensordot``, the twin of the C kernel (which leaves out the zero terms)."""
+    ndim = coarse.ndim - 1
+    tensor = coarse
+    for axis in range(ndim):  # contract the leading cell axis; the voxel axis goes last but one
+        rows = np.arange(len(lows[axis]))
+        matrix = np.zeros((len(rows), coarse.shape[axis]))
+        matrix[rows, lows[axis]] = weights[axis][:, 0]
+        matrix[rows, lows[axis] + 1] = weights[axis][:, 1]
+        tensor = np.moveaxis(np.tensordot(tensor, matrix, axes=(0, 1)), -2, -1)
+    if reverse:  # axes are now (*block, D)
+        tensor = np.transpose(tensor, tuple(range(ndim))[::-1] + (ndim,))
+    return np.ascontiguousarray(tensor, dtype=np.float32)

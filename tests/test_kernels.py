@@ -168,6 +168,57 @@ def test_compiled_sweep_refuses_wrong_buffers(rng):
         call(state_out=np.zeros((4, 5, 6, 4), np.uint8)[::-1].copy().view(np.int8))
 
 
+def interpolation_inputs(rng, coarse_shape, shape, n_features):
+    """Random coarse values and random taps (lower cell, weights) per axis."""
+    coarse = rng.normal(0.0, 0.3, coarse_shape + (n_features,))
+    lows = [rng.integers(0, c - 1, n) for c, n in zip(coarse_shape, shape)]
+    t = [rng.random(n) for n in shape]
+    weights = [np.stack([1.0 - ti, ti], axis=1) for ti in t]
+    return coarse, lows, weights
+
+
+@needs_compiled
+@pytest.mark.parametrize(
+    "coarse_shape, shape, n_features",
+    [((2, 3, 5), (7, 1, 9), 1), ((4, 2, 3), (3, 5, 11), 2), ((3, 6), (13, 5), 1),
+     ((5, 4), (1, 7), 3), ((2, 2, 2), (1, 1, 1), 1)],
+)  # fmt: skip
+@pytest.mark.parametrize("reverse", [False, True])
+def test_compiled_interpolation_equals_its_numpy_twin(
+    rng, monkeypatch, coarse_shape, shape, n_features, reverse
+):
+    coarse, lows, weights = interpolation_inputs(rng, coarse_shape, shape, n_features)
+    compiled = _kernels.interpolate_field(coarse, lows, weights, reverse)
+    monkeypatch.setattr(_kernels, "compiled", None)
+    twin = _kernels.interpolate_field(coarse, lows, weights, reverse)
+    assert compiled.dtype == twin.dtype == np.float32
+    assert compiled.shape == twin.shape == (shape[::-1] if reverse else shape) + (n_features,)
+    np.testing.assert_allclose(compiled, twin, rtol=1e-6, atol=1e-7)
+
+
+@needs_compiled
+def test_compiled_interpolation_refuses_wrong_buffers(rng):
+    coarse, lows, weights = interpolation_inputs(rng, (3, 4, 5), (2, 3, 4), 1)
+    out = np.zeros((2, 3, 4, 1), np.float32)
+
+    def call(**changes):
+        args = dict(coarse=coarse, low0=lows[0], w0=weights[0], low1=lows[1], w1=weights[1],
+                    low2=lows[2], w2=weights[2], out=out, reverse=False)  # fmt: skip
+        args.update(changes)
+        _kernels.compiled.interpolate_field(*args.values())
+
+    call()  # the right buffers
+    assert out.any()
+    with pytest.raises(ValueError, match="low_a must be"):
+        call(low1=np.array([0, 1, 3]))
+    with pytest.raises(ValueError, match="out needs"):
+        call(reverse=True)
+    with pytest.raises(ValueError, match="w_a needs"):
+        call(w2=weights[2][:3])
+    with pytest.raises(TypeError, match="out"):
+        call(out=out.astype(np.float64))
+
+
 @needs_compiled
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_moments_twin(rng, dtype, monkeypatch):

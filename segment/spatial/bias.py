@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .. import _em
+from .. import _em, _kernels
 
 #: Classes whose mean is under this many standard deviations do not inform the field.
 MIN_SNR = 3.0
@@ -279,17 +279,20 @@ def class_agreement(
     return (float(covariance / scale) if scale > 0 else 0.0), pair
 
 
-def _interpolation(n: int, start: int, scale: int, cells: int, n_cells: int) -> np.ndarray:
-    """(n, n_cells) linear-interpolation weights of voxels ``(start + j) * scale`` of one axis."""
+def interpolation_taps(
+    n: int, start: int, scale: int, cells: int, n_cells: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Linear-interpolation taps of voxels ``(start + j) * scale``, ``j < n``, of one axis.
+
+    Returns the lower cell of each voxel (n,) int64, in ``[0, n_cells - 2]``, and the weights
+    (n, 2) of that cell and the next: ``1 - t`` and ``t``. Voxels beyond the outer cell
+    centres take the outer cell's value.
+    """
     centres = ((start + np.arange(n)) * scale + 0.5) / cells - 0.5
     centres = np.clip(centres, 0.0, n_cells - 1.0)
-    low = np.minimum(np.floor(centres).astype(np.intp), n_cells - 2)
+    low = np.minimum(np.floor(centres).astype(np.int64), n_cells - 2)
     t = centres - low
-    matrix = np.zeros((n, n_cells))
-    rows = np.arange(n)
-    matrix[rows, low] = 1.0 - t
-    matrix[rows, low + 1] = t
-    return matrix
+    return low, np.stack([1.0 - t, t], axis=1)
 
 
 def log_bias_block(
@@ -302,6 +305,9 @@ def log_bias_block(
 ) -> np.ndarray:
     """``log b`` at the voxels of a block, (*shape, D) float32.
 
+    Separable linear interpolation of the coarse values (:func:`interpolation_taps`,
+    :func:`segment._kernels.interpolate_field`).
+
     Parameters
     ----------
     shape, offset : the block's shape and offset on the grid (sampled every ``scale`` voxels)
@@ -311,15 +317,12 @@ def log_bias_block(
     """
     ndim = coarse.ndim - 1
     scale = scale or (1,) * ndim
-    axes = range(ndim)
     if reverse:
         shape, offset = shape[::-1], offset[::-1]
-    tensor = np.moveaxis(coarse, 0, -1)  # (*coarse, D)
-    for axis in axes:  # contract the leading cell axis; the voxel axis goes last but one
-        matrix = _interpolation(shape[axis], offset[axis], scale[axis], cells[axis],
-                                coarse.shape[1 + axis])  # fmt: skip
-        tensor = np.moveaxis(np.tensordot(tensor, matrix, axes=(0, 1)), -2, -1)
-    # axes are now (*shape, D)
-    if reverse:
-        tensor = np.transpose(tensor, tuple(range(ndim))[::-1] + (ndim,))
-    return np.ascontiguousarray(tensor, dtype=np.float32)
+    taps = [
+        interpolation_taps(shape[a], offset[a], scale[a], cells[a], coarse.shape[1 + a])
+        for a in range(ndim)
+    ]
+    return _kernels.interpolate_field(
+        np.moveaxis(coarse, 0, -1), [low for low, _ in taps], [w for _, w in taps], reverse
+    )
