@@ -679,6 +679,107 @@ MULTIVERSION static void interpolate_field_run(const double *coarse, Py_ssize_t 
     }
 }
 
+/* ------------------------------------------------------------------ partial-volume fractions */
+
+/* Fractions of one channel from a tabulated mixed-voxel model, with the MRF prior.
+ *
+ * For each voxel: position p = (x - x0) / step clipped to [0, n - 1], low = min(floor(p),
+ * n - 2), t = p - low; each of the R = C + K - 1 rows (C = 2 K - 1 class log-likelihoods,
+ * then K - 1 mixing shares) is slopes[r][low] * t + values[r][low]; the C likelihoods are
+ * exp(l_c - max_c l_c), weighted by the prior (q_k + floor for pure class k, (q_m + q_m+1) / 2
+ * + floor for the mixel of m and m + 1; none without a posterior), normalised by their sum
+ * (taken in class order), and each mixel's posterior is split between its two classes by the
+ * share. The same float64 operations in the same order as the numpy twin
+ * (segment._kernels._numpy_table_fractions), with this module's exponential. q holds K
+ * float32 (or float64) values per voxel or is NULL. work holds (R + K + 2) BLOCK doubles and
+ * BLOCK indices; the loops run over a block of voxels, class by class. */
+#define DEFINE_TABLE_FRACTIONS(NAME, QTYPE)                                                    \
+    MULTIVERSION static void NAME(const double *x, Py_ssize_t n_voxels, const double *values,  \
+                                  const double *slopes, Py_ssize_t n, Py_ssize_t R, double x0, \
+                                  double step, const QTYPE *q, double floor_, Py_ssize_t K,    \
+                                  float *out, double *work)                                    \
+    {                                                                                          \
+        const int64_t round_bits = bits_of(ROUND);                                             \
+        const Py_ssize_t C = 2 * K - 1, top = n - 2 > 0 ? n - 2 : 0;                           \
+        double *rows = work, *t = rows + R * BLOCK, *peak = t + BLOCK;                         \
+        double *o = peak + BLOCK; /* K rows */                                                 \
+        Py_ssize_t *low = (Py_ssize_t *)(o + K * BLOCK);                                       \
+        for (Py_ssize_t start = 0; start < n_voxels; start += BLOCK) {                         \
+            const Py_ssize_t nb = n_voxels - start < BLOCK ? n_voxels - start : BLOCK;         \
+            const double *xb = x + start;                                                      \
+            for (Py_ssize_t i = 0; i < nb; i++) {                                              \
+                double p = (xb[i] - x0) / step;                                                \
+                p = p < 0.0 ? 0.0 : (p > (double)(n - 1) ? (double)(n - 1) : p);              \
+                Py_ssize_t l = (Py_ssize_t)p;                                                  \
+                l = l < top ? l : top;                                                         \
+                low[i] = l;                                                                    \
+                t[i] = p - (double)l;                                                          \
+            }                                                                                  \
+            for (Py_ssize_t r = 0; r < R; r++) {                                               \
+                const double *sr = slopes + r * n, *vr = values + r * n;                       \
+                double *row = rows + r * nb;                                                   \
+                for (Py_ssize_t i = 0; i < nb; i++) row[i] = sr[low[i]] * t[i] + vr[low[i]];   \
+            }                                                                                  \
+            for (Py_ssize_t i = 0; i < nb; i++) peak[i] = rows[i];                             \
+            for (Py_ssize_t c = 1; c < C; c++) {                                               \
+                const double *row = rows + c * nb;                                             \
+                for (Py_ssize_t i = 0; i < nb; i++) peak[i] = row[i] > peak[i] ? row[i] : peak[i]; \
+            }                                                                                  \
+            for (Py_ssize_t c = 0; c < C; c++) {                                               \
+                double *row = rows + c * nb;                                                   \
+                for (Py_ssize_t i = 0; i < nb; i++)                                            \
+                    row[i] = exp_nonpositive(row[i] - peak[i], round_bits);                    \
+            }                                                                                  \
+            if (q != NULL) {                                                                   \
+                const QTYPE *qb = q + start * K;                                               \
+                for (Py_ssize_t k = 0; k < K; k++) {                                           \
+                    double *row = rows + k * nb;                                               \
+                    for (Py_ssize_t i = 0; i < nb; i++) row[i] *= (double)qb[i * K + k] + floor_; \
+                }                                                                              \
+                for (Py_ssize_t m = 0; m < K - 1; m++) {                                       \
+                    double *row = rows + (K + m) * nb;                                         \
+                    for (Py_ssize_t i = 0; i < nb; i++) {                                      \
+                        double prior = (double)qb[i * K + m] + (double)qb[i * K + m + 1];      \
+                        prior *= 0.5;                                                          \
+                        prior += floor_;                                                       \
+                        row[i] *= prior;                                                       \
+                    }                                                                          \
+                }                                                                              \
+            }                                                                                  \
+            double *total = peak; /* the sum over classes, in class order */                   \
+            for (Py_ssize_t i = 0; i < nb; i++) total[i] = rows[i];                            \
+            for (Py_ssize_t c = 1; c < C; c++) {                                               \
+                const double *row = rows + c * nb;                                             \
+                for (Py_ssize_t i = 0; i < nb; i++) total[i] += row[i];                        \
+            }                                                                                  \
+            for (Py_ssize_t c = 0; c < C; c++) {                                               \
+                double *row = rows + c * nb;                                                   \
+                for (Py_ssize_t i = 0; i < nb; i++) row[i] /= total[i];                        \
+            }                                                                                  \
+            memcpy(o, rows, (size_t)(K * nb) * sizeof(double));                                \
+            for (Py_ssize_t m = 0; m < K - 1; m++) { /* the mixel's lower-class share */      \
+                double *mixed = rows + (K + m) * nb, *om = o + m * nb;                         \
+                const double *share = rows + (C + m) * nb;                                     \
+                for (Py_ssize_t i = 0; i < nb; i++) {                                          \
+                    const double first = mixed[i] * share[i];                                  \
+                    om[i] += first;                                                            \
+                    mixed[i] -= first;                                                         \
+                }                                                                              \
+            }                                                                                  \
+            for (Py_ssize_t m = 0; m < K - 1; m++) {                                           \
+                const double *mixed = rows + (K + m) * nb;                                     \
+                double *om = o + (m + 1) * nb;                                                 \
+                for (Py_ssize_t i = 0; i < nb; i++) om[i] += mixed[i];                         \
+            }                                                                                  \
+            float *ob = out + start * K;                                                       \
+            for (Py_ssize_t k = 0; k < K; k++)                                                 \
+                for (Py_ssize_t i = 0; i < nb; i++) ob[i * K + k] = (float)o[k * nb + i];      \
+        }                                                                                      \
+    }
+
+DEFINE_TABLE_FRACTIONS(table_fractions_float, float)
+DEFINE_TABLE_FRACTIONS(table_fractions_double, double)
+
 /* ------------------------------------------------------------------ Python bindings */
 
 enum kind { FLOAT64, FLOAT32_OR_64 };
@@ -1133,6 +1234,71 @@ static PyObject *interpolate_field(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(table_fractions_doc,
+"table_fractions(x, values, slopes, x0, step, posterior, floor, out)\n\n"
+"Partial-volume fractions of one channel from a tabulated model, with the MRF prior, without\n"
+"the GIL; see segment._kernels.table_fractions for the arguments and\n"
+"segment._kernels._numpy_table_fractions for the numpy twin.\n"
+"x: (N,) float64; values, slopes: (2 K - 1 + K - 1, n) float64 with n >= 1; x0, step > 0:\n"
+"floats; posterior: (N, K) float32 or float64, or (0, K) for no prior; out: (N, K) float32.");
+
+static PyObject *table_fractions(PyObject *self, PyObject *args)
+{
+    PyObject *o[5];
+    Py_buffer views[5];
+    double x0, step, floor_;
+    int n = 0;
+    if (!PyArg_ParseTuple(args, "OOOddOdO", &o[0], &o[1], &o[2], &x0, &step, &o[3], &floor_,
+                          &o[4]))
+        return NULL;
+    static const char *names[5] = {"x", "values", "slopes", "posterior", "out"};
+    static const char types[5] = {'d', 'd', 'd', 'd', 'f'};
+    static const int ndims[5] = {1, 2, 2, 2, 2};
+    int q_float32 = 0;
+    for (; n < 5; n++) {
+        int status;
+        if (n == 3) { /* float32 or float64 */
+            status = get_array(o[n], &views[n], names[n], 'f', 2, 0, 0);
+            q_float32 = status == 0;
+            if (status < 0) {
+                PyErr_Clear();
+                status = get_array(o[n], &views[n], names[n], 'd', 2, 0, 0);
+            }
+        } else {
+            status = get_array(o[n], &views[n], names[n], types[n], ndims[n], n == 4, 0);
+        }
+        if (status < 0) {
+            release(views, n);
+            return NULL;
+        }
+    }
+    const Py_ssize_t N = views[0].shape[0], K = views[4].shape[1];
+    const Py_ssize_t R = views[1].shape[0], n_points = views[1].shape[1];
+    if (K < 1 || views[4].shape[0] != N || R != 3 * K - 2 || n_points < 1 ||
+        views[2].shape[0] != R || views[2].shape[1] != n_points)
+        return size_error(views, n, "values and slopes need 3 K - 2 rows of n points, out (N, K)");
+    const Py_ssize_t n_q = views[3].shape[0];
+    if ((n_q != 0 && n_q != N) || views[3].shape[1] != K)
+        return size_error(views, n, "posterior needs the shape (N, K), or (0, K)");
+    if (!(step > 0)) return size_error(views, n, "step must be positive");
+    double *work = PyMem_RawMalloc((size_t)(R + K + 3) * BLOCK * sizeof(double));
+    if (work == NULL) {
+        release(views, n);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (q_float32 || n_q == 0)
+        table_fractions_float(views[0].buf, N, views[1].buf, views[2].buf, n_points, R, x0, step,
+                              n_q ? views[3].buf : NULL, floor_, K, views[4].buf, work);
+    else
+        table_fractions_double(views[0].buf, N, views[1].buf, views[2].buf, n_points, R, x0, step,
+                               views[3].buf, floor_, K, views[4].buf, work);
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(work);
+    release(views, n);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"statistics_1d", statistics_1d, METH_VARARGS, statistics_1d_doc},
     {"statistics_nd", statistics_nd, METH_VARARGS, statistics_nd_doc},
@@ -1141,6 +1307,7 @@ static PyMethodDef methods[] = {
     {"exp_nonpositive", exp_nonpositive_py, METH_VARARGS, exp_nonpositive_doc},
     {"mean_field_rows", mean_field_rows, METH_VARARGS, mean_field_rows_doc},
     {"interpolate_field", interpolate_field, METH_VARARGS, interpolate_field_doc},
+    {"table_fractions", table_fractions, METH_VARARGS, table_fractions_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -3,8 +3,9 @@
 The per-voxel loops that EM repeats are compiled C in one extension module,
 ``segment._estep``: the E-step statistics of a chunk (see :func:`segment._em.chunk_statistics`),
 the moments and histogram of one channel, the MRF's mean-field sweep
-(:func:`mean_field_rows`), and the bias field's interpolation (:func:`interpolate_field`).
-They release the GIL, so threads run chunks side by side.
+(:func:`mean_field_rows`), the bias field's interpolation (:func:`interpolate_field`) and the
+partial-volume fractions (:func:`table_fractions`). They release the GIL, so threads run
+chunks side by side.
 
 The extension is optional. When it was not built (no C compiler at install time) or when the
 environment variable ``SEGMENT_NO_COMPILED=1`` is set, every kernel runs on its numpy twin,
@@ -22,6 +23,7 @@ compiled               numpy twin
 ``histogram_1d``       :func:`histogram_1d` here (numpy)
 ``mean_field_rows``    :func:`_numpy_mean_field_rows` here (neighbour sums + the E-step)
 ``interpolate_field``  :func:`_numpy_interpolate_field` here (np.tensordot)
+``table_fractions``    :func:`_numpy_table_fractions` here
 =====================  ==============================================================
 """
 
@@ -421,3 +423,89 @@ def _numpy_interpolate_field(coarse, lows, weights, reverse):
     if reverse:  # axes are now (*block, D)
         tensor = np.transpose(tensor, tuple(range(ndim))[::-1] + (ndim,))
     return np.ascontiguousarray(tensor, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Partial-volume fractions from a table
+# --------------------------------------------------------------------------------------------
+def table_fractions(
+    x: np.ndarray,
+    values: np.ndarray,
+    slopes: np.ndarray,
+    x0: float,
+    step: float,
+    posterior: np.ndarray | None,
+    floor: float,
+    n_classes: int,
+) -> np.ndarray:
+    """Partial-volume fractions of one channel from a tabulated model (compiled or numpy).
+
+    Parameters
+    ----------
+    x : (N,) array
+        The intensities.
+    values, slopes : (2 K - 1 + K - 1, n) float64
+        On a uniform grid of n points from ``x0`` by ``step``: the log-likelihoods of the
+        2 K - 1 pure and mixed classes, then the K - 1 mixels' shares of their lower class;
+        and their slopes per grid step (0 at the last point).
+    x0, step : float
+        The grid's first point and spacing (``step > 0``).
+    posterior : (N, K) float32 or float64 array, or None
+        The MRF posterior of the pure classes, the spatial prior: ``q_k + floor`` for pure
+        class k, ``(q_k + q_k+1) / 2 + floor`` for a mixel (None: no prior).
+    floor : float
+    n_classes : int
+        K.
+
+    Returns
+    -------
+    (N, K) float32
+        The posterior expectation of each class's fraction.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    values = np.ascontiguousarray(values, dtype=np.float64)
+    slopes = np.ascontiguousarray(slopes, dtype=np.float64)
+    if posterior is not None:
+        posterior = np.asarray(posterior)
+        if posterior.dtype not in (np.float32, np.float64):
+            posterior = posterior.astype(np.float64)
+        posterior = np.ascontiguousarray(posterior)
+    if compiled is None:
+        return _numpy_table_fractions(x, values, slopes, x0, step, posterior, floor, n_classes)
+    out = np.empty((len(x), n_classes), np.float32)
+    no_prior = np.zeros((0, n_classes), np.float32)
+    compiled.table_fractions(x, values, slopes, float(x0), float(step),
+                             no_prior if posterior is None else posterior, float(floor),
+                             out)  # fmt: skip
+    return out
+
+
+def _numpy_table_fractions(x, values, slopes, x0, step, posterior, floor, n_classes):
+    """:func:`table_fractions` in numpy, one row per class, (C, N), so that the sums and
+    maxima over classes are elementwise; ``np.exp`` for the exponential."""
+    K, n = n_classes, values.shape[1]
+    n_mixed = 2 * K - 1
+    position = (x - x0) / step
+    np.clip(position, 0.0, n - 1.0, out=position)
+    low = np.minimum(position.astype(np.intp), max(n - 2, 0))
+    position -= low  # the weight of the upper grid point
+    rows = np.take(slopes, low, axis=1)  # (C + K - 1, N)
+    rows *= position
+    rows += np.take(values, low, axis=1)
+    post, share = rows[:n_mixed], rows[n_mixed:]
+    post -= post.max(0)
+    np.exp(post, out=post)
+    if posterior is not None:
+        q = np.asarray(posterior, np.float64).T  # (K, N)
+        post[:K] *= q + floor
+        mixed_prior = q[:-1] + q[1:]
+        mixed_prior *= 0.5
+        mixed_prior += floor
+        post[K:] *= mixed_prior
+    post /= post.sum(0)
+    out, mixed = post[:K], post[K:]
+    first = mixed * share  # the lower class's share of each mixel
+    out[:-1] += first
+    mixed -= first
+    out[1:] += mixed
+    return np.ascontiguousarray(out.T, dtype=np.float32)

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _kernels
+
 LOG_2PI = np.log(2.0 * np.pi)
 #: Grid points of the mixing fraction f in (0, 1) (midpoints of equal bins).
 N_FRACTION_STEPS = 20
@@ -504,7 +506,8 @@ def fractions_from_table_mrf(
     the exp rather than as a log before it, and the work runs on one row per class, (C, N),
     so that the sums and maxima over classes are elementwise (the (N, C) layout reduces along
     rows of 3 to 5 values, several times slower), with one gather of the tabulated
-    likelihoods and mixing shares for both ends of the interpolation.
+    likelihoods and mixing shares for both ends of the interpolation: the loop
+    :func:`segment._kernels.table_fractions` (compiled, or its numpy twin).
 
     Parameters
     ----------
@@ -521,32 +524,10 @@ def fractions_from_table_mrf(
     (N, K) float32 array
     """
     n_classes = table.log_likelihood.shape[1]
-    K = (n_classes + 1) // 2
     n = len(table.x)
     step = (table.x[-1] - table.x[0]) / max(n - 1, 1)
-    position = (np.asarray(x, np.float64) - table.x[0]) / (step if step > 0 else 1.0)
-    np.clip(position, 0.0, n - 1.0, out=position)
-    low = np.minimum(position.astype(np.intp), max(n - 2, 0))
-    position -= low  # the weight of the upper grid point
     values = np.ascontiguousarray(np.concatenate([table.log_likelihood, table.first_share], 1).T)
     slopes = np.diff(values, axis=1, append=values[:, -1:])  # 0 past the last point
-    rows = np.take(slopes, low, axis=1)  # (C + K - 1, N)
-    rows *= position
-    rows += np.take(values, low, axis=1)
-    post, share = rows[:n_classes], rows[n_classes:]
-    post -= post.max(0)
-    np.exp(post, out=post)
-    if posterior is not None:
-        q = np.asarray(posterior, np.float64).T  # (K, N)
-        post[:K] *= q + floor
-        mixed_prior = q[:-1] + q[1:]
-        mixed_prior *= 0.5
-        mixed_prior += floor
-        post[K:] *= mixed_prior
-    post /= post.sum(0)
-    out, mixed = post[:K], post[K:]
-    first = mixed * share  # the lower class's share of each mixel
-    out[:-1] += first
-    mixed -= first
-    out[1:] += mixed
-    return np.ascontiguousarray(out.T, dtype=np.float32)
+    return _kernels.table_fractions(x, values, slopes, float(table.x[0]),
+                                    step if step > 0 else 1.0, posterior, floor,
+                                    (n_classes + 1) // 2)  # fmt: skip

@@ -219,6 +219,63 @@ def test_compiled_interpolation_refuses_wrong_buffers(rng):
         call(out=out.astype(np.float64))
 
 
+def table_inputs(rng, n_classes, n_points, n_voxels):
+    """A random table of 2 K - 1 log-likelihoods and K - 1 shares, intensities beyond it."""
+    n_rows = 3 * n_classes - 2
+    values = np.empty((n_rows, n_points))
+    values[: 2 * n_classes - 1] = rng.normal(-5.0, 20.0, (2 * n_classes - 1, n_points))
+    values[2 * n_classes - 1 :] = rng.random((n_classes - 1, n_points))
+    slopes = np.diff(values, axis=1, append=values[:, -1:])
+    x = rng.uniform(-0.3, 1.3, n_voxels)  # the grid covers [0, 1]: some are clipped
+    posterior = rng.dirichlet(np.ones(n_classes), n_voxels)
+    posterior[: n_voxels // 7] = np.eye(n_classes)[rng.integers(0, n_classes, n_voxels // 7)]
+    return x, values, slopes, posterior
+
+
+@needs_compiled
+@pytest.mark.parametrize(
+    "n_classes, n_points, n_voxels", [(3, 4096, 1001), (2, 17, 300), (5, 2, 257), (4, 1, 9)]
+)
+@pytest.mark.parametrize("prior", [None, np.float32, np.float64])
+def test_compiled_table_fractions_equal_their_numpy_twin(
+    rng, monkeypatch, n_classes, n_points, n_voxels, prior
+):
+    x, values, slopes, posterior = table_inputs(rng, n_classes, n_points, n_voxels)
+    posterior = None if prior is None else posterior.astype(prior)
+    step = 1.0 / max(n_points - 1, 1)
+    args = (x, values, slopes, 0.0, step, posterior, 0.05, n_classes)
+    compiled = _kernels.table_fractions(*args)
+    monkeypatch.setattr(_kernels, "compiled", None)
+    twin = _kernels.table_fractions(*args)
+    assert compiled.dtype == twin.dtype == np.float32
+    assert compiled.shape == twin.shape == (n_voxels, n_classes)
+    np.testing.assert_allclose(compiled, twin, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(compiled.sum(1), 1.0, atol=1e-6)
+
+
+@needs_compiled
+def test_compiled_table_fractions_refuse_wrong_buffers(rng):
+    x, values, slopes, posterior = table_inputs(rng, 3, 16, 20)
+    out = np.zeros((20, 3), np.float32)
+
+    def call(**changes):
+        args = dict(x=x, values=values, slopes=slopes, x0=0.0, step=0.1,
+                    posterior=posterior.astype(np.float32), floor=0.05, out=out)  # fmt: skip
+        args.update(changes)
+        _kernels.compiled.table_fractions(*args.values())
+
+    call()  # the right buffers
+    assert out.any()
+    with pytest.raises(ValueError, match="3 K - 2 rows"):
+        call(values=values[:-1].copy())
+    with pytest.raises(ValueError, match="posterior needs"):
+        call(posterior=posterior[:5].astype(np.float32))
+    with pytest.raises(ValueError, match="step"):
+        call(step=0.0)
+    with pytest.raises(TypeError, match="x"):
+        call(x=x.astype(np.float32))
+
+
 @needs_compiled
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_moments_twin(rng, dtype, monkeypatch):
