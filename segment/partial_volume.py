@@ -352,10 +352,10 @@ class FractionMaps:
         pass also sets the column sums behind :meth:`column_sums`.
         """
         for inside, _, fractions in self.flat_slabs(step):
-            maps = np.zeros((len(self),) + inside.shape, np.float32)
-            for k in range(len(self)):
-                maps[k][inside] = fractions[:, k]
-            yield list(maps)
+            maps = [np.zeros(inside.shape, np.float32, order="F") for _ in range(len(self))]
+            for k, volume in enumerate(maps):  # in Fortran order, as NIfTI stores them
+                volume[inside] = fractions[:, k]
+            yield maps
 
     def column_sums(self) -> np.ndarray:
         """Sum of each class's fractions over the fitted voxels, (K,) float64 (one pass if new)."""

@@ -34,6 +34,8 @@ Zhang, Brady & Smith (2001), IEEE TMI 20(1), 45-57 (FSL FAST).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
 
@@ -72,6 +74,61 @@ def n_sums(n_channels: int, n_components: int) -> int:
     return 2 * n_components * n_channels + 1 + 2 * n_components
 
 
+@dataclass(frozen=True)
+class SampledBlock:
+    """What :func:`em_block` needs of a block that does not change between iterations.
+
+    Attributes
+    ----------
+    shape, offset, scale : the block's shape, offset and sampling step on the grid
+    voxels : (n,) flat indices of the fitted voxels in the block
+    y : (n, D) float64 raw intensities of those voxels
+    log_y : (n, D) ``log y`` where ``y > 0``, else 0
+    usable : (n, D) bool, ``y > 0``
+    flat_cells : (n,) index of each voxel's cell in the block's cells, C order
+    start, extent : index of the block's first cell and the number of cells per axis
+    counts : (*extent) voxels per cell (float64)
+    """
+
+    shape: tuple[int, ...]
+    offset: tuple[int, ...]
+    scale: tuple[int, ...]
+    voxels: np.ndarray
+    y: np.ndarray
+    log_y: np.ndarray
+    usable: np.ndarray
+    flat_cells: np.ndarray
+    start: tuple[int, ...]
+    extent: tuple[int, ...]
+    counts: np.ndarray
+
+
+def sample_block(
+    intensities: np.ndarray,
+    mask: np.ndarray,
+    offset: tuple[int, ...],
+    cells: tuple[int, ...],
+    scale: tuple[int, ...],
+) -> SampledBlock:
+    """The fixed part of :func:`em_block` for one block (see its parameters)."""
+    n_channels = intensities.shape[-1]
+    positions = [(o + np.arange(n)) * s for o, n, s in zip(offset, mask.shape, scale)]
+    cell_index = [p // c for p, c in zip(positions, cells)]
+    start = tuple(int(i[0]) for i in cell_index)
+    extent = tuple(int(i[-1]) - s + 1 for i, s in zip(cell_index, start))
+    voxels = np.flatnonzero(mask)
+    y = intensities.reshape(-1, n_channels)[voxels].astype(np.float64)
+    local = np.ix_(*[i - s for i, s in zip(cell_index, start)])
+    flat_cells = np.ravel_multi_index(np.broadcast_arrays(*local), extent).ravel()[voxels]
+    usable = y > 0
+    counts = np.bincount(flat_cells, np.ones(len(voxels)), int(np.prod(extent)))
+    return SampledBlock(
+        shape=tuple(mask.shape), offset=tuple(offset), scale=tuple(scale), voxels=voxels, y=y,
+        log_y=np.log(np.where(usable, y, 1.0)), usable=usable, flat_cells=flat_cells,
+        start=start, extent=extent, counts=counts.reshape(extent),
+    )  # fmt: skip
+
+
 def em_block(
     intensities: np.ndarray,
     mask: np.ndarray,
@@ -89,7 +146,8 @@ def em_block(
     after the M-step from the new means without another pass over the voxels:
     ``R_d = sum_k snr_kd^2 (A_kd - B_kd log mu_kd)`` and ``W_d = sum_k snr_kd^2 B_kd`` with
     ``A_kd = sum_i r_ik log y_id`` and ``B_kd = sum_i r_ik`` over a cell's voxels
-    (:func:`field_from_sums`).
+    (:func:`field_from_sums`). :func:`sample_block` then :func:`em_sampled_block`, whose
+    first part a loop over the same blocks can keep between iterations.
 
     Parameters
     ----------
@@ -107,43 +165,48 @@ def em_block(
         is that of the observed intensities, ``sum_i log p(y_i / b_i) - log b_i``
     (start, sums) : index of the block's first cell and the (:func:`n_sums`, *cells) sums
     """
-    n_channels, n_components = intensities.shape[-1], len(weights)
-    positions = [(o + np.arange(n)) * s for o, n, s in zip(offset, mask.shape, scale)]
-    cell_index = [p // c for p, c in zip(positions, cells)]
-    start = tuple(int(i[0]) for i in cell_index)
-    extent = tuple(int(i[-1]) - s + 1 for i, s in zip(cell_index, start))
+    block = sample_block(intensities, mask, offset, cells, scale)
+    return em_sampled_block(block, coarse, cells, weights, means, precisions_chol)
+
+
+def em_sampled_block(
+    block: SampledBlock,
+    coarse: np.ndarray,
+    cells: tuple[int, ...],
+    weights: np.ndarray,
+    means: np.ndarray,
+    precisions_chol: np.ndarray,
+) -> tuple[_em.Statistics, tuple[tuple[int, ...], np.ndarray]]:
+    """:func:`em_block` of a block prepared by :func:`sample_block`."""
+    n_channels, n_components = block.y.shape[-1], len(weights)
+    extent, flat_cells, log_y, usable = block.extent, block.flat_cells, block.log_y, block.usable
     sums = np.zeros((n_sums(n_channels, n_components), *extent))
-    voxels = np.flatnonzero(mask)
-    log_b = log_bias_block(mask.shape, offset, coarse, cells, scale)
-    log_b = log_b.reshape(-1, n_channels)[voxels].astype(np.float64)
-    y = intensities.reshape(-1, n_channels)[voxels].astype(np.float64)
-    x = y * np.exp(-log_b)
+    n_voxels = len(block.voxels)
+    log_b = log_bias_block(block.shape, block.offset, coarse, cells, block.scale)
+    log_b = log_b.reshape(-1, n_channels)[block.voxels].astype(np.float64)
+    x = block.y * np.exp(-log_b)
     resp, log_norm = _em.e_step(x, weights, means, precisions_chol)  # (K, n)
-    if len(voxels):
-        local = np.ix_(*[i - s for i, s in zip(cell_index, start)])
-        flat_cells = np.ravel_multi_index(np.broadcast_arrays(*local), extent).ravel()[voxels]
+    if n_voxels:
         size = int(np.prod(extent))
 
         def add(slot, values):
             sums[slot] = np.bincount(flat_cells, values, size).reshape(extent)
 
-        usable = y > 0
-        log_y = np.log(np.where(usable, y, 1.0))
         for k in range(n_components):
             for d in range(n_channels):
                 base = 2 * (k * n_channels + d)
                 weight = resp[k] * usable[:, d]
                 add(base, weight * log_y[:, d])
                 add(base + 1, weight)
-        add(2 * n_components * n_channels, np.ones(len(voxels)))
+        sums[2 * n_components * n_channels] = block.counts
         labels = np.argmax(resp, axis=0)
         for k in range(n_components):
             own = (labels == k) & usable[:, 0]
             base = 2 * n_components * n_channels + 1 + 2 * k
             add(base, np.where(own, log_y[:, 0], 0.0))
             add(base + 1, own.astype(np.float64))
-    stats = _em.moments(x, resp, means, float(log_norm.sum() - log_b.sum()), float(len(voxels)))
-    return stats, (start, sums)
+    stats = _em.moments(x, resp, means, float(log_norm.sum() - log_b.sum()), float(n_voxels))
+    return stats, (block.start, sums)
 
 
 def combine_em_blocks(parts: list, shape: tuple[int, ...]):
