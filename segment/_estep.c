@@ -41,6 +41,7 @@
 #define MIN_EXPONENT (-708.0)
 
 #define LOG2E 1.4426950408889634
+#define LOG_2PI 1.8378770664093453 /* log(2 pi) */
 #define LN2_HI 6.93147180369123816490e-01 /* ln 2 = HI + LO, HI with 21 trailing zero bits: */
 #define LN2_LO 1.90821492927058770002e-10 /* n * HI is exact for |n| < 2^21 */
 /* Adding 1.5 * 2^52 rounds a float of magnitude < 2^51 to an integer held in the low mantissa
@@ -780,6 +781,96 @@ MULTIVERSION static void interpolate_field_run(const double *coarse, Py_ssize_t 
 DEFINE_TABLE_FRACTIONS(table_fractions_float, float)
 DEFINE_TABLE_FRACTIONS(table_fractions_double, double)
 
+/* ------------------------------------------------------------------ the mixed-voxel model's EM */
+
+/* EM of the one-channel mixed-voxel model on weighted samples (a histogram).
+ *
+ * K pure classes (means mu, variances var) and, between classes k and k + 1, n_steps mixels
+ * of fraction f[s]: mean f mu_k + (1 - f) mu_k+1, variance f var_k + (1 - f) var_k+1, prior
+ * weight[K + k] / n_steps. Each iteration: the E-step over the C = K + (K - 1) n_steps
+ * Gaussians, the mean log-likelihood per sample into trace (stop when it changed by less
+ * than tol), then the M-step (mixel weights by class pair, means, variances floored). mu, var
+ * and weight (2 K - 1) are updated in place; returns the number of trace values. work holds
+ * N C + 4 C doubles. The numpy twin is segment._kernels._numpy_pve_em_1d (the same steps;
+ * its sums and dot products may round differently). */
+static Py_ssize_t pve_em_1d_run(const double *x, const double *w, Py_ssize_t N, const double *f,
+                                Py_ssize_t n_steps, double *mu, double *var, double *weight,
+                                Py_ssize_t K, double floor_, Py_ssize_t max_iter, double tol,
+                                double *trace, double *work)
+{
+    const Py_ssize_t C = K + (K - 1) * n_steps;
+    double *p = work, *means = p + N * C, *variances = means + C, *half_log = variances + C;
+    double *log_prior = half_log + C;
+    const int64_t round_bits = bits_of(ROUND);
+    double total = 0.0;
+    for (Py_ssize_t i = 0; i < N; i++) total += w[i];
+    Py_ssize_t n_trace = 0;
+    for (Py_ssize_t iteration = 0; iteration < max_iter; iteration++) {
+        for (Py_ssize_t k = 0; k < K; k++) {
+            means[k] = mu[k];
+            variances[k] = var[k];
+            log_prior[k] = log(weight[k]);
+        }
+        for (Py_ssize_t m = 0; m < K - 1; m++)
+            for (Py_ssize_t s = 0; s < n_steps; s++) {
+                const Py_ssize_t c = K + m * n_steps + s;
+                means[c] = f[s] * mu[m] + (1.0 - f[s]) * mu[m + 1];
+                variances[c] = f[s] * var[m] + (1.0 - f[s]) * var[m + 1];
+                log_prior[c] = log(weight[K + m] / (double)n_steps);
+            }
+        for (Py_ssize_t c = 0; c < C; c++) half_log[c] = LOG_2PI + log(variances[c]);
+        double log_likelihood = 0.0;
+        for (Py_ssize_t i = 0; i < N; i++) {
+            double *row = p + i * C, top = -INFINITY;
+            for (Py_ssize_t c = 0; c < C; c++) {
+                double d = x[i] - means[c];
+                double v = d * d;
+                v /= variances[c];
+                v += half_log[c];
+                v *= -0.5;
+                v += log_prior[c];
+                row[c] = v;
+                top = v > top ? v : top;
+            }
+            double norm = 0.0;
+            for (Py_ssize_t c = 0; c < C; c++) { /* 0 far down, as exp(-inf) of a class of weight 0 */
+                const double t = row[c] - top;
+                row[c] = t < MIN_EXPONENT ? 0.0 : exp_nonpositive(t, round_bits);
+            }
+            for (Py_ssize_t c = 0; c < C; c++) norm += row[c];
+            log_likelihood += w[i] * (log(norm) + top);
+            const double factor = w[i] / norm;
+            for (Py_ssize_t c = 0; c < C; c++) row[c] *= factor; /* the weighted posteriors */
+        }
+        trace[n_trace++] = log_likelihood / total;
+        if (n_trace > 1 && fabs(trace[n_trace - 1] - trace[n_trace - 2]) < tol) break;
+        for (Py_ssize_t k = 0; k < K; k++) {
+            double nk = 0.0, sx = 0.0;
+            for (Py_ssize_t i = 0; i < N; i++) {
+                nk += p[i * C + k];
+                sx += x[i] * p[i * C + k];
+            }
+            weight[k] = nk / total;
+            nk += 1e-10;
+            mu[k] = sx / nk;
+            double sq = 0.0;
+            for (Py_ssize_t i = 0; i < N; i++) {
+                const double d = x[i] - mu[k];
+                sq += d * d * p[i * C + k];
+            }
+            sq /= nk;
+            var[k] = sq > floor_ ? sq : floor_;
+        }
+        for (Py_ssize_t m = 0; m < K - 1; m++) {
+            double sum = 0.0;
+            for (Py_ssize_t i = 0; i < N; i++)
+                for (Py_ssize_t s = 0; s < n_steps; s++) sum += p[i * C + K + m * n_steps + s];
+            weight[K + m] = sum / total;
+        }
+    }
+    return n_trace;
+}
+
 /* ------------------------------------------------------------------ Python bindings */
 
 enum kind { FLOAT64, FLOAT32_OR_64 };
@@ -1299,6 +1390,53 @@ static PyObject *table_fractions(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(pve_em_1d_doc,
+"pve_em_1d(x, w, f, mu, var, weight, floor, max_iter, tol, trace) -> int\n\n"
+"EM of the one-channel mixed-voxel model on weighted samples, without the GIL; see\n"
+"segment._kernels.pve_em_1d for the arguments and segment._kernels._numpy_pve_em_1d for the\n"
+"numpy twin. x, w: (N,); f: (n_steps,); mu, var: (K,), updated; weight: (2 K - 1,),\n"
+"updated; trace: (>= max_iter,), written; all float64. Returns the number of trace values.");
+
+static PyObject *pve_em_1d(PyObject *self, PyObject *args)
+{
+    PyObject *o[7];
+    Py_buffer views[7];
+    double floor_, tol;
+    Py_ssize_t max_iter;
+    int n = 0;
+    if (!PyArg_ParseTuple(args, "OOOOOOdndO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &floor_,
+                          &max_iter, &tol, &o[6]))
+        return NULL;
+    static const char *names[7] = {"x", "w", "f", "mu", "var", "weight", "trace"};
+    for (; n < 7; n++) {
+        if (get_array(o[n], &views[n], names[n], 'd', 1, n >= 3, 0) < 0) {
+            release(views, n);
+            return NULL;
+        }
+    }
+    const Py_ssize_t N = views[0].shape[0], n_steps = views[2].shape[0], K = views[3].shape[0];
+    if (views[1].shape[0] != N || views[4].shape[0] != K || views[5].shape[0] != 2 * K - 1 ||
+        K < 2 || n_steps < 1)
+        return size_error(views, n, "need w of len(x), K >= 2 mu and var, 2 K - 1 weights");
+    if (max_iter < 0 || views[6].shape[0] < max_iter)
+        return size_error(views, n, "trace needs room for max_iter values");
+    const Py_ssize_t C = K + (K - 1) * n_steps;
+    double *work = PyMem_RawMalloc(((size_t)N * (size_t)C + 4 * (size_t)C + 1) * sizeof(double));
+    if (work == NULL) {
+        release(views, n);
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t n_trace;
+    Py_BEGIN_ALLOW_THREADS
+    n_trace = pve_em_1d_run(views[0].buf, views[1].buf, N, views[2].buf, n_steps, views[3].buf,
+                            views[4].buf, views[5].buf, K, floor_, max_iter, tol, views[6].buf,
+                            work);
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(work);
+    release(views, n);
+    return PyLong_FromSsize_t(n_trace);
+}
+
 static PyMethodDef methods[] = {
     {"statistics_1d", statistics_1d, METH_VARARGS, statistics_1d_doc},
     {"statistics_nd", statistics_nd, METH_VARARGS, statistics_nd_doc},
@@ -1308,6 +1446,7 @@ static PyMethodDef methods[] = {
     {"mean_field_rows", mean_field_rows, METH_VARARGS, mean_field_rows_doc},
     {"interpolate_field", interpolate_field, METH_VARARGS, interpolate_field_doc},
     {"table_fractions", table_fractions, METH_VARARGS, table_fractions_doc},
+    {"pve_em_1d", pve_em_1d, METH_VARARGS, pve_em_1d_doc},
     {NULL, NULL, 0, NULL},
 };
 

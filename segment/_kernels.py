@@ -4,8 +4,8 @@ The per-voxel loops that EM repeats are compiled C in one extension module,
 ``segment._estep``: the E-step statistics of a chunk (see :func:`segment._em.chunk_statistics`),
 the moments and histogram of one channel, the MRF's mean-field sweep
 (:func:`mean_field_rows`), the bias field's interpolation (:func:`interpolate_field`) and the
-partial-volume fractions (:func:`table_fractions`). They release the GIL, so threads run
-chunks side by side.
+partial-volume fractions (:func:`table_fractions`) and the EM of their model
+(:func:`pve_em_1d`). They release the GIL, so threads run chunks side by side.
 
 The extension is optional. When it was not built (no C compiler at install time) or when the
 environment variable ``SEGMENT_NO_COMPILED=1`` is set, every kernel runs on its numpy twin,
@@ -24,6 +24,7 @@ compiled               numpy twin
 ``mean_field_rows``    :func:`_numpy_mean_field_rows` here (neighbour sums + the E-step)
 ``interpolate_field``  :func:`_numpy_interpolate_field` here (np.tensordot)
 ``table_fractions``    :func:`_numpy_table_fractions` here
+``pve_em_1d``          :func:`_numpy_pve_em_1d` here
 =====================  ==============================================================
 """
 
@@ -509,3 +510,88 @@ def _numpy_table_fractions(x, values, slopes, x0, step, posterior, floor, n_clas
     mixed -= first
     out[1:] += mixed
     return np.ascontiguousarray(out.T, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# The mixed-voxel model's EM on a histogram
+# --------------------------------------------------------------------------------------------
+#: ``log(2 pi)``, as in :mod:`segment._em`.
+LOG_2PI = float(np.log(2.0 * np.pi))
+
+
+def pve_em_1d(
+    x: np.ndarray,
+    w: np.ndarray,
+    f: np.ndarray,
+    mu: np.ndarray,
+    var: np.ndarray,
+    weights: np.ndarray,
+    floor: float,
+    max_iter: int,
+    tol: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[float]]:
+    """EM of the one-channel mixed-voxel model on weighted samples (compiled or numpy).
+
+    Parameters
+    ----------
+    x, w : (N,) float64
+        The samples (e.g. histogram bin centres) and their weights (counts).
+    f : (n_steps,) float64
+        The fractions of the lower class of a mixel.
+    mu, var : (K,) float64
+        The pure classes' means and variances to start from, ascending means.
+    weights : (2 K - 1,) float64
+        The K pure classes' weights, then those of the K - 1 mixels (each spread evenly over
+        its ``n_steps`` fractions).
+    floor : float
+        The smallest variance.
+    max_iter, tol
+        Stop after ``max_iter`` iterations or when the mean log-likelihood per sample changes by
+        less than ``tol``.
+
+    Returns
+    -------
+    mu, var, weights : the fitted parameters (those of the last E-step)
+    trace : list of float
+        The mean log-likelihood per sample after each E-step.
+    """
+    x, w, f = (np.ascontiguousarray(a, dtype=np.float64) for a in (x, w, f))
+    mu, var, weights = (np.array(a, dtype=np.float64) for a in (mu, var, weights))
+    if compiled is None:
+        return _numpy_pve_em_1d(x, w, f, mu, var, weights, float(floor), max_iter, tol)
+    trace = np.empty(max(int(max_iter), 0))
+    n_trace = compiled.pve_em_1d(x, w, f, mu, var, weights, float(floor), int(max_iter),
+                                 float(tol), trace)  # fmt: skip
+    return mu, var, weights, trace[:n_trace].tolist()
+
+
+def _numpy_pve_em_1d(x, w, f, mu, var, weights, floor, max_iter, tol):
+    """:func:`pve_em_1d` in numpy: one (N, C) array of all K + (K - 1) n_steps Gaussians."""
+    K, n_steps = len(mu), len(f)
+    total = w.sum()
+    trace: list[float] = []
+    for _ in range(max_iter):
+        means = np.concatenate([mu, (f * mu[:-1, None] + (1 - f) * mu[1:, None]).ravel()])
+        variances = np.concatenate([var, (f * var[:-1, None] + (1 - f) * var[1:, None]).ravel()])
+        log_prior = np.log(np.concatenate([weights[:K], np.repeat(weights[K:] / n_steps, n_steps)]))
+        log_p = (x[:, None] - means) ** 2
+        log_p /= variances
+        log_p += LOG_2PI + np.log(variances)
+        log_p *= -0.5
+        log_p += log_prior
+        top = log_p.max(1, keepdims=True)
+        np.exp(log_p - top, out=log_p)
+        norm = log_p.sum(1, keepdims=True)
+        trace.append(float(w @ (np.log(norm[:, 0]) + top[:, 0]) / total))
+        if len(trace) > 1 and abs(trace[-1] - trace[-2]) < tol:
+            break
+        log_p *= w[:, None] / norm  # now the weighted posteriors
+        r = log_p[:, :K]
+        nk = r.sum(0) + 1e-10
+        weights = np.concatenate(
+            [r.sum(0), log_p[:, K:].reshape(len(x), K - 1, n_steps).sum((0, 2))]
+        )
+        weights /= total
+        mu = (x @ r) / nk
+        var = np.maximum(((x[:, None] - mu) ** 2 * r).sum(0) / nk, floor)
+    return mu, var, weights, trace

@@ -276,6 +276,67 @@ def test_compiled_table_fractions_refuse_wrong_buffers(rng):
         call(x=x.astype(np.float32))
 
 
+def pve_em_inputs(rng, n_classes, n_steps, n_bins):
+    """A histogram of a mixture of classes and their mixels, and a start near it."""
+    centres = np.sort(rng.uniform(0.2, 1.0, n_classes))
+    values = np.concatenate([rng.normal(c, 0.04, 2000) for c in centres] + [
+        rng.uniform(centres[k], centres[k + 1], 500) for k in range(n_classes - 1)])  # fmt: skip
+    counts, edges = np.histogram(values, bins=n_bins)
+    x = 0.5 * (edges[:-1] + edges[1:])
+    mu = centres + rng.normal(0.0, 0.01, n_classes)
+    var = np.full(n_classes, 0.003)
+    weights = np.full(2 * n_classes - 1, 1.0 / (2 * n_classes - 1))
+    f = (np.arange(n_steps) + 0.5) / n_steps
+    return x, counts.astype(np.float64), f, mu, var, weights
+
+
+@needs_compiled
+@pytest.mark.parametrize("n_classes, n_steps, n_bins", [(3, 20, 256), (2, 1, 31), (4, 7, 97)])
+@pytest.mark.parametrize("tol", [0.0, 1e-5])
+def test_compiled_pve_em_equals_its_numpy_twin(rng, monkeypatch, n_classes, n_steps, n_bins, tol):
+    args = (*pve_em_inputs(rng, n_classes, n_steps, n_bins), 1e-6, 40, tol)
+    mu, var, weights, trace = _kernels.pve_em_1d(*args)
+    monkeypatch.setattr(_kernels, "compiled", None)
+    twin_mu, twin_var, twin_weights, twin_trace = _kernels.pve_em_1d(*args)
+    assert len(trace) == len(twin_trace) <= 40
+    assert (len(trace) < 40) == (tol > 0)
+    np.testing.assert_allclose(trace, twin_trace, rtol=1e-12)
+    np.testing.assert_allclose(mu, twin_mu, rtol=1e-11)
+    np.testing.assert_allclose(var, twin_var, rtol=1e-10)
+    np.testing.assert_allclose(weights, twin_weights, rtol=1e-10, atol=1e-15)
+
+
+@needs_compiled
+def test_compiled_pve_em_keeps_a_class_of_weight_zero_at_zero(rng, monkeypatch):
+    x, w, f, mu, var, weights = pve_em_inputs(rng, 3, 5, 64)
+    weights[3] = 0.0  # the mixel of classes 1 and 2
+    fitted = _kernels.pve_em_1d(x, w, f, mu, var, weights, 1e-6, 10, 0.0)
+    assert fitted[2][3] == 0.0 and np.isfinite(fitted[3]).all()
+    monkeypatch.setattr(_kernels, "compiled", None)
+    with np.errstate(divide="ignore"):  # numpy: log(0) = -inf, then exp(-inf) = 0 as well
+        twin = _kernels.pve_em_1d(x, w, f, mu, var, weights, 1e-6, 10, 0.0)
+    np.testing.assert_allclose(fitted[0], twin[0], rtol=1e-11)
+
+
+@needs_compiled
+def test_compiled_pve_em_refuses_wrong_buffers(rng):
+    x, w, f, mu, var, weights = pve_em_inputs(rng, 3, 5, 20)
+
+    def call(**changes):
+        args = dict(x=x, w=w, f=f, mu=mu.copy(), var=var.copy(), weight=weights.copy(),
+                    floor=1e-6, max_iter=5, tol=0.0, trace=np.zeros(5))  # fmt: skip
+        args.update(changes)
+        return _kernels.compiled.pve_em_1d(*args.values())
+
+    assert call() == 5
+    with pytest.raises(ValueError, match="2 K - 1 weights"):
+        call(weight=weights[:-1].copy())
+    with pytest.raises(ValueError, match="trace needs"):
+        call(trace=np.zeros(4))
+    with pytest.raises(TypeError, match="mu"):
+        call(mu=mu.astype(np.float32))
+
+
 @needs_compiled
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_moments_twin(rng, dtype, monkeypatch):
