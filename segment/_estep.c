@@ -833,7 +833,7 @@ static Py_ssize_t pve_em_1d_run(const double *x, const double *w, Py_ssize_t N, 
                 top = v > top ? v : top;
             }
             double norm = 0.0;
-            for (Py_ssize_t c = 0; c < C; c++) { /* 0 far down, as exp(-inf) of a class of weight 0 */
+            for (Py_ssize_t c = 0; c < C; c++) { /* 0 far down: exp(-inf) of a weight of 0 */
                 const double t = row[c] - top;
                 row[c] = t < MIN_EXPONENT ? 0.0 : exp_nonpositive(t, round_bits);
             }
