@@ -871,6 +871,71 @@ static Py_ssize_t pve_em_1d_run(const double *x, const double *w, Py_ssize_t N, 
     return n_trace;
 }
 
+/* ------------------------------------------------------------------ the bias field's EM */
+
+/* The E-step of one channel under the bias field and the field's per-cell sums, for the
+ * voxels of a block of the sub-grid (segment.spatial.bias.em_sampled_block).
+ *
+ * Per voxel i (in order): b = log_b[voxels[i]] (float32), x = y exp(-b); per class
+ * l_k = ((x - mu_k) p_k)^2 (-1/2) + c_k + log_w_k; responsibilities r_k = exp(l_k - max l) /
+ * their sum (in class order); log_norm = log(sum) + max. Then into sums (S, n_cells), in voxel
+ * order as np.bincount adds: slot 2 k gets r_k u log_y and 2 k + 1 gets r_k u (u = usable),
+ * slot 2 K + 1 + 2 k gets log_y and 2 K + 2 + 2 k gets 1 for the voxel's class (the first
+ * largest r_k) when usable, 0 otherwise. The float64 operations and libm's exp and log of the
+ * numpy reference, in its order; writes x, the picked b, log_norm and r (K, n) for the moments
+ * that numpy sums. */
+static void bias_estep_1d_run(const double *y, Py_ssize_t n, const float *log_b,
+                              const int64_t *voxels, const double *log_y, const uint8_t *usable,
+                              const int64_t *cells, Py_ssize_t n_cells, Py_ssize_t K,
+                              const double *mu, const double *p, const double *c,
+                              const double *log_w, double *x, double *b, double *log_norm,
+                              double *r, double *sums)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const double bi = (double)log_b[voxels[i]];
+        const double xi = y[i] * exp(-bi);
+        double peak = -INFINITY;
+        b[i] = bi;
+        x[i] = xi;
+        for (Py_ssize_t k = 0; k < K; k++) {
+            double v = (xi - mu[k]) * p[k];
+            v = v * v;
+            v *= -0.5;
+            v += c[k];
+            v += log_w[k];
+            r[k * n + i] = v;
+            if (k == 0 || v > peak) peak = v;
+        }
+        double total = 0.0;
+        for (Py_ssize_t k = 0; k < K; k++) {
+            const double e = exp(r[k * n + i] - peak);
+            r[k * n + i] = e;
+            total = k == 0 ? e : total + e;
+        }
+        Py_ssize_t label = 0;
+        double best = 0.0;
+        const double u = usable[i] ? 1.0 : 0.0, ly = log_y[i];
+        double *cell = sums + cells[i];
+        for (Py_ssize_t k = 0; k < K; k++) {
+            const double rk = r[k * n + i] / total;
+            r[k * n + i] = rk;
+            if (k == 0 || rk > best) {
+                best = rk;
+                label = k;
+            }
+            const double weight = rk * u;
+            cell[(2 * k) * n_cells] += weight * ly;
+            cell[(2 * k + 1) * n_cells] += weight;
+        }
+        log_norm[i] = log(total) + peak;
+        for (Py_ssize_t k = 0; k < K; k++) {
+            const int own = k == label && usable[i];
+            cell[(2 * K + 1 + 2 * k) * n_cells] += own ? ly : 0.0;
+            cell[(2 * K + 2 + 2 * k) * n_cells] += own ? 1.0 : 0.0;
+        }
+    }
+}
+
 /* ------------------------------------------------------------------ Python bindings */
 
 enum kind { FLOAT64, FLOAT32_OR_64 };
@@ -1437,6 +1502,59 @@ static PyObject *pve_em_1d(PyObject *self, PyObject *args)
     return PyLong_FromSsize_t(n_trace);
 }
 
+PyDoc_STRVAR(bias_estep_1d_doc,
+"bias_estep_1d(y, log_b, voxels, log_y, usable, cells, means, p, c, log_w, x, b, log_norm,\n"
+"              r, sums)\n\n"
+"The one-channel E-step under the bias field and the field's cell sums of a block, without\n"
+"the GIL; see segment.spatial.bias.em_sampled_block for the numpy reference.\n"
+"y, log_y: (n,) float64; log_b: (m,) float32, the block's field; voxels, cells: (n,) int64\n"
+"(in [0, m), [0, n_cells)); usable: (n,) bool; means, p, c, log_w: (K,) float64; outputs\n"
+"x, b, log_norm: (n,) float64; r: (K, n) float64; sums: (2 K + 1 + 2 K, n_cells) float64,\n"
+"added to (the slot 2 K of the voxel counts is not touched).");
+
+static PyObject *bias_estep_1d(PyObject *self, PyObject *args)
+{
+    PyObject *o[15];
+    Py_buffer views[15];
+    int n = 0;
+    if (!PyArg_UnpackTuple(args, "bias_estep_1d", 15, 15, &o[0], &o[1], &o[2], &o[3], &o[4],
+                           &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &o[11], &o[12], &o[13],
+                           &o[14]))
+        return NULL;
+    static const char *names[15] = {"y",     "log_b", "voxels", "log_y", "usable",
+                                    "cells", "means", "p",      "c",     "log_w",
+                                    "x",     "b",     "log_norm", "r",   "sums"};
+    static const char types[15] = {'d', 'f', 'q', 'd', '?', 'q', 'd', 'd',
+                                   'd', 'd', 'd', 'd', 'd', 'd', 'd'};
+    static const int ndims[15] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2};
+    for (; n < 15; n++) {
+        if (get_array(o[n], &views[n], names[n], types[n], ndims[n], n >= 10, 0) < 0) {
+            release(views, n);
+            return NULL;
+        }
+    }
+    const Py_ssize_t N = views[0].shape[0], m = views[1].shape[0], K = views[6].shape[0];
+    const Py_ssize_t n_cells = views[14].shape[1];
+    const Py_ssize_t per_voxel[7] = {3, 4, 5, 10, 11, 12, 2};
+    for (int j = 0; j < 7; j++)
+        if (views[per_voxel[j]].shape[0] != N)
+            return size_error(views, n, "the per-voxel arrays need the length of y");
+    if (K < 1 || views[7].shape[0] != K || views[8].shape[0] != K || views[9].shape[0] != K ||
+        views[13].shape[0] != K || views[13].shape[1] != N || views[14].shape[0] != 4 * K + 1)
+        return size_error(views, n, "need K means, p, c, log_w; r (K, n); sums (4 K + 1, cells)");
+    const int64_t *voxels = views[2].buf, *cells = views[5].buf;
+    for (Py_ssize_t i = 0; i < N; i++)
+        if (voxels[i] < 0 || voxels[i] >= m || cells[i] < 0 || cells[i] >= n_cells)
+            return size_error(views, n, "voxels and cells must index log_b and sums");
+    Py_BEGIN_ALLOW_THREADS
+    bias_estep_1d_run(views[0].buf, N, views[1].buf, voxels, views[3].buf, views[4].buf, cells,
+                      n_cells, K, views[6].buf, views[7].buf, views[8].buf, views[9].buf,
+                      views[10].buf, views[11].buf, views[12].buf, views[13].buf, views[14].buf);
+    Py_END_ALLOW_THREADS
+    release(views, n);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"statistics_1d", statistics_1d, METH_VARARGS, statistics_1d_doc},
     {"statistics_nd", statistics_nd, METH_VARARGS, statistics_nd_doc},
@@ -1447,6 +1565,7 @@ static PyMethodDef methods[] = {
     {"interpolate_field", interpolate_field, METH_VARARGS, interpolate_field_doc},
     {"table_fractions", table_fractions, METH_VARARGS, table_fractions_doc},
     {"pve_em_1d", pve_em_1d, METH_VARARGS, pve_em_1d_doc},
+    {"bias_estep_1d", bias_estep_1d, METH_VARARGS, bias_estep_1d_doc},
     {NULL, NULL, 0, NULL},
 };
 

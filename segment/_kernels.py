@@ -25,6 +25,7 @@ compiled               numpy twin
 ``interpolate_field``  :func:`_numpy_interpolate_field` here (np.tensordot)
 ``table_fractions``    :func:`_numpy_table_fractions` here
 ``pve_em_1d``          :func:`_numpy_pve_em_1d` here
+``bias_estep_1d``      the numpy path of :func:`segment.spatial.bias.em_sampled_block`
 =====================  ==============================================================
 """
 

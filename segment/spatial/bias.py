@@ -177,12 +177,21 @@ def em_sampled_block(
     means: np.ndarray,
     precisions_chol: np.ndarray,
 ) -> tuple[_em.Statistics, tuple[tuple[int, ...], np.ndarray]]:
-    """:func:`em_block` of a block prepared by :func:`sample_block`."""
+    """:func:`em_block` of a block prepared by :func:`sample_block`.
+
+    One channel runs the compiled loop ``bias_estep_1d`` (``segment/_estep.c``): the E-step and
+    the cell sums below, the same operations in the same order; the moments stay in numpy.
+    """
     n_channels, n_components = block.y.shape[-1], len(weights)
     extent, flat_cells, log_y, usable = block.extent, block.flat_cells, block.log_y, block.usable
     sums = np.zeros((n_sums(n_channels, n_components), *extent))
     n_voxels = len(block.voxels)
     log_b = log_bias_block(block.shape, block.offset, coarse, cells, block.scale)
+    if n_channels == 1 and _kernels.compiled is not None:
+        x, log_b, resp, log_norm = _compiled_estep_1d(block, log_b, sums, weights, means,
+                                                      precisions_chol)  # fmt: skip
+        stats = _em.moments(x, resp, means, float(log_norm.sum() - log_b.sum()), float(n_voxels))
+        return stats, (block.start, sums)
     log_b = log_b.reshape(-1, n_channels)[block.voxels].astype(np.float64)
     x = block.y * np.exp(-log_b)
     resp, log_norm = _em.e_step(x, weights, means, precisions_chol)  # (K, n)
@@ -207,6 +216,27 @@ def em_sampled_block(
             add(base + 1, own.astype(np.float64))
     stats = _em.moments(x, resp, means, float(log_norm.sum() - log_b.sum()), float(n_voxels))
     return stats, (block.start, sums)
+
+
+def _compiled_estep_1d(block: SampledBlock, log_b, sums, weights, means, precisions_chol):
+    """The compiled part of :func:`em_sampled_block` for one channel: ``(x (n, 1), log_b (n,),
+    resp (K, n), log_norm (n,))``, the cell sums added into ``sums`` (the counts slot set)."""
+    n_voxels, n_components = len(block.voxels), len(weights)
+    precision = np.ascontiguousarray(precisions_chol[:, 0, 0], dtype=np.float64)
+    constant = np.log(precision) - 0.5 * _em.LOG_2PI  # as _em.estimate_log_gaussian_prob
+    x, picked, log_norm = (np.empty(n_voxels) for _ in range(3))
+    resp = np.empty((n_components, n_voxels))
+    flat = sums.reshape(len(sums), -1)
+    if n_voxels:
+        flat[2 * n_components] = block.counts.ravel()
+    _kernels.compiled.bias_estep_1d(
+        np.ascontiguousarray(block.y[:, 0]), log_b.reshape(-1), np.asarray(block.voxels, np.int64),
+        np.ascontiguousarray(block.log_y[:, 0]), np.ascontiguousarray(block.usable[:, 0]),
+        np.asarray(block.flat_cells, np.int64), np.ascontiguousarray(means[:, 0], dtype=np.float64),
+        precision, constant.astype(np.float64), np.log(weights).astype(np.float64), x, picked,
+        log_norm, resp, flat,
+    )  # fmt: skip
+    return x[:, None], picked, resp, log_norm
 
 
 def combine_em_blocks(parts: list, shape: tuple[int, ...]):
