@@ -891,47 +891,61 @@ static void bias_estep_1d_run(const double *y, Py_ssize_t n, const float *log_b,
                               const double *log_w, double *x, double *b, double *log_norm,
                               double *r, double *sums)
 {
-    for (Py_ssize_t i = 0; i < n; i++) {
-        const double bi = (double)log_b[voxels[i]];
-        const double xi = y[i] * exp(-bi);
-        double peak = -INFINITY;
-        b[i] = bi;
-        x[i] = xi;
-        for (Py_ssize_t k = 0; k < K; k++) {
-            double v = (xi - mu[k]) * p[k];
-            v = v * v;
-            v *= -0.5;
-            v += c[k];
-            v += log_w[k];
-            r[k * n + i] = v;
-            if (k == 0 || v > peak) peak = v;
+    /* a block of voxels at a time, one step after the other, so that the calls to exp and log
+     * of different voxels overlap (one voxel's chain of them would wait on each in turn) */
+    double total[BLOCK], peak[BLOCK];
+    for (Py_ssize_t start = 0; start < n; start += BLOCK) {
+        const Py_ssize_t end = n - start < BLOCK ? n : start + BLOCK;
+        for (Py_ssize_t i = start; i < end; i++) {
+            b[i] = (double)log_b[voxels[i]];
+            x[i] = y[i] * exp(-b[i]);
         }
-        double total = 0.0;
         for (Py_ssize_t k = 0; k < K; k++) {
-            const double e = exp(r[k * n + i] - peak);
-            r[k * n + i] = e;
-            total = k == 0 ? e : total + e;
-        }
-        Py_ssize_t label = 0;
-        double best = 0.0;
-        const double u = usable[i] ? 1.0 : 0.0, ly = log_y[i];
-        double *cell = sums + cells[i];
-        for (Py_ssize_t k = 0; k < K; k++) {
-            const double rk = r[k * n + i] / total;
-            r[k * n + i] = rk;
-            if (k == 0 || rk > best) {
-                best = rk;
-                label = k;
+            double *rk = r + k * n;
+            for (Py_ssize_t i = start; i < end; i++) {
+                double v = (x[i] - mu[k]) * p[k];
+                v = v * v;
+                v *= -0.5;
+                v += c[k];
+                v += log_w[k];
+                rk[i] = v;
+                if (k == 0 || v > peak[i - start]) peak[i - start] = v;
             }
-            const double weight = rk * u;
-            cell[(2 * k) * n_cells] += weight * ly;
-            cell[(2 * k + 1) * n_cells] += weight;
         }
-        log_norm[i] = log(total) + peak;
         for (Py_ssize_t k = 0; k < K; k++) {
-            const int own = k == label && usable[i];
-            cell[(2 * K + 1 + 2 * k) * n_cells] += own ? ly : 0.0;
-            cell[(2 * K + 2 + 2 * k) * n_cells] += own ? 1.0 : 0.0;
+            double *rk = r + k * n;
+            for (Py_ssize_t i = start; i < end; i++) {
+                const double e = exp(rk[i] - peak[i - start]);
+                rk[i] = e;
+                total[i - start] = k == 0 ? e : total[i - start] + e;
+            }
+        }
+        for (Py_ssize_t k = 0; k < K; k++) {
+            double *rk = r + k * n;
+            for (Py_ssize_t i = start; i < end; i++) rk[i] /= total[i - start];
+        }
+        for (Py_ssize_t i = start; i < end; i++)
+            log_norm[i] = log(total[i - start]) + peak[i - start];
+        for (Py_ssize_t i = start; i < end; i++) { /* the cell sums, in voxel order */
+            Py_ssize_t label = 0;
+            double best = 0.0;
+            const double u = usable[i] ? 1.0 : 0.0, ly = log_y[i];
+            double *cell = sums + cells[i];
+            for (Py_ssize_t k = 0; k < K; k++) {
+                const double rk = r[k * n + i];
+                if (k == 0 || rk > best) {
+                    best = rk;
+                    label = k;
+                }
+                const double weight = rk * u;
+                cell[(2 * k) * n_cells] += weight * ly;
+                cell[(2 * k + 1) * n_cells] += weight;
+            }
+            for (Py_ssize_t k = 0; k < K; k++) {
+                const int own = k == label && usable[i];
+                cell[(2 * K + 1 + 2 * k) * n_cells] += own ? ly : 0.0;
+                cell[(2 * K + 2 + 2 * k) * n_cells] += own ? 1.0 : 0.0;
+            }
         }
     }
 }
