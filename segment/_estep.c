@@ -20,6 +20,9 @@
  * loops for AVX-512, AVX2 and baseline x86-64 and picks one when the module loads
  * (``target_clones``).
  *
+ * The bias field's interpolation at the voxels of a block (``interpolate_field``) is here as well:
+ * np.tensordot with dense interpolation matrices spent most of its time on zero terms.
+ *
  * Notation as in ``segment._em``: N voxels, K components, D channels. The arguments are
  * C-contiguous buffers (numpy arrays), checked by ``buffers`` below.
  */
@@ -38,6 +41,7 @@
 #define MIN_EXPONENT (-708.0)
 
 #define LOG2E 1.4426950408889634
+#define LOG_2PI 1.8378770664093453 /* log(2 pi) */
 #define LN2_HI 6.93147180369123816490e-01 /* ln 2 = HI + LO, HI with 21 trailing zero bits: */
 #define LN2_LO 1.90821492927058770002e-10 /* n * HI is exact for |n| < 2^21 */
 /* Adding 1.5 * 2^52 rounds a float of magnitude < 2^51 to an integer held in the low mantissa
@@ -613,6 +617,339 @@ static void mean_field_rows_run(const struct sweep *p, double *work)
     }
 }
 
+/* ------------------------------------------------------------------ the bias field */
+
+/* Separable linear interpolation of a coarse grid at the voxels of a 3-D block.
+ *
+ * coarse: (c0, c1, c2, D); per axis a, voxel i lies between cells low_a[i] and low_a[i] + 1
+ * with weights w_a[2 i], w_a[2 i + 1]. The axes are contracted in order (0, then 1, then 2),
+ * each value as w_low * v_low + w_high * v_high in float64 (no fused multiply-add), then
+ * rounded to float32 into out: (n0, n1, n2, D), or (n2, n1, n0, D) when reverse. This is
+ * segment._kernels._numpy_interpolate_field (dense matrices and np.tensordot) with the zero
+ * terms left out. work holds n0 c1 c2 D + n0 c2 D doubles. */
+MULTIVERSION static void interpolate_field_run(const double *coarse, Py_ssize_t c1,
+                                               Py_ssize_t c2, Py_ssize_t D,
+                                               const int64_t *const low[3],
+                                               const double *const w[3], const Py_ssize_t n[3],
+                                               float *out, int reverse, double *work)
+{
+    const Py_ssize_t n0 = n[0], n1 = n[1], n2 = n[2], row = c2 * D, plane = c1 * row;
+    double *a = work;              /* (n0, c1, c2, D): axis 0 interpolated */
+    double *b = work + n0 * plane; /* (n0, c2, D): axis 1 interpolated at one i1 */
+    for (Py_ssize_t i0 = 0; i0 < n0; i0++) {
+        const double *lo = coarse + low[0][i0] * plane, *hi = lo + plane;
+        const double wl = w[0][2 * i0], wh = w[0][2 * i0 + 1];
+        double *ai = a + i0 * plane;
+        for (Py_ssize_t j = 0; j < plane; j++) ai[j] = lo[j] * wl + hi[j] * wh;
+    }
+    for (Py_ssize_t i1 = 0; i1 < n1; i1++) {
+        const double wl = w[1][2 * i1], wh = w[1][2 * i1 + 1];
+        for (Py_ssize_t i0 = 0; i0 < n0; i0++) { /* reverse: b is (c2, D, n0), read along i0 */
+            const double *lo = a + i0 * plane + low[1][i1] * row, *hi = lo + row;
+            if (reverse)
+                for (Py_ssize_t j = 0; j < row; j++) b[j * n0 + i0] = lo[j] * wl + hi[j] * wh;
+            else
+                for (Py_ssize_t j = 0; j < row; j++) b[i0 * row + j] = lo[j] * wl + hi[j] * wh;
+        }
+        for (Py_ssize_t i0 = 0; i0 < n0 && !reverse; i0++) {
+            float *o = out + (i0 * n1 + i1) * n2 * D;
+            const double *bi = b + i0 * row;
+            if (D == 1) { /* the usual case, one channel: a loop the compiler keeps simple */
+                for (Py_ssize_t i2 = 0; i2 < n2; i2++) {
+                    const double *lo = bi + low[2][i2];
+                    o[i2] = (float)(lo[0] * w[2][2 * i2] + lo[1] * w[2][2 * i2 + 1]);
+                }
+                continue;
+            }
+            for (Py_ssize_t i2 = 0; i2 < n2; i2++) {
+                const double *lo = bi + low[2][i2] * D, *hi = lo + D;
+                const double wl2 = w[2][2 * i2], wh2 = w[2][2 * i2 + 1];
+                for (Py_ssize_t d = 0; d < D; d++)
+                    o[i2 * D + d] = (float)(lo[d] * wl2 + hi[d] * wh2);
+            }
+        }
+        for (Py_ssize_t i2 = 0; i2 < n2 && reverse; i2++) {
+            float *o = out + (i2 * n1 + i1) * n0 * D;
+            const double wl2 = w[2][2 * i2], wh2 = w[2][2 * i2 + 1];
+            for (Py_ssize_t d = 0; d < D; d++) {
+                const double *lo = b + (low[2][i2] * D + d) * n0, *hi = lo + D * n0;
+                for (Py_ssize_t i0 = 0; i0 < n0; i0++)
+                    o[i0 * D + d] = (float)(lo[i0] * wl2 + hi[i0] * wh2);
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ partial-volume fractions */
+
+/* Fractions of one channel from a tabulated mixed-voxel model, with the MRF prior.
+ *
+ * For each voxel: position p = (x - x0) / step clipped to [0, n - 1], low = min(floor(p),
+ * n - 2), t = p - low; each of the R = C + K - 1 rows (C = 2 K - 1 class log-likelihoods,
+ * then K - 1 mixing shares) is slopes[r][low] * t + values[r][low]; the C likelihoods are
+ * exp(l_c - max_c l_c), weighted by the prior (q_k + floor for pure class k, (q_m + q_m+1) / 2
+ * + floor for the mixel of m and m + 1; none without a posterior), normalised by their sum
+ * (taken in class order), and each mixel's posterior is split between its two classes by the
+ * share. The same float64 operations in the same order as the numpy twin
+ * (segment._kernels._numpy_table_fractions), with this module's exponential. q holds K
+ * float32 (or float64) values per voxel or is NULL. work holds (R + K + 2) BLOCK doubles and
+ * BLOCK indices; the loops run over a block of voxels, class by class. */
+#define DEFINE_TABLE_FRACTIONS(NAME, QTYPE)                                                    \
+    MULTIVERSION static void NAME(const double *x, Py_ssize_t n_voxels, const double *values,  \
+                                  const double *slopes, Py_ssize_t n, Py_ssize_t R, double x0, \
+                                  double step, const QTYPE *q, double floor_, Py_ssize_t K,    \
+                                  float *out, double *work)                                    \
+    {                                                                                          \
+        const int64_t round_bits = bits_of(ROUND);                                             \
+        const Py_ssize_t C = 2 * K - 1, top = n - 2 > 0 ? n - 2 : 0;                           \
+        double *rows = work, *t = rows + R * BLOCK, *peak = t + BLOCK;                         \
+        double *o = peak + BLOCK; /* K rows */                                                 \
+        Py_ssize_t *low = (Py_ssize_t *)(o + K * BLOCK);                                       \
+        for (Py_ssize_t start = 0; start < n_voxels; start += BLOCK) {                         \
+            const Py_ssize_t nb = n_voxels - start < BLOCK ? n_voxels - start : BLOCK;         \
+            const double *xb = x + start;                                                      \
+            for (Py_ssize_t i = 0; i < nb; i++) {                                              \
+                double p = (xb[i] - x0) / step;                                                \
+                p = p < 0.0 ? 0.0 : (p > (double)(n - 1) ? (double)(n - 1) : p);              \
+                Py_ssize_t l = (Py_ssize_t)p;                                                  \
+                l = l < top ? l : top;                                                         \
+                low[i] = l;                                                                    \
+                t[i] = p - (double)l;                                                          \
+            }                                                                                  \
+            for (Py_ssize_t r = 0; r < R; r++) {                                               \
+                const double *sr = slopes + r * n, *vr = values + r * n;                       \
+                double *row = rows + r * nb;                                                   \
+                for (Py_ssize_t i = 0; i < nb; i++) row[i] = sr[low[i]] * t[i] + vr[low[i]];   \
+            }                                                                                  \
+            for (Py_ssize_t i = 0; i < nb; i++) peak[i] = rows[i];                             \
+            for (Py_ssize_t c = 1; c < C; c++) {                                               \
+                const double *row = rows + c * nb;                                             \
+                for (Py_ssize_t i = 0; i < nb; i++) peak[i] = row[i] > peak[i] ? row[i] : peak[i]; \
+            }                                                                                  \
+            for (Py_ssize_t c = 0; c < C; c++) {                                               \
+                double *row = rows + c * nb;                                                   \
+                for (Py_ssize_t i = 0; i < nb; i++)                                            \
+                    row[i] = exp_nonpositive(row[i] - peak[i], round_bits);                    \
+            }                                                                                  \
+            if (q != NULL) {                                                                   \
+                const QTYPE *qb = q + start * K;                                               \
+                for (Py_ssize_t k = 0; k < K; k++) {                                           \
+                    double *row = rows + k * nb;                                               \
+                    for (Py_ssize_t i = 0; i < nb; i++) row[i] *= (double)qb[i * K + k] + floor_; \
+                }                                                                              \
+                for (Py_ssize_t m = 0; m < K - 1; m++) {                                       \
+                    double *row = rows + (K + m) * nb;                                         \
+                    for (Py_ssize_t i = 0; i < nb; i++) {                                      \
+                        double prior = (double)qb[i * K + m] + (double)qb[i * K + m + 1];      \
+                        prior *= 0.5;                                                          \
+                        prior += floor_;                                                       \
+                        row[i] *= prior;                                                       \
+                    }                                                                          \
+                }                                                                              \
+            }                                                                                  \
+            double *total = peak; /* the sum over classes, in class order */                   \
+            for (Py_ssize_t i = 0; i < nb; i++) total[i] = rows[i];                            \
+            for (Py_ssize_t c = 1; c < C; c++) {                                               \
+                const double *row = rows + c * nb;                                             \
+                for (Py_ssize_t i = 0; i < nb; i++) total[i] += row[i];                        \
+            }                                                                                  \
+            for (Py_ssize_t c = 0; c < C; c++) {                                               \
+                double *row = rows + c * nb;                                                   \
+                for (Py_ssize_t i = 0; i < nb; i++) row[i] /= total[i];                        \
+            }                                                                                  \
+            memcpy(o, rows, (size_t)(K * nb) * sizeof(double));                                \
+            for (Py_ssize_t m = 0; m < K - 1; m++) { /* the mixel's lower-class share */      \
+                double *mixed = rows + (K + m) * nb, *om = o + m * nb;                         \
+                const double *share = rows + (C + m) * nb;                                     \
+                for (Py_ssize_t i = 0; i < nb; i++) {                                          \
+                    const double first = mixed[i] * share[i];                                  \
+                    om[i] += first;                                                            \
+                    mixed[i] -= first;                                                         \
+                }                                                                              \
+            }                                                                                  \
+            for (Py_ssize_t m = 0; m < K - 1; m++) {                                           \
+                const double *mixed = rows + (K + m) * nb;                                     \
+                double *om = o + (m + 1) * nb;                                                 \
+                for (Py_ssize_t i = 0; i < nb; i++) om[i] += mixed[i];                         \
+            }                                                                                  \
+            float *ob = out + start * K;                                                       \
+            for (Py_ssize_t k = 0; k < K; k++)                                                 \
+                for (Py_ssize_t i = 0; i < nb; i++) ob[i * K + k] = (float)o[k * nb + i];      \
+        }                                                                                      \
+    }
+
+DEFINE_TABLE_FRACTIONS(table_fractions_float, float)
+DEFINE_TABLE_FRACTIONS(table_fractions_double, double)
+
+/* ------------------------------------------------------------------ the mixed-voxel model's EM */
+
+/* EM of the one-channel mixed-voxel model on weighted samples (a histogram).
+ *
+ * K pure classes (means mu, variances var) and, between classes k and k + 1, n_steps mixels
+ * of fraction f[s]: mean f mu_k + (1 - f) mu_k+1, variance f var_k + (1 - f) var_k+1, prior
+ * weight[K + k] / n_steps. Each iteration: the E-step over the C = K + (K - 1) n_steps
+ * Gaussians, the mean log-likelihood per sample into trace (stop when it changed by less
+ * than tol), then the M-step (mixel weights by class pair, means, variances floored). mu, var
+ * and weight (2 K - 1) are updated in place; returns the number of trace values. work holds
+ * N C + 4 C doubles. The numpy twin is segment._kernels._numpy_pve_em_1d (the same steps;
+ * its sums and dot products may round differently). */
+static Py_ssize_t pve_em_1d_run(const double *x, const double *w, Py_ssize_t N, const double *f,
+                                Py_ssize_t n_steps, double *mu, double *var, double *weight,
+                                Py_ssize_t K, double floor_, Py_ssize_t max_iter, double tol,
+                                double *trace, double *work)
+{
+    const Py_ssize_t C = K + (K - 1) * n_steps;
+    double *p = work, *means = p + N * C, *variances = means + C, *half_log = variances + C;
+    double *log_prior = half_log + C;
+    const int64_t round_bits = bits_of(ROUND);
+    double total = 0.0;
+    for (Py_ssize_t i = 0; i < N; i++) total += w[i];
+    Py_ssize_t n_trace = 0;
+    for (Py_ssize_t iteration = 0; iteration < max_iter; iteration++) {
+        for (Py_ssize_t k = 0; k < K; k++) {
+            means[k] = mu[k];
+            variances[k] = var[k];
+            log_prior[k] = log(weight[k]);
+        }
+        for (Py_ssize_t m = 0; m < K - 1; m++)
+            for (Py_ssize_t s = 0; s < n_steps; s++) {
+                const Py_ssize_t c = K + m * n_steps + s;
+                means[c] = f[s] * mu[m] + (1.0 - f[s]) * mu[m + 1];
+                variances[c] = f[s] * var[m] + (1.0 - f[s]) * var[m + 1];
+                log_prior[c] = log(weight[K + m] / (double)n_steps);
+            }
+        for (Py_ssize_t c = 0; c < C; c++) half_log[c] = LOG_2PI + log(variances[c]);
+        double log_likelihood = 0.0;
+        for (Py_ssize_t i = 0; i < N; i++) {
+            double *row = p + i * C, top = -INFINITY;
+            for (Py_ssize_t c = 0; c < C; c++) {
+                double d = x[i] - means[c];
+                double v = d * d;
+                v /= variances[c];
+                v += half_log[c];
+                v *= -0.5;
+                v += log_prior[c];
+                row[c] = v;
+                top = v > top ? v : top;
+            }
+            double norm = 0.0;
+            for (Py_ssize_t c = 0; c < C; c++) { /* 0 far down: exp(-inf) of a weight of 0 */
+                const double t = row[c] - top;
+                row[c] = t < MIN_EXPONENT ? 0.0 : exp_nonpositive(t, round_bits);
+            }
+            for (Py_ssize_t c = 0; c < C; c++) norm += row[c];
+            log_likelihood += w[i] * (log(norm) + top);
+            const double factor = w[i] / norm;
+            for (Py_ssize_t c = 0; c < C; c++) row[c] *= factor; /* the weighted posteriors */
+        }
+        trace[n_trace++] = log_likelihood / total;
+        if (n_trace > 1 && fabs(trace[n_trace - 1] - trace[n_trace - 2]) < tol) break;
+        for (Py_ssize_t k = 0; k < K; k++) {
+            double nk = 0.0, sx = 0.0;
+            for (Py_ssize_t i = 0; i < N; i++) {
+                nk += p[i * C + k];
+                sx += x[i] * p[i * C + k];
+            }
+            weight[k] = nk / total;
+            nk += 1e-10;
+            mu[k] = sx / nk;
+            double sq = 0.0;
+            for (Py_ssize_t i = 0; i < N; i++) {
+                const double d = x[i] - mu[k];
+                sq += d * d * p[i * C + k];
+            }
+            sq /= nk;
+            var[k] = sq > floor_ ? sq : floor_;
+        }
+        for (Py_ssize_t m = 0; m < K - 1; m++) {
+            double sum = 0.0;
+            for (Py_ssize_t i = 0; i < N; i++)
+                for (Py_ssize_t s = 0; s < n_steps; s++) sum += p[i * C + K + m * n_steps + s];
+            weight[K + m] = sum / total;
+        }
+    }
+    return n_trace;
+}
+
+/* ------------------------------------------------------------------ the bias field's EM */
+
+/* The E-step of one channel under the bias field and the field's per-cell sums, for the
+ * voxels of a block of the sub-grid (segment.spatial.bias.em_sampled_block).
+ *
+ * Per voxel i (in order): b = log_b[voxels[i]] (float32), x = y exp(-b); per class
+ * l_k = ((x - mu_k) p_k)^2 (-1/2) + c_k + log_w_k; responsibilities r_k = exp(l_k - max l) /
+ * their sum (in class order); log_norm = log(sum) + max. Then into sums (S, n_cells), in voxel
+ * order as np.bincount adds: slot 2 k gets r_k u log_y and 2 k + 1 gets r_k u (u = usable),
+ * slot 2 K + 1 + 2 k gets log_y and 2 K + 2 + 2 k gets 1 for the voxel's class (the first
+ * largest r_k) when usable, 0 otherwise. The float64 operations and libm's exp and log of the
+ * numpy reference, in its order; writes x, the picked b, log_norm and r (K, n) for the moments
+ * that numpy sums. */
+static void bias_estep_1d_run(const double *y, Py_ssize_t n, const float *log_b,
+                              const int64_t *voxels, const double *log_y, const uint8_t *usable,
+                              const int64_t *cells, Py_ssize_t n_cells, Py_ssize_t K,
+                              const double *mu, const double *p, const double *c,
+                              const double *log_w, double *x, double *b, double *log_norm,
+                              double *r, double *sums)
+{
+    /* a block of voxels at a time, one step after the other, so that the calls to exp and log
+     * of different voxels overlap (one voxel's chain of them would wait on each in turn) */
+    double total[BLOCK], peak[BLOCK];
+    for (Py_ssize_t start = 0; start < n; start += BLOCK) {
+        const Py_ssize_t end = n - start < BLOCK ? n : start + BLOCK;
+        for (Py_ssize_t i = start; i < end; i++) {
+            b[i] = (double)log_b[voxels[i]];
+            x[i] = y[i] * exp(-b[i]);
+        }
+        for (Py_ssize_t k = 0; k < K; k++) {
+            double *rk = r + k * n;
+            for (Py_ssize_t i = start; i < end; i++) {
+                double v = (x[i] - mu[k]) * p[k];
+                v = v * v;
+                v *= -0.5;
+                v += c[k];
+                v += log_w[k];
+                rk[i] = v;
+                if (k == 0 || v > peak[i - start]) peak[i - start] = v;
+            }
+        }
+        for (Py_ssize_t k = 0; k < K; k++) {
+            double *rk = r + k * n;
+            for (Py_ssize_t i = start; i < end; i++) {
+                const double e = exp(rk[i] - peak[i - start]);
+                rk[i] = e;
+                total[i - start] = k == 0 ? e : total[i - start] + e;
+            }
+        }
+        for (Py_ssize_t k = 0; k < K; k++) {
+            double *rk = r + k * n;
+            for (Py_ssize_t i = start; i < end; i++) rk[i] /= total[i - start];
+        }
+        for (Py_ssize_t i = start; i < end; i++)
+            log_norm[i] = log(total[i - start]) + peak[i - start];
+        for (Py_ssize_t i = start; i < end; i++) { /* the cell sums, in voxel order */
+            Py_ssize_t label = 0;
+            double best = 0.0;
+            const double u = usable[i] ? 1.0 : 0.0, ly = log_y[i];
+            double *cell = sums + cells[i];
+            for (Py_ssize_t k = 0; k < K; k++) {
+                const double rk = r[k * n + i];
+                if (k == 0 || rk > best) {
+                    best = rk;
+                    label = k;
+                }
+                const double weight = rk * u;
+                cell[(2 * k) * n_cells] += weight * ly;
+                cell[(2 * k + 1) * n_cells] += weight;
+            }
+            for (Py_ssize_t k = 0; k < K; k++) {
+                const int own = k == label && usable[i];
+                cell[(2 * K + 1 + 2 * k) * n_cells] += own ? ly : 0.0;
+                cell[(2 * K + 2 + 2 * k) * n_cells] += own ? 1.0 : 0.0;
+            }
+        }
+    }
+}
+
 /* ------------------------------------------------------------------ Python bindings */
 
 enum kind { FLOAT64, FLOAT32_OR_64 };
@@ -1004,6 +1341,234 @@ static PyObject *exp_nonpositive_py(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(interpolate_field_doc,
+"interpolate_field(coarse, low0, w0, low1, w1, low2, w2, out, reverse)\n\n"
+"Separable linear interpolation of a coarse 3-D grid at the voxels of a block, without the\n"
+"GIL; see segment._kernels.interpolate_field for the arguments and\n"
+"segment._kernels._numpy_interpolate_field for the numpy twin.\n"
+"coarse: (c0, c1, c2, D) float64; low_a: (n_a,) int64 in [0, c_a - 2]; w_a: (n_a, 2)\n"
+"float64; out: (n0, n1, n2, D) float32, or (n2, n1, n0, D) when reverse is true.");
+
+static PyObject *interpolate_field(PyObject *self, PyObject *args)
+{
+    PyObject *o[8];
+    Py_buffer views[8];
+    int reverse, n = 0;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOp", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6],
+                          &o[7], &reverse))
+        return NULL;
+    static const char *names[8] = {"coarse", "low0", "w0", "low1", "w1", "low2", "w2", "out"};
+    static const char types[8] = {'d', 'q', 'd', 'q', 'd', 'q', 'd', 'f'};
+    static const int ndims[8] = {4, 1, 2, 1, 2, 1, 2, 4};
+    for (; n < 8; n++) {
+        if (get_array(o[n], &views[n], names[n], types[n], ndims[n], n == 7, 0) < 0) {
+            release(views, n);
+            return NULL;
+        }
+    }
+    const Py_buffer *coarse = &views[0];
+    const Py_ssize_t D = coarse->shape[3];
+    const int64_t *low[3];
+    const double *w[3];
+    Py_ssize_t shape[3];
+    for (int axis = 0; axis < 3; axis++) {
+        const Py_buffer *lv = &views[1 + 2 * axis], *wv = &views[2 + 2 * axis];
+        shape[axis] = lv->shape[0];
+        if (wv->shape[0] != shape[axis] || wv->shape[1] != 2)
+            return size_error(views, n, "each w_a needs the shape (len(low_a), 2)");
+        if (coarse->shape[axis] < 2)
+            return size_error(views, n, "coarse needs at least 2 cells per axis");
+        low[axis] = lv->buf;
+        w[axis] = wv->buf;
+        for (Py_ssize_t i = 0; i < shape[axis]; i++)
+            if (low[axis][i] < 0 || low[axis][i] > coarse->shape[axis] - 2)
+                return size_error(views, n, "low_a must be in [0, c_a - 2]");
+    }
+    const int ok = reverse ? has_shape(&views[7], shape[2], shape[1], shape[0], D)
+                           : has_shape(&views[7], shape[0], shape[1], shape[2], D);
+    if (!ok)
+        return size_error(views, n, "out needs the shape (n0, n1, n2, D), reversed if asked");
+    const size_t row = (size_t)coarse->shape[2] * (size_t)D;
+    const size_t plane = (size_t)coarse->shape[1] * row;
+    double *work = PyMem_RawMalloc(((size_t)shape[0] * (plane + row) + 1) * sizeof(double));
+    if (work == NULL) {
+        release(views, n);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    interpolate_field_run(coarse->buf, coarse->shape[1], coarse->shape[2], D, low, w, shape,
+                          views[7].buf, reverse, work);
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(work);
+    release(views, n);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(table_fractions_doc,
+"table_fractions(x, values, slopes, x0, step, posterior, floor, out)\n\n"
+"Partial-volume fractions of one channel from a tabulated model, with the MRF prior, without\n"
+"the GIL; see segment._kernels.table_fractions for the arguments and\n"
+"segment._kernels._numpy_table_fractions for the numpy twin.\n"
+"x: (N,) float64; values, slopes: (2 K - 1 + K - 1, n) float64 with n >= 1; x0, step > 0:\n"
+"floats; posterior: (N, K) float32 or float64, or (0, K) for no prior; out: (N, K) float32.");
+
+static PyObject *table_fractions(PyObject *self, PyObject *args)
+{
+    PyObject *o[5];
+    Py_buffer views[5];
+    double x0, step, floor_;
+    int n = 0;
+    if (!PyArg_ParseTuple(args, "OOOddOdO", &o[0], &o[1], &o[2], &x0, &step, &o[3], &floor_,
+                          &o[4]))
+        return NULL;
+    static const char *names[5] = {"x", "values", "slopes", "posterior", "out"};
+    static const char types[5] = {'d', 'd', 'd', 'd', 'f'};
+    static const int ndims[5] = {1, 2, 2, 2, 2};
+    int q_float32 = 0;
+    for (; n < 5; n++) {
+        int status;
+        if (n == 3) { /* float32 or float64 */
+            status = get_array(o[n], &views[n], names[n], 'f', 2, 0, 0);
+            q_float32 = status == 0;
+            if (status < 0) {
+                PyErr_Clear();
+                status = get_array(o[n], &views[n], names[n], 'd', 2, 0, 0);
+            }
+        } else {
+            status = get_array(o[n], &views[n], names[n], types[n], ndims[n], n == 4, 0);
+        }
+        if (status < 0) {
+            release(views, n);
+            return NULL;
+        }
+    }
+    const Py_ssize_t N = views[0].shape[0], K = views[4].shape[1];
+    const Py_ssize_t R = views[1].shape[0], n_points = views[1].shape[1];
+    if (K < 1 || views[4].shape[0] != N || R != 3 * K - 2 || n_points < 1 ||
+        views[2].shape[0] != R || views[2].shape[1] != n_points)
+        return size_error(views, n, "values and slopes need 3 K - 2 rows of n points, out (N, K)");
+    const Py_ssize_t n_q = views[3].shape[0];
+    if ((n_q != 0 && n_q != N) || views[3].shape[1] != K)
+        return size_error(views, n, "posterior needs the shape (N, K), or (0, K)");
+    if (!(step > 0)) return size_error(views, n, "step must be positive");
+    double *work = PyMem_RawMalloc((size_t)(R + K + 3) * BLOCK * sizeof(double));
+    if (work == NULL) {
+        release(views, n);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (q_float32 || n_q == 0)
+        table_fractions_float(views[0].buf, N, views[1].buf, views[2].buf, n_points, R, x0, step,
+                              n_q ? views[3].buf : NULL, floor_, K, views[4].buf, work);
+    else
+        table_fractions_double(views[0].buf, N, views[1].buf, views[2].buf, n_points, R, x0, step,
+                               views[3].buf, floor_, K, views[4].buf, work);
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(work);
+    release(views, n);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(pve_em_1d_doc,
+"pve_em_1d(x, w, f, mu, var, weight, floor, max_iter, tol, trace) -> int\n\n"
+"EM of the one-channel mixed-voxel model on weighted samples, without the GIL; see\n"
+"segment._kernels.pve_em_1d for the arguments and segment._kernels._numpy_pve_em_1d for the\n"
+"numpy twin. x, w: (N,); f: (n_steps,); mu, var: (K,), updated; weight: (2 K - 1,),\n"
+"updated; trace: (>= max_iter,), written; all float64. Returns the number of trace values.");
+
+static PyObject *pve_em_1d(PyObject *self, PyObject *args)
+{
+    PyObject *o[7];
+    Py_buffer views[7];
+    double floor_, tol;
+    Py_ssize_t max_iter;
+    int n = 0;
+    if (!PyArg_ParseTuple(args, "OOOOOOdndO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &floor_,
+                          &max_iter, &tol, &o[6]))
+        return NULL;
+    static const char *names[7] = {"x", "w", "f", "mu", "var", "weight", "trace"};
+    for (; n < 7; n++) {
+        if (get_array(o[n], &views[n], names[n], 'd', 1, n >= 3, 0) < 0) {
+            release(views, n);
+            return NULL;
+        }
+    }
+    const Py_ssize_t N = views[0].shape[0], n_steps = views[2].shape[0], K = views[3].shape[0];
+    if (views[1].shape[0] != N || views[4].shape[0] != K || views[5].shape[0] != 2 * K - 1 ||
+        K < 2 || n_steps < 1)
+        return size_error(views, n, "need w of len(x), K >= 2 mu and var, 2 K - 1 weights");
+    if (max_iter < 0 || views[6].shape[0] < max_iter)
+        return size_error(views, n, "trace needs room for max_iter values");
+    const Py_ssize_t C = K + (K - 1) * n_steps;
+    double *work = PyMem_RawMalloc(((size_t)N * (size_t)C + 4 * (size_t)C + 1) * sizeof(double));
+    if (work == NULL) {
+        release(views, n);
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t n_trace;
+    Py_BEGIN_ALLOW_THREADS
+    n_trace = pve_em_1d_run(views[0].buf, views[1].buf, N, views[2].buf, n_steps, views[3].buf,
+                            views[4].buf, views[5].buf, K, floor_, max_iter, tol, views[6].buf,
+                            work);
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(work);
+    release(views, n);
+    return PyLong_FromSsize_t(n_trace);
+}
+
+PyDoc_STRVAR(bias_estep_1d_doc,
+"bias_estep_1d(y, log_b, voxels, log_y, usable, cells, means, p, c, log_w, x, b, log_norm,\n"
+"              r, sums)\n\n"
+"The one-channel E-step under the bias field and the field's cell sums of a block, without\n"
+"the GIL; see segment.spatial.bias.em_sampled_block for the numpy reference.\n"
+"y, log_y: (n,) float64; log_b: (m,) float32, the block's field; voxels, cells: (n,) int64\n"
+"(in [0, m), [0, n_cells)); usable: (n,) bool; means, p, c, log_w: (K,) float64; outputs\n"
+"x, b, log_norm: (n,) float64; r: (K, n) float64; sums: (2 K + 1 + 2 K, n_cells) float64,\n"
+"added to (the slot 2 K of the voxel counts is not touched).");
+
+static PyObject *bias_estep_1d(PyObject *self, PyObject *args)
+{
+    PyObject *o[15];
+    Py_buffer views[15];
+    int n = 0;
+    if (!PyArg_UnpackTuple(args, "bias_estep_1d", 15, 15, &o[0], &o[1], &o[2], &o[3], &o[4],
+                           &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &o[11], &o[12], &o[13],
+                           &o[14]))
+        return NULL;
+    static const char *names[15] = {"y",     "log_b", "voxels", "log_y", "usable",
+                                    "cells", "means", "p",      "c",     "log_w",
+                                    "x",     "b",     "log_norm", "r",   "sums"};
+    static const char types[15] = {'d', 'f', 'q', 'd', '?', 'q', 'd', 'd',
+                                   'd', 'd', 'd', 'd', 'd', 'd', 'd'};
+    static const int ndims[15] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2};
+    for (; n < 15; n++) {
+        if (get_array(o[n], &views[n], names[n], types[n], ndims[n], n >= 10, 0) < 0) {
+            release(views, n);
+            return NULL;
+        }
+    }
+    const Py_ssize_t N = views[0].shape[0], m = views[1].shape[0], K = views[6].shape[0];
+    const Py_ssize_t n_cells = views[14].shape[1];
+    const Py_ssize_t per_voxel[7] = {3, 4, 5, 10, 11, 12, 2};
+    for (int j = 0; j < 7; j++)
+        if (views[per_voxel[j]].shape[0] != N)
+            return size_error(views, n, "the per-voxel arrays need the length of y");
+    if (K < 1 || views[7].shape[0] != K || views[8].shape[0] != K || views[9].shape[0] != K ||
+        views[13].shape[0] != K || views[13].shape[1] != N || views[14].shape[0] != 4 * K + 1)
+        return size_error(views, n, "need K means, p, c, log_w; r (K, n); sums (4 K + 1, cells)");
+    const int64_t *voxels = views[2].buf, *cells = views[5].buf;
+    for (Py_ssize_t i = 0; i < N; i++)
+        if (voxels[i] < 0 || voxels[i] >= m || cells[i] < 0 || cells[i] >= n_cells)
+            return size_error(views, n, "voxels and cells must index log_b and sums");
+    Py_BEGIN_ALLOW_THREADS
+    bias_estep_1d_run(views[0].buf, N, views[1].buf, voxels, views[3].buf, views[4].buf, cells,
+                      n_cells, K, views[6].buf, views[7].buf, views[8].buf, views[9].buf,
+                      views[10].buf, views[11].buf, views[12].buf, views[13].buf, views[14].buf);
+    Py_END_ALLOW_THREADS
+    release(views, n);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"statistics_1d", statistics_1d, METH_VARARGS, statistics_1d_doc},
     {"statistics_nd", statistics_nd, METH_VARARGS, statistics_nd_doc},
@@ -1011,6 +1576,10 @@ static PyMethodDef methods[] = {
     {"histogram_1d", histogram_1d, METH_VARARGS, histogram_1d_doc},
     {"exp_nonpositive", exp_nonpositive_py, METH_VARARGS, exp_nonpositive_doc},
     {"mean_field_rows", mean_field_rows, METH_VARARGS, mean_field_rows_doc},
+    {"interpolate_field", interpolate_field, METH_VARARGS, interpolate_field_doc},
+    {"table_fractions", table_fractions, METH_VARARGS, table_fractions_doc},
+    {"pve_em_1d", pve_em_1d, METH_VARARGS, pve_em_1d_doc},
+    {"bias_estep_1d", bias_estep_1d, METH_VARARGS, bias_estep_1d_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -2,8 +2,10 @@
 
 The per-voxel loops that EM repeats are compiled C in one extension module,
 ``segment._estep``: the E-step statistics of a chunk (see :func:`segment._em.chunk_statistics`),
-the moments and histogram of one channel, and the MRF's mean-field sweep
-(:func:`mean_field_rows`). They release the GIL, so threads run chunks side by side.
+the moments and histogram of one channel, the MRF's mean-field sweep
+(:func:`mean_field_rows`), the bias field's interpolation (:func:`interpolate_field`) and the
+partial-volume fractions (:func:`table_fractions`) and the EM of their model
+(:func:`pve_em_1d`). They release the GIL, so threads run chunks side by side.
 
 The extension is optional. When it was not built (no C compiler at install time) or when the
 environment variable ``SEGMENT_NO_COMPILED=1`` is set, every kernel runs on its numpy twin,
@@ -20,6 +22,10 @@ compiled               numpy twin
 ``moments_1d``         :func:`moments_1d` here (numpy)
 ``histogram_1d``       :func:`histogram_1d` here (numpy)
 ``mean_field_rows``    :func:`_numpy_mean_field_rows` here (neighbour sums + the E-step)
+``interpolate_field``  :func:`_numpy_interpolate_field` here (np.tensordot)
+``table_fractions``    :func:`_numpy_table_fractions` here
+``pve_em_1d``          :func:`_numpy_pve_em_1d` here
+``bias_estep_1d``      the numpy path of :func:`segment.spatial.bias.em_sampled_block`
 =====================  ==============================================================
 """
 
@@ -358,3 +364,236 @@ def _exp_sweep(shifted: np.ndarray) -> np.ndarray:
         poly = coefficient + g * poly
     scale = ((n.astype(np.int32) + 127) << 23).view(np.float32)
     return np.where(t > np.float32(NEGLIGIBLE), poly * scale, np.float32(0.0))
+
+
+# --------------------------------------------------------------------------------------------
+# The bias field's interpolation
+# --------------------------------------------------------------------------------------------
+def interpolate_field(
+    coarse: np.ndarray,
+    lows: list[np.ndarray],
+    weights: list[np.ndarray],
+    reverse: bool = False,
+) -> np.ndarray:
+    """Separable linear interpolation of a coarse grid at the voxels of a block (compiled or numpy).
+
+    Parameters
+    ----------
+    coarse : (c_0, ..., c_{n-1}, D) float64
+        The values at the cell centres, ``n`` = 2 or 3 spatial axes, at least 2 cells each.
+    lows : n arrays (m_a,) of int
+        Per axis, the lower of the two cells each voxel lies between, in ``[0, c_a - 2]``.
+    weights : n arrays (m_a, 2) float64
+        Per axis, the weights of the lower and the upper cell.
+    reverse : bool
+        Return the block's axes in reverse order.
+
+    Returns
+    -------
+    (m_0, ..., m_{n-1}, D) float32, or (m_{n-1}, ..., m_0, D) with ``reverse``
+        The axes contracted in order (axis 0 first), in float64, then rounded to float32.
+    """
+    coarse = np.ascontiguousarray(coarse, dtype=np.float64)
+    lows = [np.ascontiguousarray(low, dtype=np.int64) for low in lows]
+    weights = [np.ascontiguousarray(w, dtype=np.float64) for w in weights]
+    if compiled is None:
+        return _numpy_interpolate_field(coarse, lows, weights, reverse)
+    shape = tuple(len(low) for low in lows)
+    if len(shape) == 2:  # a first axis of one voxel, on two equal cells: v * 1 + v * 0 = v
+        coarse = np.stack([coarse, coarse])
+        lows = [np.zeros(1, np.int64), *lows]
+        weights = [np.array([[1.0, 0.0]]), *weights]
+    full = tuple(len(low) for low in lows)
+    out = np.empty((full[::-1] if reverse else full) + coarse.shape[-1:], np.float32)
+    compiled.interpolate_field(coarse, lows[0], weights[0], lows[1], weights[1], lows[2],
+                               weights[2], out, reverse)  # fmt: skip
+    out_shape = (shape[::-1] if reverse else shape) + coarse.shape[-1:]
+    return out.reshape(out_shape)
+
+
+def _numpy_interpolate_field(coarse, lows, weights, reverse):
+    """:func:`interpolate_field` in numpy: each axis contracted with a dense (m_a, c_a) matrix
+    by ``np.tensordot``, the twin of the C kernel (which leaves out the zero terms)."""
+    ndim = coarse.ndim - 1
+    tensor = coarse
+    for axis in range(ndim):  # contract the leading cell axis; the voxel axis goes last but one
+        rows = np.arange(len(lows[axis]))
+        matrix = np.zeros((len(rows), coarse.shape[axis]))
+        matrix[rows, lows[axis]] = weights[axis][:, 0]
+        matrix[rows, lows[axis] + 1] = weights[axis][:, 1]
+        tensor = np.moveaxis(np.tensordot(tensor, matrix, axes=(0, 1)), -2, -1)
+    if reverse:  # axes are now (*block, D)
+        tensor = np.transpose(tensor, tuple(range(ndim))[::-1] + (ndim,))
+    return np.ascontiguousarray(tensor, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Partial-volume fractions from a table
+# --------------------------------------------------------------------------------------------
+def table_fractions(
+    x: np.ndarray,
+    values: np.ndarray,
+    slopes: np.ndarray,
+    x0: float,
+    step: float,
+    posterior: np.ndarray | None,
+    floor: float,
+    n_classes: int,
+) -> np.ndarray:
+    """Partial-volume fractions of one channel from a tabulated model (compiled or numpy).
+
+    Parameters
+    ----------
+    x : (N,) array
+        The intensities.
+    values, slopes : (2 K - 1 + K - 1, n) float64
+        On a uniform grid of n points from ``x0`` by ``step``: the log-likelihoods of the
+        2 K - 1 pure and mixed classes, then the K - 1 mixels' shares of their lower class;
+        and their slopes per grid step (0 at the last point).
+    x0, step : float
+        The grid's first point and spacing (``step > 0``).
+    posterior : (N, K) float32 or float64 array, or None
+        The MRF posterior of the pure classes, the spatial prior: ``q_k + floor`` for pure
+        class k, ``(q_k + q_k+1) / 2 + floor`` for a mixel (None: no prior).
+    floor : float
+    n_classes : int
+        K.
+
+    Returns
+    -------
+    (N, K) float32
+        The posterior expectation of each class's fraction.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    values = np.ascontiguousarray(values, dtype=np.float64)
+    slopes = np.ascontiguousarray(slopes, dtype=np.float64)
+    if posterior is not None:
+        posterior = np.asarray(posterior)
+        if posterior.dtype not in (np.float32, np.float64):
+            posterior = posterior.astype(np.float64)
+        posterior = np.ascontiguousarray(posterior)
+    if compiled is None:
+        return _numpy_table_fractions(x, values, slopes, x0, step, posterior, floor, n_classes)
+    out = np.empty((len(x), n_classes), np.float32)
+    no_prior = np.zeros((0, n_classes), np.float32)
+    compiled.table_fractions(x, values, slopes, float(x0), float(step),
+                             no_prior if posterior is None else posterior, float(floor),
+                             out)  # fmt: skip
+    return out
+
+
+def _numpy_table_fractions(x, values, slopes, x0, step, posterior, floor, n_classes):
+    """:func:`table_fractions` in numpy, one row per class, (C, N), so that the sums and
+    maxima over classes are elementwise; ``np.exp`` for the exponential."""
+    K, n = n_classes, values.shape[1]
+    n_mixed = 2 * K - 1
+    position = (x - x0) / step
+    np.clip(position, 0.0, n - 1.0, out=position)
+    low = np.minimum(position.astype(np.intp), max(n - 2, 0))
+    position -= low  # the weight of the upper grid point
+    rows = np.take(slopes, low, axis=1)  # (C + K - 1, N)
+    rows *= position
+    rows += np.take(values, low, axis=1)
+    post, share = rows[:n_mixed], rows[n_mixed:]
+    post -= post.max(0)
+    np.exp(post, out=post)
+    if posterior is not None:
+        q = np.asarray(posterior, np.float64).T  # (K, N)
+        post[:K] *= q + floor
+        mixed_prior = q[:-1] + q[1:]
+        mixed_prior *= 0.5
+        mixed_prior += floor
+        post[K:] *= mixed_prior
+    post /= post.sum(0)
+    out, mixed = post[:K], post[K:]
+    first = mixed * share  # the lower class's share of each mixel
+    out[:-1] += first
+    mixed -= first
+    out[1:] += mixed
+    return np.ascontiguousarray(out.T, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# The mixed-voxel model's EM on a histogram
+# --------------------------------------------------------------------------------------------
+#: ``log(2 pi)``, as in :mod:`segment._em`.
+LOG_2PI = float(np.log(2.0 * np.pi))
+
+
+def pve_em_1d(
+    x: np.ndarray,
+    w: np.ndarray,
+    f: np.ndarray,
+    mu: np.ndarray,
+    var: np.ndarray,
+    weights: np.ndarray,
+    floor: float,
+    max_iter: int,
+    tol: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[float]]:
+    """EM of the one-channel mixed-voxel model on weighted samples (compiled or numpy).
+
+    Parameters
+    ----------
+    x, w : (N,) float64
+        The samples (e.g. histogram bin centres) and their weights (counts).
+    f : (n_steps,) float64
+        The fractions of the lower class of a mixel.
+    mu, var : (K,) float64
+        The pure classes' means and variances to start from, ascending means.
+    weights : (2 K - 1,) float64
+        The K pure classes' weights, then those of the K - 1 mixels (each spread evenly over
+        its ``n_steps`` fractions).
+    floor : float
+        The smallest variance.
+    max_iter, tol
+        Stop after ``max_iter`` iterations or when the mean log-likelihood per sample changes by
+        less than ``tol``.
+
+    Returns
+    -------
+    mu, var, weights : the fitted parameters (those of the last E-step)
+    trace : list of float
+        The mean log-likelihood per sample after each E-step.
+    """
+    x, w, f = (np.ascontiguousarray(a, dtype=np.float64) for a in (x, w, f))
+    mu, var, weights = (np.array(a, dtype=np.float64) for a in (mu, var, weights))
+    if compiled is None:
+        return _numpy_pve_em_1d(x, w, f, mu, var, weights, float(floor), max_iter, tol)
+    trace = np.empty(max(int(max_iter), 0))
+    n_trace = compiled.pve_em_1d(x, w, f, mu, var, weights, float(floor), int(max_iter),
+                                 float(tol), trace)  # fmt: skip
+    return mu, var, weights, trace[:n_trace].tolist()
+
+
+def _numpy_pve_em_1d(x, w, f, mu, var, weights, floor, max_iter, tol):
+    """:func:`pve_em_1d` in numpy: one (N, C) array of all K + (K - 1) n_steps Gaussians."""
+    K, n_steps = len(mu), len(f)
+    total = w.sum()
+    trace: list[float] = []
+    for _ in range(max_iter):
+        means = np.concatenate([mu, (f * mu[:-1, None] + (1 - f) * mu[1:, None]).ravel()])
+        variances = np.concatenate([var, (f * var[:-1, None] + (1 - f) * var[1:, None]).ravel()])
+        prior = np.concatenate([weights[:K], np.repeat(weights[K:] / n_steps, n_steps)])
+        log_prior = np.log(prior, out=np.full(prior.shape, -np.inf), where=prior > 0)
+        log_p = (x[:, None] - means) ** 2
+        log_p /= variances
+        log_p += LOG_2PI + np.log(variances)
+        log_p *= -0.5
+        log_p += log_prior
+        top = log_p.max(1, keepdims=True)
+        np.exp(log_p - top, out=log_p)
+        norm = log_p.sum(1, keepdims=True)
+        trace.append(float(w @ (np.log(norm[:, 0]) + top[:, 0]) / total))
+        if len(trace) > 1 and abs(trace[-1] - trace[-2]) < tol:
+            break
+        log_p *= w[:, None] / norm  # now the weighted posteriors
+        r = log_p[:, :K]
+        nk = r.sum(0) + 1e-10
+        weights = np.concatenate(
+            [r.sum(0), log_p[:, K:].reshape(len(x), K - 1, n_steps).sum((0, 2))]
+        )
+        weights /= total
+        mu = (x @ r) / nk
+        var = np.maximum(((x[:, None] - mu) ** 2 * r).sum(0) / nk, floor)
+    return mu, var, weights, trace

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _kernels
+
 LOG_2PI = np.log(2.0 * np.pi)
 #: Grid points of the mixing fraction f in (0, 1) (midpoints of equal bins).
 N_FRACTION_STEPS = 20
@@ -375,43 +377,15 @@ def tissue_moments(model: PveModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _fit_pve_model_1d(x, w, initial: PveModel, variance_floor, max_iter: int, tol: float):
-    """:func:`fit_pve_model` for one channel, ``x`` (N,): the same steps on one (N, C) array
-    of all 2K - 1 + (K - 1) n_steps Gaussians, a few times faster on a histogram."""
-    K, n_steps = initial.n_classes, initial.n_steps
-    f = fraction_grid(n_steps)
-    floor = float(np.asarray(variance_floor, np.float64).ravel()[0])
-    mu, var = initial.means[:, 0].astype(np.float64), initial.covariances[:, 0, 0].astype(float)
-    weights = np.asarray(initial.weights, np.float64)
-    total = w.sum()
-    trace: list[float] = []
-    for _ in range(max_iter):
-        means = np.concatenate([mu, (f * mu[:-1, None] + (1 - f) * mu[1:, None]).ravel()])
-        variances = np.concatenate([var, (f * var[:-1, None] + (1 - f) * var[1:, None]).ravel()])
-        with np.errstate(divide="ignore"):  # a class whose weight fell to 0 stays at 0
-            log_prior = np.log(
-                np.concatenate([weights[:K], np.repeat(weights[K:] / n_steps, n_steps)])
-            )
-        log_p = (x[:, None] - means) ** 2
-        log_p /= variances
-        log_p += LOG_2PI + np.log(variances)
-        log_p *= -0.5
-        log_p += log_prior
-        top = log_p.max(1, keepdims=True)
-        np.exp(log_p - top, out=log_p)
-        norm = log_p.sum(1, keepdims=True)
-        trace.append(float(w @ (np.log(norm[:, 0]) + top[:, 0]) / total))
-        if len(trace) > 1 and abs(trace[-1] - trace[-2]) < tol:
-            break
-        log_p *= w[:, None] / norm  # now the weighted posteriors
-        r = log_p[:, :K]
-        nk = r.sum(0) + 1e-10
-        weights = np.concatenate(
-            [r.sum(0), log_p[:, K:].reshape(len(x), K - 1, n_steps).sum((0, 2))]
-        )
-        weights /= total
-        mu = (x @ r) / nk
-        var = np.maximum(((x[:, None] - mu) ** 2 * r).sum(0) / nk, floor)
-    model = PveModel(mu[:, None], var[:, None, None], weights, n_steps)
+    """:func:`fit_pve_model` for one channel, ``x`` (N,): the same steps on all 2K - 1 +
+    (K - 1) n_steps Gaussians at once (:func:`segment._kernels.pve_em_1d`), a few times
+    faster on a histogram."""
+    mu, var, weights, trace = _kernels.pve_em_1d(
+        x, w, fraction_grid(initial.n_steps), initial.means[:, 0],
+        initial.covariances[:, 0, 0], initial.weights,
+        float(np.asarray(variance_floor, np.float64).ravel()[0]), max_iter, tol,
+    )  # fmt: skip
+    model = PveModel(mu[:, None], var[:, None, None], weights, initial.n_steps)
     return model, trace
 
 
@@ -507,7 +481,8 @@ def fractions_from_table_mrf(
     the exp rather than as a log before it, and the work runs on one row per class, (C, N),
     so that the sums and maxima over classes are elementwise (the (N, C) layout reduces along
     rows of 3 to 5 values, several times slower), with one gather of the tabulated
-    likelihoods and mixing shares for both ends of the interpolation.
+    likelihoods and mixing shares for both ends of the interpolation: the loop
+    :func:`segment._kernels.table_fractions` (compiled, or its numpy twin).
 
     Parameters
     ----------
@@ -524,32 +499,10 @@ def fractions_from_table_mrf(
     (N, K) float32 array
     """
     n_classes = table.log_likelihood.shape[1]
-    K = (n_classes + 1) // 2
     n = len(table.x)
     step = (table.x[-1] - table.x[0]) / max(n - 1, 1)
-    position = (np.asarray(x, np.float64) - table.x[0]) / (step if step > 0 else 1.0)
-    np.clip(position, 0.0, n - 1.0, out=position)
-    low = np.minimum(position.astype(np.intp), max(n - 2, 0))
-    position -= low  # the weight of the upper grid point
     values = np.ascontiguousarray(np.concatenate([table.log_likelihood, table.first_share], 1).T)
     slopes = np.diff(values, axis=1, append=values[:, -1:])  # 0 past the last point
-    rows = np.take(slopes, low, axis=1)  # (C + K - 1, N)
-    rows *= position
-    rows += np.take(values, low, axis=1)
-    post, share = rows[:n_classes], rows[n_classes:]
-    post -= post.max(0)
-    np.exp(post, out=post)
-    if posterior is not None:
-        q = np.asarray(posterior, np.float64).T  # (K, N)
-        post[:K] *= q + floor
-        mixed_prior = q[:-1] + q[1:]
-        mixed_prior *= 0.5
-        mixed_prior += floor
-        post[K:] *= mixed_prior
-    post /= post.sum(0)
-    out, mixed = post[:K], post[K:]
-    first = mixed * share  # the lower class's share of each mixel
-    out[:-1] += first
-    mixed -= first
-    out[1:] += mixed
-    return np.ascontiguousarray(out.T, dtype=np.float32)
+    return _kernels.table_fractions(x, values, slopes, float(table.x[0]),
+                                    step if step > 0 else 1.0, posterior, floor,
+                                    (n_classes + 1) // 2)  # fmt: skip

@@ -278,7 +278,8 @@ class FractionMaps:
         """The model fitted as :func:`fit_model` fits it on the whole (N, D) features.
 
         One pass: the range, the voxel sample ``X[::every]`` and, for one channel, the
-        intensities ``X[::every_histogram]`` the histogram is made of.
+        intensities ``X[::every_histogram]`` the histogram is made of (only the range when the
+        estimator's own ``pv_fit`` model is taken).
         """
         every = max(1, self.n_voxels // N_SAMPLE)
         every_histogram = max(1, self.n_voxels // N_HISTOGRAM)
@@ -291,28 +292,32 @@ class FractionMaps:
         D, K = len(self.channels), len(self.estimator.means_)
         held = isinstance(self.posterior, np.ndarray) and D <= K
         self._features = np.empty((self.n_voxels, D), np.float32) if held else None
+        fitted = getattr(self.estimator, "pv_model_", None)
+        if fitted is not None and not np.all(np.diff(self.estimator.means_[:, 0]) >= 0):
+            fitted = None
         for _, ranks, X in self._corrected_slabs(self._default_step()):
             if held:
                 self._features[ranks] = X
             if len(X):
                 low, high = np.minimum(low, X.min(0)), np.maximum(high, X.max(0))
+            if fitted is not None:  # fitted with pv_fit: only the range is needed
+                continue
             keep = ranks % every == 0
             picked.append(ranks[keep])
             sample.append(X[keep])
             if len(self.channels) == 1:  # the histogram's counts do not depend on the order
                 values.append(X[ranks % every_histogram == 0, 0])
-        order = np.argsort(np.concatenate(picked), kind="stable")
-        sample = np.concatenate(sample)[order]  # = X[::every] of the whole features
-        histogram = None
-        if len(self.channels) == 1:
-            edges = histogram_range(sample[:, 0], self.estimator.means_)
-            values = np.concatenate(values)
-            histogram = edges, np.histogram(values, bins=N_BINS, range=edges)[0]
-            del values
-        fitted = getattr(self.estimator, "pv_model_", None)
-        if fitted is not None and np.all(np.diff(self.estimator.means_[:, 0]) >= 0):
+        if fitted is not None:
             model, trace = fitted, self.estimator.pv_trace_  # fitted with pv_fit: the same model
         else:
+            order = np.argsort(np.concatenate(picked), kind="stable")
+            sample = np.concatenate(sample)[order]  # = X[::every] of the whole features
+            histogram = None
+            if len(self.channels) == 1:
+                edges = histogram_range(sample[:, 0], self.estimator.means_)
+                values = np.concatenate(values)
+                histogram = edges, np.histogram(values, bins=N_BINS, range=edges)[0]
+                del values
             model, trace = fit_model_on(sample, histogram, self.estimator)
         table = None
         if len(self.channels) == 1 and self.n_voxels:
@@ -362,10 +367,10 @@ class FractionMaps:
         pass also sets the column sums behind :meth:`column_sums`.
         """
         for inside, _, fractions in self.flat_slabs(step):
-            maps = np.zeros((len(self),) + inside.shape, np.float32)
-            for k in range(len(self)):
-                maps[k][inside] = fractions[:, k]
-            yield list(maps)
+            maps = [np.zeros(inside.shape, np.float32, order="F") for _ in range(len(self))]
+            for k, volume in enumerate(maps):  # in Fortran order, as NIfTI stores them
+                volume[inside] = fractions[:, k]
+            yield maps
 
     def column_sums(self) -> np.ndarray:
         """Sum of each class's fractions over the fitted voxels, (K,) float64 (one pass if new)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segment import _em, segment_array
+from segment import _em, _kernels, segment_array
 from segment.exceptions import DataWarning
 from segment.samples import make_head_phantom
 from segment.spatial import bias
@@ -75,6 +75,29 @@ def test_em_block_does_not_depend_on_the_blocks(rng):
     _, log_norm = _em.e_step(x[:, None], params[0], params[1],
                              _em.precision_cholesky(params[2]))  # fmt: skip
     assert whole[0]["log_likelihood"] == pytest.approx(log_norm.sum() - log_b.sum(), rel=1e-9)
+
+
+@pytest.mark.skipif(_kernels.compiled is None, reason="compiled kernels off")
+@pytest.mark.parametrize("shape, scale", [((13, 11, 9), (1, 1, 1)), ((7, 5, 6), (2, 3, 1))])
+def test_compiled_em_block_equals_its_numpy_reference(rng, monkeypatch, shape, scale):
+    """The one-channel loop (bias_estep_1d) gives the numpy statistics and cell sums (the
+    same operations: equal to the bit where numpy's exp and log are libm's)."""
+    cells = (4, 3, 5)
+    image = rng.normal(100, 15, shape + (1,)).astype(np.float32)
+    image[0, 0, :3, 0] = [0.0, -1.0, 5.0]  # intensities that are not usable for the field
+    mask = rng.random(shape) > 0.3
+    grid = tuple(n * s for n, s in zip(shape, scale))
+    coarse = rng.normal(0, 0.05, (1, *bias.coarse_shape(grid, cells)))
+    weights, means, covariances = _params([80, 100, 120], [8, 9, 10])
+    args = (image, mask, (1, 0, 2), coarse, cells, scale, weights, means,
+            _em.precision_cholesky(covariances))  # fmt: skip
+    compiled = bias.em_block(*args)
+    monkeypatch.setattr(_kernels, "compiled", None)
+    reference = bias.em_block(*args)
+    assert compiled[1][0] == reference[1][0]
+    np.testing.assert_allclose(compiled[1][1], reference[1][1], rtol=1e-12, atol=1e-12)
+    for key in ("nk", "sum_centered", "scatter", "log_likelihood", "n_samples"):
+        np.testing.assert_allclose(compiled[0][key], reference[0][key], rtol=1e-12)
 
 
 def test_smoothed_field_recovers_a_constant_offset_and_has_zero_mean(rng):

@@ -168,6 +168,174 @@ def test_compiled_sweep_refuses_wrong_buffers(rng):
         call(state_out=np.zeros((4, 5, 6, 4), np.uint8)[::-1].copy().view(np.int8))
 
 
+def interpolation_inputs(rng, coarse_shape, shape, n_features):
+    """Random coarse values and random taps (lower cell, weights) per axis."""
+    coarse = rng.normal(0.0, 0.3, coarse_shape + (n_features,))
+    lows = [rng.integers(0, c - 1, n) for c, n in zip(coarse_shape, shape)]
+    t = [rng.random(n) for n in shape]
+    weights = [np.stack([1.0 - ti, ti], axis=1) for ti in t]
+    return coarse, lows, weights
+
+
+@needs_compiled
+@pytest.mark.parametrize(
+    "coarse_shape, shape, n_features",
+    [((2, 3, 5), (7, 1, 9), 1), ((4, 2, 3), (3, 5, 11), 2), ((3, 6), (13, 5), 1),
+     ((5, 4), (1, 7), 3), ((2, 2, 2), (1, 1, 1), 1)],
+)  # fmt: skip
+@pytest.mark.parametrize("reverse", [False, True])
+def test_compiled_interpolation_equals_its_numpy_twin(
+    rng, monkeypatch, coarse_shape, shape, n_features, reverse
+):
+    coarse, lows, weights = interpolation_inputs(rng, coarse_shape, shape, n_features)
+    compiled = _kernels.interpolate_field(coarse, lows, weights, reverse)
+    monkeypatch.setattr(_kernels, "compiled", None)
+    twin = _kernels.interpolate_field(coarse, lows, weights, reverse)
+    assert compiled.dtype == twin.dtype == np.float32
+    assert compiled.shape == twin.shape == (shape[::-1] if reverse else shape) + (n_features,)
+    np.testing.assert_allclose(compiled, twin, rtol=1e-6, atol=1e-7)
+
+
+@needs_compiled
+def test_compiled_interpolation_refuses_wrong_buffers(rng):
+    coarse, lows, weights = interpolation_inputs(rng, (3, 4, 5), (2, 3, 4), 1)
+    out = np.zeros((2, 3, 4, 1), np.float32)
+
+    def call(**changes):
+        args = dict(coarse=coarse, low0=lows[0], w0=weights[0], low1=lows[1], w1=weights[1],
+                    low2=lows[2], w2=weights[2], out=out, reverse=False)  # fmt: skip
+        args.update(changes)
+        _kernels.compiled.interpolate_field(*args.values())
+
+    call()  # the right buffers
+    assert out.any()
+    with pytest.raises(ValueError, match="low_a must be"):
+        call(low1=np.array([0, 1, 3]))
+    with pytest.raises(ValueError, match="out needs"):
+        call(reverse=True)
+    with pytest.raises(ValueError, match="w_a needs"):
+        call(w2=weights[2][:3])
+    with pytest.raises(TypeError, match="out"):
+        call(out=out.astype(np.float64))
+
+
+def table_inputs(rng, n_classes, n_points, n_voxels):
+    """A random table of 2 K - 1 log-likelihoods and K - 1 shares, intensities beyond it."""
+    n_rows = 3 * n_classes - 2
+    values = np.empty((n_rows, n_points))
+    values[: 2 * n_classes - 1] = rng.normal(-5.0, 20.0, (2 * n_classes - 1, n_points))
+    values[2 * n_classes - 1 :] = rng.random((n_classes - 1, n_points))
+    slopes = np.diff(values, axis=1, append=values[:, -1:])
+    x = rng.uniform(-0.3, 1.3, n_voxels)  # the grid covers [0, 1]: some are clipped
+    posterior = rng.dirichlet(np.ones(n_classes), n_voxels)
+    posterior[: n_voxels // 7] = np.eye(n_classes)[rng.integers(0, n_classes, n_voxels // 7)]
+    return x, values, slopes, posterior
+
+
+@needs_compiled
+@pytest.mark.parametrize(
+    "n_classes, n_points, n_voxels", [(3, 4096, 1001), (2, 17, 300), (5, 2, 257), (4, 1, 9)]
+)
+@pytest.mark.parametrize("prior", [None, np.float32, np.float64])
+def test_compiled_table_fractions_equal_their_numpy_twin(
+    rng, monkeypatch, n_classes, n_points, n_voxels, prior
+):
+    x, values, slopes, posterior = table_inputs(rng, n_classes, n_points, n_voxels)
+    posterior = None if prior is None else posterior.astype(prior)
+    step = 1.0 / max(n_points - 1, 1)
+    args = (x, values, slopes, 0.0, step, posterior, 0.05, n_classes)
+    compiled = _kernels.table_fractions(*args)
+    monkeypatch.setattr(_kernels, "compiled", None)
+    twin = _kernels.table_fractions(*args)
+    assert compiled.dtype == twin.dtype == np.float32
+    assert compiled.shape == twin.shape == (n_voxels, n_classes)
+    np.testing.assert_allclose(compiled, twin, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(compiled.sum(1), 1.0, atol=1e-6)
+
+
+@needs_compiled
+def test_compiled_table_fractions_refuse_wrong_buffers(rng):
+    x, values, slopes, posterior = table_inputs(rng, 3, 16, 20)
+    out = np.zeros((20, 3), np.float32)
+
+    def call(**changes):
+        args = dict(x=x, values=values, slopes=slopes, x0=0.0, step=0.1,
+                    posterior=posterior.astype(np.float32), floor=0.05, out=out)  # fmt: skip
+        args.update(changes)
+        _kernels.compiled.table_fractions(*args.values())
+
+    call()  # the right buffers
+    assert out.any()
+    with pytest.raises(ValueError, match="3 K - 2 rows"):
+        call(values=values[:-1].copy())
+    with pytest.raises(ValueError, match="posterior needs"):
+        call(posterior=posterior[:5].astype(np.float32))
+    with pytest.raises(ValueError, match="step"):
+        call(step=0.0)
+    with pytest.raises(TypeError, match="x"):
+        call(x=x.astype(np.float32))
+
+
+def pve_em_inputs(rng, n_classes, n_steps, n_bins):
+    """A histogram of a mixture of classes and their mixels, and a start near it."""
+    centres = np.sort(rng.uniform(0.2, 1.0, n_classes))
+    values = np.concatenate([rng.normal(c, 0.04, 2000) for c in centres] + [
+        rng.uniform(centres[k], centres[k + 1], 500) for k in range(n_classes - 1)])  # fmt: skip
+    counts, edges = np.histogram(values, bins=n_bins)
+    x = 0.5 * (edges[:-1] + edges[1:])
+    mu = centres + rng.normal(0.0, 0.01, n_classes)
+    var = np.full(n_classes, 0.003)
+    weights = np.full(2 * n_classes - 1, 1.0 / (2 * n_classes - 1))
+    f = (np.arange(n_steps) + 0.5) / n_steps
+    return x, counts.astype(np.float64), f, mu, var, weights
+
+
+@needs_compiled
+@pytest.mark.parametrize("n_classes, n_steps, n_bins", [(3, 20, 256), (2, 1, 31), (4, 7, 97)])
+@pytest.mark.parametrize("tol", [0.0, 1e-5])
+def test_compiled_pve_em_equals_its_numpy_twin(rng, monkeypatch, n_classes, n_steps, n_bins, tol):
+    args = (*pve_em_inputs(rng, n_classes, n_steps, n_bins), 1e-6, 40, tol)
+    mu, var, weights, trace = _kernels.pve_em_1d(*args)
+    monkeypatch.setattr(_kernels, "compiled", None)
+    twin_mu, twin_var, twin_weights, twin_trace = _kernels.pve_em_1d(*args)
+    assert len(trace) == len(twin_trace) <= 40
+    assert (len(trace) < 40) == (tol > 0)
+    np.testing.assert_allclose(trace, twin_trace, rtol=1e-12)
+    np.testing.assert_allclose(mu, twin_mu, rtol=1e-11)
+    np.testing.assert_allclose(var, twin_var, rtol=1e-10)
+    np.testing.assert_allclose(weights, twin_weights, rtol=1e-10, atol=1e-15)
+
+
+@needs_compiled
+def test_compiled_pve_em_keeps_a_class_of_weight_zero_at_zero(rng, monkeypatch):
+    x, w, f, mu, var, weights = pve_em_inputs(rng, 3, 5, 64)
+    weights[3] = 0.0  # the mixel of classes 1 and 2
+    fitted = _kernels.pve_em_1d(x, w, f, mu, var, weights, 1e-6, 10, 0.0)
+    assert fitted[2][3] == 0.0 and np.isfinite(fitted[3]).all()
+    monkeypatch.setattr(_kernels, "compiled", None)
+    twin = _kernels.pve_em_1d(x, w, f, mu, var, weights, 1e-6, 10, 0.0)  # no divide warning
+    np.testing.assert_allclose(fitted[0], twin[0], rtol=1e-11)
+
+
+@needs_compiled
+def test_compiled_pve_em_refuses_wrong_buffers(rng):
+    x, w, f, mu, var, weights = pve_em_inputs(rng, 3, 5, 20)
+
+    def call(**changes):
+        args = dict(x=x, w=w, f=f, mu=mu.copy(), var=var.copy(), weight=weights.copy(),
+                    floor=1e-6, max_iter=5, tol=0.0, trace=np.zeros(5))  # fmt: skip
+        args.update(changes)
+        return _kernels.compiled.pve_em_1d(*args.values())
+
+    assert call() == 5
+    with pytest.raises(ValueError, match="2 K - 1 weights"):
+        call(weight=weights[:-1].copy())
+    with pytest.raises(ValueError, match="trace needs"):
+        call(trace=np.zeros(4))
+    with pytest.raises(TypeError, match="mu"):
+        call(mu=mu.astype(np.float32))
+
+
 @needs_compiled
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_moments_twin(rng, dtype, monkeypatch):

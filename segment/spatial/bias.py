@@ -34,10 +34,12 @@ Zhang, Brady & Smith (2001), IEEE TMI 20(1), 45-57 (FSL FAST).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
 
-from .. import _em
+from .. import _em, _kernels
 
 #: Classes whose mean is under this many standard deviations do not inform the field.
 MIN_SNR = 3.0
@@ -72,6 +74,61 @@ def n_sums(n_channels: int, n_components: int) -> int:
     return 2 * n_components * n_channels + 1 + 2 * n_components
 
 
+@dataclass(frozen=True)
+class SampledBlock:
+    """What :func:`em_block` needs of a block that does not change between iterations.
+
+    Attributes
+    ----------
+    shape, offset, scale : the block's shape, offset and sampling step on the grid
+    voxels : (n,) flat indices of the fitted voxels in the block
+    y : (n, D) float64 raw intensities of those voxels
+    log_y : (n, D) ``log y`` where ``y > 0``, else 0
+    usable : (n, D) bool, ``y > 0``
+    flat_cells : (n,) index of each voxel's cell in the block's cells, C order
+    start, extent : index of the block's first cell and the number of cells per axis
+    counts : (*extent) voxels per cell (float64)
+    """
+
+    shape: tuple[int, ...]
+    offset: tuple[int, ...]
+    scale: tuple[int, ...]
+    voxels: np.ndarray
+    y: np.ndarray
+    log_y: np.ndarray
+    usable: np.ndarray
+    flat_cells: np.ndarray
+    start: tuple[int, ...]
+    extent: tuple[int, ...]
+    counts: np.ndarray
+
+
+def sample_block(
+    intensities: np.ndarray,
+    mask: np.ndarray,
+    offset: tuple[int, ...],
+    cells: tuple[int, ...],
+    scale: tuple[int, ...],
+) -> SampledBlock:
+    """The fixed part of :func:`em_block` for one block (see its parameters)."""
+    n_channels = intensities.shape[-1]
+    positions = [(o + np.arange(n)) * s for o, n, s in zip(offset, mask.shape, scale)]
+    cell_index = [p // c for p, c in zip(positions, cells)]
+    start = tuple(int(i[0]) for i in cell_index)
+    extent = tuple(int(i[-1]) - s + 1 for i, s in zip(cell_index, start))
+    voxels = np.flatnonzero(mask)
+    y = intensities.reshape(-1, n_channels)[voxels].astype(np.float64)
+    local = np.ix_(*[i - s for i, s in zip(cell_index, start)])
+    flat_cells = np.ravel_multi_index(np.broadcast_arrays(*local), extent).ravel()[voxels]
+    usable = y > 0
+    counts = np.bincount(flat_cells, np.ones(len(voxels)), int(np.prod(extent)))
+    return SampledBlock(
+        shape=tuple(mask.shape), offset=tuple(offset), scale=tuple(scale), voxels=voxels, y=y,
+        log_y=np.log(np.where(usable, y, 1.0)), usable=usable, flat_cells=flat_cells,
+        start=start, extent=extent, counts=counts.reshape(extent),
+    )  # fmt: skip
+
+
 def em_block(
     intensities: np.ndarray,
     mask: np.ndarray,
@@ -89,7 +146,8 @@ def em_block(
     after the M-step from the new means without another pass over the voxels:
     ``R_d = sum_k snr_kd^2 (A_kd - B_kd log mu_kd)`` and ``W_d = sum_k snr_kd^2 B_kd`` with
     ``A_kd = sum_i r_ik log y_id`` and ``B_kd = sum_i r_ik`` over a cell's voxels
-    (:func:`field_from_sums`).
+    (:func:`field_from_sums`). :func:`sample_block` then :func:`em_sampled_block`, whose
+    first part a loop over the same blocks can keep between iterations.
 
     Parameters
     ----------
@@ -107,43 +165,78 @@ def em_block(
         is that of the observed intensities, ``sum_i log p(y_i / b_i) - log b_i``
     (start, sums) : index of the block's first cell and the (:func:`n_sums`, *cells) sums
     """
-    n_channels, n_components = intensities.shape[-1], len(weights)
-    positions = [(o + np.arange(n)) * s for o, n, s in zip(offset, mask.shape, scale)]
-    cell_index = [p // c for p, c in zip(positions, cells)]
-    start = tuple(int(i[0]) for i in cell_index)
-    extent = tuple(int(i[-1]) - s + 1 for i, s in zip(cell_index, start))
+    block = sample_block(intensities, mask, offset, cells, scale)
+    return em_sampled_block(block, coarse, cells, weights, means, precisions_chol)
+
+
+def em_sampled_block(
+    block: SampledBlock,
+    coarse: np.ndarray,
+    cells: tuple[int, ...],
+    weights: np.ndarray,
+    means: np.ndarray,
+    precisions_chol: np.ndarray,
+) -> tuple[_em.Statistics, tuple[tuple[int, ...], np.ndarray]]:
+    """:func:`em_block` of a block prepared by :func:`sample_block`.
+
+    One channel runs the compiled loop ``bias_estep_1d`` (``segment/_estep.c``): the E-step and
+    the cell sums below, the same operations in the same order; the moments stay in numpy.
+    """
+    n_channels, n_components = block.y.shape[-1], len(weights)
+    extent, flat_cells, log_y, usable = block.extent, block.flat_cells, block.log_y, block.usable
     sums = np.zeros((n_sums(n_channels, n_components), *extent))
-    voxels = np.flatnonzero(mask)
-    log_b = log_bias_block(mask.shape, offset, coarse, cells, scale)
-    log_b = log_b.reshape(-1, n_channels)[voxels].astype(np.float64)
-    y = intensities.reshape(-1, n_channels)[voxels].astype(np.float64)
-    x = y * np.exp(-log_b)
+    n_voxels = len(block.voxels)
+    log_b = log_bias_block(block.shape, block.offset, coarse, cells, block.scale)
+    if n_channels == 1 and _kernels.compiled is not None:
+        x, log_b, resp, log_norm = _compiled_estep_1d(block, log_b, sums, weights, means,
+                                                      precisions_chol)  # fmt: skip
+        stats = _em.moments(x, resp, means, float(log_norm.sum() - log_b.sum()), float(n_voxels))
+        return stats, (block.start, sums)
+    log_b = log_b.reshape(-1, n_channels)[block.voxels].astype(np.float64)
+    x = block.y * np.exp(-log_b)
     resp, log_norm = _em.e_step(x, weights, means, precisions_chol)  # (K, n)
-    if len(voxels):
-        local = np.ix_(*[i - s for i, s in zip(cell_index, start)])
-        flat_cells = np.ravel_multi_index(np.broadcast_arrays(*local), extent).ravel()[voxels]
+    if n_voxels:
         size = int(np.prod(extent))
 
         def add(slot, values):
             sums[slot] = np.bincount(flat_cells, values, size).reshape(extent)
 
-        usable = y > 0
-        log_y = np.log(np.where(usable, y, 1.0))
         for k in range(n_components):
             for d in range(n_channels):
                 base = 2 * (k * n_channels + d)
                 weight = resp[k] * usable[:, d]
                 add(base, weight * log_y[:, d])
                 add(base + 1, weight)
-        add(2 * n_components * n_channels, np.ones(len(voxels)))
+        sums[2 * n_components * n_channels] = block.counts
         labels = np.argmax(resp, axis=0)
         for k in range(n_components):
             own = (labels == k) & usable[:, 0]
             base = 2 * n_components * n_channels + 1 + 2 * k
             add(base, np.where(own, log_y[:, 0], 0.0))
             add(base + 1, own.astype(np.float64))
-    stats = _em.moments(x, resp, means, float(log_norm.sum() - log_b.sum()), float(len(voxels)))
-    return stats, (start, sums)
+    stats = _em.moments(x, resp, means, float(log_norm.sum() - log_b.sum()), float(n_voxels))
+    return stats, (block.start, sums)
+
+
+def _compiled_estep_1d(block: SampledBlock, log_b, sums, weights, means, precisions_chol):
+    """The compiled part of :func:`em_sampled_block` for one channel: ``(x (n, 1), log_b (n,),
+    resp (K, n), log_norm (n,))``, the cell sums added into ``sums`` (the counts slot set)."""
+    n_voxels, n_components = len(block.voxels), len(weights)
+    precision = np.ascontiguousarray(precisions_chol[:, 0, 0], dtype=np.float64)
+    constant = np.log(precision) - 0.5 * _em.LOG_2PI  # as _em.estimate_log_gaussian_prob
+    x, picked, log_norm = (np.empty(n_voxels) for _ in range(3))
+    resp = np.empty((n_components, n_voxels))
+    flat = sums.reshape(len(sums), -1)
+    if n_voxels:
+        flat[2 * n_components] = block.counts.ravel()
+    _kernels.compiled.bias_estep_1d(
+        np.ascontiguousarray(block.y[:, 0]), log_b.reshape(-1), np.asarray(block.voxels, np.int64),
+        np.ascontiguousarray(block.log_y[:, 0]), np.ascontiguousarray(block.usable[:, 0]),
+        np.asarray(block.flat_cells, np.int64), np.ascontiguousarray(means[:, 0], dtype=np.float64),
+        precision, constant.astype(np.float64), np.log(weights).astype(np.float64), x, picked,
+        log_norm, resp, flat,
+    )  # fmt: skip
+    return x[:, None], picked, resp, log_norm
 
 
 def combine_em_blocks(parts: list, shape: tuple[int, ...]):
@@ -279,17 +372,20 @@ def class_agreement(
     return (float(covariance / scale) if scale > 0 else 0.0), pair
 
 
-def _interpolation(n: int, start: int, scale: int, cells: int, n_cells: int) -> np.ndarray:
-    """(n, n_cells) linear-interpolation weights of voxels ``(start + j) * scale`` of one axis."""
+def interpolation_taps(
+    n: int, start: int, scale: int, cells: int, n_cells: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Linear-interpolation taps of voxels ``(start + j) * scale``, ``j < n``, of one axis.
+
+    Returns the lower cell of each voxel (n,) int64, in ``[0, n_cells - 2]``, and the weights
+    (n, 2) of that cell and the next: ``1 - t`` and ``t``. Voxels beyond the outer cell
+    centres take the outer cell's value.
+    """
     centres = ((start + np.arange(n)) * scale + 0.5) / cells - 0.5
     centres = np.clip(centres, 0.0, n_cells - 1.0)
-    low = np.minimum(np.floor(centres).astype(np.intp), n_cells - 2)
+    low = np.minimum(np.floor(centres).astype(np.int64), n_cells - 2)
     t = centres - low
-    matrix = np.zeros((n, n_cells))
-    rows = np.arange(n)
-    matrix[rows, low] = 1.0 - t
-    matrix[rows, low + 1] = t
-    return matrix
+    return low, np.stack([1.0 - t, t], axis=1)
 
 
 def log_bias_block(
@@ -302,6 +398,9 @@ def log_bias_block(
 ) -> np.ndarray:
     """``log b`` at the voxels of a block, (*shape, D) float32.
 
+    Separable linear interpolation of the coarse values (:func:`interpolation_taps`,
+    :func:`segment._kernels.interpolate_field`).
+
     Parameters
     ----------
     shape, offset : the block's shape and offset on the grid (sampled every ``scale`` voxels)
@@ -311,15 +410,12 @@ def log_bias_block(
     """
     ndim = coarse.ndim - 1
     scale = scale or (1,) * ndim
-    axes = range(ndim)
     if reverse:
         shape, offset = shape[::-1], offset[::-1]
-    tensor = np.moveaxis(coarse, 0, -1)  # (*coarse, D)
-    for axis in axes:  # contract the leading cell axis; the voxel axis goes last but one
-        matrix = _interpolation(shape[axis], offset[axis], scale[axis], cells[axis],
-                                coarse.shape[1 + axis])  # fmt: skip
-        tensor = np.moveaxis(np.tensordot(tensor, matrix, axes=(0, 1)), -2, -1)
-    # axes are now (*shape, D)
-    if reverse:
-        tensor = np.transpose(tensor, tuple(range(ndim))[::-1] + (ndim,))
-    return np.ascontiguousarray(tensor, dtype=np.float32)
+    taps = [
+        interpolation_taps(shape[a], offset[a], scale[a], cells[a], coarse.shape[1 + a])
+        for a in range(ndim)
+    ]
+    return _kernels.interpolate_field(
+        np.moveaxis(coarse, 0, -1), [low for low, _ in taps], [w for _, w in taps], reverse
+    )

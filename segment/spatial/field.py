@@ -86,9 +86,13 @@ class BiasField:
             x_grid = _chunked.as_grid_array(image[picks], chunks)
             mask_grid = _chunked.as_grid_array(sub_mask, chunks)
             self._grids = tuple(ckw["scheduler"].persist([x_grid, mask_grid]))
-        else:  # small and in memory: a plain loop over the same blocks (reduce_grid_blocks)
+        else:  # small and in memory: a plain loop over the same blocks, their fixed part kept
             sub_image = np.ascontiguousarray(image[picks])
-            self._blocks = _chunked.grid_blocks([sub_image, sub_mask], chunks)
+            self._blocks = [
+                bias.sample_block(block, block_mask, offset, self.cells, self.sampling)
+                for offset, (block, block_mask) in _chunked.grid_blocks([sub_image, sub_mask],
+                                                                        chunks)
+            ]  # fmt: skip
         self._ckw = ckw
         self.n_sampled = float(sub_mask.sum())
 
@@ -99,12 +103,13 @@ class BiasField:
         :meth:`update` and :meth:`problem`.
         """
         combine = functools.partial(bias.combine_em_blocks, shape=self.shape)
-        args = (self.coarse, self.cells, self.sampling, *params)
-        if self._blocks is not None:
-            stats, self.sums = _chunked.reduce_grid_blocks(
-                bias.em_block, combine, self._blocks, args, with_offset=True
-            )
+        if self._blocks is not None:  # the blocks map_reduce_grid makes, in its order
+            stats, self.sums = combine(
+                [bias.em_sampled_block(block, self.coarse, self.cells, *params)
+                 for block in self._blocks]
+            )  # fmt: skip
             return stats
+        args = (self.coarse, self.cells, self.sampling, *params)
         stats, self.sums = _chunked.map_reduce_grid(
             bias.em_block, combine, list(self._grids), len(self.shape), args, self._ckw,
             with_offset=True,

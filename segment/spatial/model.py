@@ -335,13 +335,18 @@ class SpatialGaussianMixture(GaussianMixtureEM):
         )
 
     def bias_field_last_axis_slabs(self, step: int) -> Iterator[list[np.ndarray]]:
-        """``[field[..., start:start + step, 0]]`` for ``start = 0, step, ...`` (one channel)."""
+        """``[field[..., start:start + step, 0]]`` for ``start = 0, step, ...`` (one channel).
+
+        Each slab is in Fortran order, as NIfTI stores it (computed with the axes reversed).
+        """
         shape, _, _ = self._bias_grid
         for start in range(0, shape[-1], step):
             planes = self._log_bias_on_input_grid(
-                shape[:-1] + (min(step, shape[-1] - start),), (0,) * (len(shape) - 1) + (start,)
+                (min(step, shape[-1] - start),) + shape[-2::-1],
+                (start,) + (0,) * (len(shape) - 1),
+                reverse=True,
             )
-            yield [np.exp(planes[..., 0])]
+            yield [np.exp(planes[..., 0].T)]
 
     def bias_field_slabs(self, step: int = 16) -> Iterator[tuple[int, np.ndarray]]:
         """``(start, field[start:start + step])`` along the first axis of the input grid."""
