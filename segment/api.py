@@ -220,7 +220,7 @@ def select_n_components(X: Any, k_values: Sequence[int], **options: Any) -> dict
     """
     from ._estimator import n_parameters
 
-    plain = {**options, "mrf_beta": 0.0, "bias_field": False, "pve": False}
+    plain = {**options, "mrf_beta": 0.0, "bias_field": False, "pv_fit": False, "pve": False}
     curve = []
     for k in k_values:
         estimator = make_estimator({**plain, "n_components": int(k)})

@@ -81,7 +81,9 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
     pv_fit : bool, default False
         After EM, fit a mixed-voxel model (:func:`segment.partial_volume.fit_tissues`) and
         replace each Gaussian by the moments of the voxels whose largest tissue fraction is
-        that class, so labels follow partial-volume boundaries (``pv_model_``, ``pv_trace_``).
+        that class, so labels follow partial-volume boundaries (``pv_model_``, ``pv_trace_``,
+        ``pv_fit_status_``). One channel only (otherwise a warning, and the mixture stands);
+        ``log_likelihood_`` and its trace stay those of the mixture's EM.
     callback : callable, optional
         Called after each iteration as ``callback(iteration, log_likelihood, change_per_voxel)``.
         When it also has a ``phase(name)`` method, that is called as each phase starts
@@ -223,7 +225,7 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
         ``quiet``: no :class:`ConvergenceWarning` (a later EM continues from this one).
         """
         n_features = X.shape[1]
-        self.pv_model_ = self.pv_trace_ = None  # set by _fit_tissues
+        self.pv_model_ = self.pv_trace_ = self.pv_fit_status_ = None  # set by _fit_tissues
         floor = _validation.check_variance_floor(self.variance_floor, n_features)
         init = _validation.check_initial_parameters(
             self.means_init, self.covariances_init, self.weights_init,
@@ -243,18 +245,10 @@ class GaussianMixtureEM(_estimator.EstimatorMixin):
         return data
 
     def _fit_tissues(self, values: np.ndarray, counts: np.ndarray | None) -> tuple:
-        """Replace the Gaussians by the mixed-voxel model's tissue Gaussians (``pv_fit``);
-        ``values`` (n, D) and ``counts`` (n,) or None as :func:`_tissue_sample`."""
-        from . import partial_volume
-
+        """Replace the Gaussians by the mixed-voxel model's tissue Gaussians (``pv_fit``, see
+        :func:`_tissue_gaussians`); returns ``(weights, means, precisions_cholesky)``."""
         self._announce("partial-volume tissue fit")
-        model, trace, (weights, means, covariances) = partial_volume.fit_tissues(
-            values, counts, self.weights_, self.means_, self.covariances_, self.variance_floor_
-        )
-        self.pv_model_, self.pv_trace_ = model, trace
-        self.weights_, self.means_, self.covariances_ = weights, means, covariances
-        self.precisions_cholesky_ = _em.precision_cholesky(covariances)
-        return self.weights_, self.means_, self.precisions_cholesky_
+        return _tissue_gaussians(self, values, counts)
 
     def fit_image(
         self,
@@ -449,6 +443,33 @@ def _fit_image_shim(estimator: GaussianMixtureEM, image, mask, spacing, channel_
     )  # fmt: skip
     estimator.spatial_model_ = model
     return estimator
+
+
+def _tissue_gaussians(estimator: GaussianMixtureEM, values, counts) -> tuple:
+    """The tissue fit of ``pv_fit`` on ``values`` (n, D) and ``counts`` (n,) or None (see
+    :func:`_tissue_sample`): sets ``pv_model_``, ``pv_trace_`` and ``pv_fit_status_`` and the
+    class parameters. The mixture stands, with a :class:`DataWarning`, for several channels
+    (the model's EM then runs on voxels, not on a histogram: far too slow) or when no start of
+    the model keeps every class (:func:`segment.partial_volume.fit_tissues`)."""
+    from . import partial_volume
+
+    est, fitted, problem = estimator, None, "it is implemented for one channel"
+    if values.shape[1] == 1:
+        fitted = partial_volume.fit_tissues(
+            values, counts, est.weights_, est.means_, est.covariances_, est.variance_floor_
+        )
+        problem = "the partial-volume model lost a class"
+    if fitted is None:
+        est.pv_fit_status_ = f"not applied: {problem}"
+        warnings.warn(
+            f"pv_fit not applied: {problem}; the mixture's Gaussians are kept", DataWarning, 5
+        )
+        return est.weights_, est.means_, est.precisions_cholesky_
+    model, trace, (weights, means, covariances) = fitted
+    est.pv_model_, est.pv_trace_, est.pv_fit_status_ = model, trace, "applied"
+    est.weights_, est.means_, est.covariances_ = weights, means, covariances
+    est.precisions_cholesky_ = _em.precision_cholesky(covariances)
+    return est.weights_, est.means_, est.precisions_cholesky_
 
 
 def _tissue_sample(data: _initialise.FitData, X, sample_weight) -> tuple:

@@ -134,8 +134,11 @@ def fit_tissues(
     means: np.ndarray,
     covariances: np.ndarray,
     variance_floor: np.ndarray,
-) -> tuple[_pve.PveModel, list[float], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+) -> tuple[_pve.PveModel, list[float], tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
     """The mixed-voxel model fitted from a mixture, and one Gaussian per tissue from it.
+
+    Of the two starts (see below) the one of higher likelihood among those that keep every
+    pure class (at least one voxel, means ascending) is kept; None when neither does.
 
     Parameters
     ----------
@@ -167,14 +170,22 @@ def fit_tissues(
     # first alone a class the ML fit widened over the mixed voxels can keep them (a noise-free
     # phantom's CSF stayed at sd 0.22); from the second alone a mixel class can die out.
     sharpest = covariances[np.argmin(np.trace(covariances, axis1=1, axis2=2))]
+    total = len(samples) if counts is None else float(np.sum(counts))
     best = None
     for start in (covariances, np.broadcast_to(sharpest, covariances.shape)):
         initial = _pve.initial_model(means, start, weights)
         model, trace = _pve.fit_pve_model(
             samples, counts, initial, floor, max_iter=TISSUE_FIT_MAX_ITER, tol=TISSUE_FIT_TOL
         )
-        if best is None or trace[-1] > best[1][-1]:
+        keeps_every_class = (
+            np.isfinite(trace[-1])
+            and model.weights[: model.n_classes].min() * total >= 1.0
+            and np.all(np.diff(model.means[:, 0]) > 0)
+        )
+        if keeps_every_class and (best is None or trace[-1] > best[1][-1]):
             best = model, trace
+    if best is None:
+        return None
     model, trace = best
     inverse = np.argsort(order)
     tissues = tuple(a[inverse] for a in _pve.tissue_moments(model))
@@ -293,7 +304,9 @@ class FractionMaps:
         held = isinstance(self.posterior, np.ndarray) and D <= K
         self._features = np.empty((self.n_voxels, D), np.float32) if held else None
         fitted = getattr(self.estimator, "pv_model_", None)
-        if fitted is not None and not np.all(np.diff(self.estimator.means_[:, 0]) >= 0):
+        if fitted is not None and not np.allclose(
+            _pve.tissue_moments(fitted)[1], self.estimator.means_
+        ):  # reused only in the estimator's class order
             fitted = None
         for _, ranks, X in self._corrected_slabs(self._default_step()):
             if held:

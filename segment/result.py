@@ -213,10 +213,12 @@ class SegmentationResult:
             partial_volume=self.pve_record,
             model_selection=self.model_selection,
         )
-        if pv_model is not None:  # pv_fit: the mixed-voxel model the class Gaussians came from
-            record["model"]["pv_fit"] = partial_volume.model_record(
-                pv_model, self.estimator.pv_trace_
-            )
+        if getattr(self.estimator, "pv_fit", False):  # the model the Gaussians came from
+            record["model"]["pv_fit"] = {"status": self.estimator.pv_fit_status_}
+            if pv_model is not None:
+                record["model"]["pv_fit"].update(
+                    partial_volume.model_record(pv_model, self.estimator.pv_trace_)
+                )
         return record
 
     def save(

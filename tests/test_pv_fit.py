@@ -13,7 +13,7 @@ from pve_phantom import pve_phantom
 
 from segment import GaussianMixtureEM, SpatialGaussianMixture, _pve, segment_array
 from segment.cli import cli
-from segment.exceptions import SegmentError
+from segment.exceptions import DataWarning, SegmentError
 from segment.partial_volume import fit_tissues
 
 MEANS = np.array([[0.3], [0.65], [1.0]])
@@ -139,6 +139,7 @@ def test_cli_pv_fit_records_the_model_and_reuses_it_for_pve(phantom_file, tmp_pa
     sidecar = json.loads((out / "brain_segment.json").read_text())
     assert sidecar["options"]["pv_fit"] is True
     record = sidecar["model"]["pv_fit"]
+    assert record.pop("status") == "applied"
     assert len(record["means"]) == 3 and record["n_iter"] >= 1
     assert record == sidecar["partial_volume"]  # --pve reads the same model
     means = [row[0] for row in record["means"]]
@@ -171,3 +172,36 @@ def test_a_class_widened_over_the_mixed_voxels_does_not_trap_the_fit():
     assert np.sqrt(model.covariances[:, 0, 0]).max() < 0.03
     assert model.weights[3] > 0.02  # the CSF/GM mixels are found
     assert np.sqrt(covariances[:, 0, 0]).max() < 0.1
+
+
+def test_a_model_that_loses_a_class_is_not_used(rng, monkeypatch):
+    """Two tissues and no mixels, fitted with three classes: the middle pure class dies from
+    both starts, so no tissue Gaussians come out of it; the estimator then keeps its mixture,
+    with a warning and the reason in pv_fit_status_."""
+    values = np.concatenate([rng.normal(0.3, 0.02, 50_000), rng.normal(1.0, 0.02, 50_000)])
+    start = (np.array([0.4995, 0.001, 0.4995]), MEANS, np.full((3, 1, 1), 0.02**2))
+    assert fit_tissues(values[:, None], None, *start, [1e-6]) is None
+    plain = GaussianMixtureEM(n_components=3, random_state=0).fit(values)
+    monkeypatch.setattr("segment.partial_volume.fit_tissues", lambda *args: None)
+    with pytest.warns(DataWarning, match="pv_fit not applied: the partial-volume model lost"):
+        fitted = GaussianMixtureEM(n_components=3, random_state=0, pv_fit=True).fit(values)
+    assert fitted.pv_fit_status_.startswith("not applied") and fitted.pv_model_ is None
+    np.testing.assert_array_equal(fitted.means_, plain.means_)
+
+
+def test_several_channels_keep_the_mixture_with_a_warning(rng):
+    X = np.concatenate([rng.normal((0.3, 1.0), 0.03, (3000, 2)),
+                        rng.normal((1.0, 0.3), 0.03, (3000, 2))])  # fmt: skip
+    plain = GaussianMixtureEM(n_components=2, random_state=0).fit(X)
+    with pytest.warns(DataWarning, match="pv_fit not applied: it is implemented for one channel"):
+        fitted = GaussianMixtureEM(n_components=2, random_state=0, pv_fit=True).fit(X)
+    np.testing.assert_array_equal(fitted.means_, plain.means_)
+    assert fitted.pv_fit_status_ == "not applied: it is implemented for one channel"
+    image = np.stack([np.where(np.arange(12)[:, None, None] < 6, 0.3, 1.0) * np.ones((12, 10, 8)),
+                      np.where(np.arange(12)[:, None, None] < 6, 1.0, 0.3) * np.ones((12, 10, 8))],
+                     -1) + rng.normal(0, 0.03, (12, 10, 8, 2))  # fmt: skip
+    with pytest.warns(DataWarning, match="pv_fit not applied"):
+        result = segment_array(image, channel_axis=-1, n_components=2, pv_fit=True, mrf_beta=0.2)
+    assert result.sidecar()["model"]["pv_fit"] == {
+        "status": "not applied: it is implemented for one channel"
+    }
