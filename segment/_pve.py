@@ -390,10 +390,11 @@ def _fit_pve_model_1d(x, w, initial: PveModel, variance_floor, max_iter: int, to
 
 
 def histogram_samples(
-    values: np.ndarray, n_bins: int, low: float, high: float
+    values: np.ndarray, n_bins: int, low: float, high: float, weights: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Bin centres (n_bins, 1) and counts (n_bins,) of one channel's values on [low, high]."""
-    counts, edges = np.histogram(values, bins=n_bins, range=(low, high))
+    """Bin centres (n_bins, 1) and counts (n_bins,) of one channel's values on [low, high]
+    (each value counted ``weights`` times when given)."""
+    counts, edges = np.histogram(values, bins=n_bins, range=(low, high), weights=weights)
     return (0.5 * (edges[:-1] + edges[1:]))[:, None], counts.astype(np.float64)
 
 

@@ -121,10 +121,9 @@ def summarise(
         cumulative = np.cumsum(counts[order]) / counts.sum()
         low, high = values[order, 0][np.searchsorted(cumulative, [1e-4, 1 - 1e-4])]
     high = high if high > low else low + 1.0
-    binned, edges = np.histogram(values[:, 0], bins=n_bins, range=(low, high), weights=counts)
-    centres = 0.5 * (edges[:-1] + edges[1:])
+    centres, binned = _pve.histogram_samples(values[:, 0], n_bins, low, high, counts)
     keep = binned > 0
-    return centres[keep, None], binned[keep].astype(np.float64)
+    return centres[keep], binned[keep]
 
 
 def fit_tissues(
